@@ -1,0 +1,16 @@
+//! regmirror's core: API types, the node contract, and the pure functions that turn
+//! RegistryMirrors plus the data they reference into the exact files a node needs.
+//!
+//! The pipeline: [`resolve`] each RegistryMirror against a [`sources::Sources`] snapshot,
+//! [`assemble`] the valid ones for a node (selection, conflicts), [`render`] them for the
+//! node's [`node::Flavor`]. Nothing in this crate talks to a cluster or touches a disk.
+
+pub mod api;
+pub mod assemble;
+pub mod model;
+pub mod node;
+pub mod problem;
+pub mod render;
+pub mod resolve;
+pub mod select;
+pub mod sources;

@@ -1,0 +1,102 @@
+//! What the core knows of a node: its name, labels, role, and which runtime flavor it runs.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use thiserror::Error;
+
+/// containerd's conventional `config_path` for hosts.toml directories.
+pub const DEFAULT_CONTAINERD_HOSTS_DIR: &str = "/etc/containerd/certs.d";
+
+/// The container runtime setup of a node, which decides the files written and how they are
+/// picked up. Detected by the node agent, or fixed by configuration.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Flavor {
+    /// k3s (server or agent): registries.yaml plus the hosts.toml files k3s generates from it.
+    K3s,
+    /// RKE2 (server or agent): like k3s under `/etc/rancher/rke2` and `/var/lib/rancher/rke2`.
+    Rke2,
+    /// containerd reading hosts.toml from `hosts_dir` (its CRI `config_path`).
+    Containerd { hosts_dir: String },
+    /// CRI-O with containers-registries.conf(5).
+    Crio,
+}
+
+impl Flavor {
+    /// The short name used in messages and annotations.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Flavor::K3s => "k3s",
+            Flavor::Rke2 => "rke2",
+            Flavor::Containerd { .. } => "containerd",
+            Flavor::Crio => "cri-o",
+        }
+    }
+}
+
+/// `k3s`, `rke2`, `cri-o`, `containerd` or `containerd:<hosts dir>`.
+impl fmt::Display for Flavor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Flavor::Containerd { hosts_dir } if hosts_dir != DEFAULT_CONTAINERD_HOSTS_DIR => write!(f, "containerd:{hosts_dir}"),
+            other => f.write_str(other.name()),
+        }
+    }
+}
+
+/// A flavor name that is none of the known ones.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("unknown flavor {0:?}: expected k3s, rke2, containerd, containerd:<absolute hosts dir> or cri-o")]
+pub struct UnknownFlavor(pub String);
+
+impl FromStr for Flavor {
+    type Err = UnknownFlavor;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "k3s" => Ok(Flavor::K3s),
+            "rke2" => Ok(Flavor::Rke2),
+            "cri-o" | "crio" => Ok(Flavor::Crio),
+            "containerd" => Ok(Flavor::Containerd { hosts_dir: DEFAULT_CONTAINERD_HOSTS_DIR.into() }),
+            _ => match s.strip_prefix("containerd:") {
+                Some(dir) if dir.starts_with('/') && !dir.split('/').any(|c| c == "..") => {
+                    Ok(Flavor::Containerd { hosts_dir: dir.trim_end_matches('/').to_owned() })
+                }
+                _ => Err(UnknownFlavor(s.to_owned())),
+            },
+        }
+    }
+}
+
+/// A node as the renderer and the rollout planner see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub flavor: Flavor,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flavors_round_trip_through_their_names() {
+        for name in ["k3s", "rke2", "cri-o", "containerd", "containerd:/var/lib/containerd/certs.d"] {
+            assert_eq!(name.parse::<Flavor>().unwrap().to_string(), name);
+        }
+        assert_eq!("crio".parse::<Flavor>().unwrap(), Flavor::Crio);
+        assert_eq!(
+            "containerd:/etc/containerd/certs.d/".parse::<Flavor>().unwrap(),
+            Flavor::Containerd { hosts_dir: DEFAULT_CONTAINERD_HOSTS_DIR.into() }
+        );
+    }
+
+    #[test]
+    fn relative_or_escaping_hosts_dirs_are_refused() {
+        for bad in ["docker", "containerd:relative/dir", "containerd:/etc/../tmp", "containerd:"] {
+            assert_eq!(bad.parse::<Flavor>(), Err(UnknownFlavor(bad.into())), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Rendering: the exact files one node needs, from the mirrors assembled for it.
+//!
+//! Pure and byte-stable: the same mirrors and flavor always give the same bytes, so a
+//! configuration can be named by its hash and compared without parsing. Each flavor has a
+//! module; they share the hosts.toml writer because k3s and RKE2 also get the hosts.toml files
+//! they would generate themselves.
+
+mod crio;
+mod hosts_toml;
+mod k3s;
+mod toml_text;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::model::{EndpointUrl, ResolvedMirror, Scheme};
+use crate::node::Flavor;
+
+/// First line of every file regmirror writes.
+pub const MANAGED_HEADER: &str = "# Managed by regmirror: edit RegistryMirror objects, not this file; changes here are overwritten.";
+
+/// Mode of files holding credentials or keys.
+pub const SECRET_MODE: u32 = 0o600;
+/// Mode of every other file.
+pub const PUBLIC_MODE: u32 = 0o644;
+
+/// The files for one node, keyed by absolute path on the host.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct RenderedConfig {
+    /// The flavor it was rendered for (`Flavor`'s display form).
+    pub flavor: String,
+    /// Absolute host path → file.
+    pub files: BTreeMap<String, RenderedFile>,
+    /// Digest of the part of the configuration the runtime reads only when it starts. Two
+    /// configurations with equal keys can replace each other without a restart.
+    pub restart_key: String,
+}
+
+/// One file: its mode and content.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenderedFile {
+    pub mode: u32,
+    pub content: String,
+}
+
+// A 0600 file holds credentials or a key: Debug never shows its content.
+impl fmt::Debug for RenderedFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let content: &dyn fmt::Debug = if self.mode == SECRET_MODE { &"<redacted>" } else { &self.content };
+        f.debug_struct("RenderedFile").field("mode", &format_args!("{:04o}", self.mode)).field("content", content).finish()
+    }
+}
+
+impl RenderedFile {
+    fn public(content: String) -> Self {
+        Self { mode: PUBLIC_MODE, content }
+    }
+    fn secret(content: String) -> Self {
+        Self { mode: SECRET_MODE, content }
+    }
+}
+
+impl RenderedConfig {
+    /// Content digest (hex SHA-256 of the canonical JSON form): equal configs, equal digests.
+    pub fn digest(&self) -> String {
+        let json = serde_json::to_vec(self).expect("a rendered config always serializes");
+        hex(&Sha256::digest(json))
+    }
+}
+
+/// How a node picks up a change from one configuration to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Activation {
+    /// Nothing to do: the runtime reads the files live.
+    Hot,
+    /// The runtime re-reads its configuration on a reload (CRI-O's SIGHUP); pods keep running.
+    Reload,
+    /// The runtime service must restart: counts against the rollout's restart budget.
+    Restart,
+}
+
+/// What moving a node from `from` (none: nothing of ours yet) to `to` takes.
+pub fn activation(from: Option<&RenderedConfig>, to: &RenderedConfig) -> Activation {
+    if from == Some(to) {
+        return Activation::Hot;
+    }
+    match to.flavor.parse::<Flavor>() {
+        Ok(Flavor::Crio) => Activation::Reload,
+        Ok(Flavor::Containerd { .. }) => Activation::Hot,
+        // k3s / RKE2 read credentials only at start: a change there needs a restart. A first
+        // config needs one only if it carries credentials (the empty key is "none").
+        Ok(Flavor::K3s | Flavor::Rke2) | Err(_) => {
+            let from_key = from.map_or(k3s::NO_CREDENTIALS_KEY, |c| c.restart_key.as_str());
+            if from_key == to.restart_key {
+                Activation::Hot
+            } else {
+                Activation::Restart
+            }
+        }
+    }
+}
+
+/// Why a configuration cannot be rendered for a flavor.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("RegistryMirror {mirror}: {field}: {flavor} cannot express {what}")]
+pub struct RenderError {
+    pub mirror: String,
+    pub field: String,
+    pub flavor: &'static str,
+    pub what: String,
+}
+
+/// Renders the files a node of `flavor` needs for `mirrors` (already assembled: no conflicts).
+pub fn render(mirrors: &[&ResolvedMirror], flavor: &Flavor) -> Result<RenderedConfig, RenderError> {
+    let mut sorted = mirrors.to_vec();
+    sorted.sort_by(|a, b| a.registry.cmp(&b.registry).then_with(|| a.name.cmp(&b.name)));
+    let (files, restart_key) = match flavor {
+        Flavor::K3s => k3s::render(&sorted, &k3s::Layout::K3S)?,
+        Flavor::Rke2 => k3s::render(&sorted, &k3s::Layout::RKE2)?,
+        Flavor::Containerd { hosts_dir } => (hosts_toml::render_containerd(&sorted, hosts_dir)?, String::new()),
+        Flavor::Crio => (crio::render(&sorted)?, String::new()),
+    };
+    Ok(RenderedConfig { flavor: flavor.to_string(), files, restart_key })
+}
+
+/// The directory name containerd and CRI-O use for a registry: `_default` stands for `*`.
+fn registry_dir(registry: &str) -> &str {
+    if registry == "*" {
+        "_default"
+    } else {
+        registry
+    }
+}
+
+/// Where a registry is reached when no mirror answers: containerd's (and k3s's) default
+/// endpoint. Docker Hub's API lives on `registry-1.docker.io`; a loopback registry on a port
+/// other than 443 is spoken to in plain http, as containerd does.
+fn default_server(registry: &str) -> Option<EndpointUrl> {
+    if registry == "*" {
+        return None;
+    }
+    let host = api_host(registry);
+    let scheme = if is_loopback_with_port(&host) { Scheme::Http } else { Scheme::Https };
+    Some(EndpointUrl { scheme, host, path: String::new() })
+}
+
+/// The host that serves a registry's API: Docker Hub's differs from its name.
+fn api_host(host: &str) -> String {
+    if host == "docker.io" {
+        "registry-1.docker.io".into()
+    } else {
+        host.to_owned()
+    }
+}
+
+/// `localhost` or a loopback address, with a port other than 443.
+fn is_loopback_with_port(host: &str) -> bool {
+    let (name, port) = match host.rsplit_once(':') {
+        Some((name, port)) if !port.contains(']') => (name, Some(port)),
+        _ => (host, None),
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    let loopback = name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    loopback && port.is_some_and(|p| p != "443")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex(&Sha256::digest(data))
+}

@@ -1,0 +1,67 @@
+//! The offline commands: `render`, `validate` and `crdgen`. They need no cluster: they read
+//! the same YAML a user would `kubectl apply`.
+
+mod check;
+pub mod crdgen;
+pub mod render;
+pub mod validate;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+pub use check::{check, Checked, Problem};
+
+/// The operator's namespace when none is given: references without a namespace point here.
+pub const DEFAULT_NAMESPACE: &str = "regmirror-system";
+
+/// regmirror: registry mirrors, credentials and CAs for every node of a cluster.
+#[derive(Debug, Parser)]
+#[command(name = "regmirror", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print (or write) the exact files one node gets, from RegistryMirror + Secret YAML.
+    Render(render::RenderArgs),
+    /// Check RegistryMirror YAML as the operator would; exit 1 naming each problem.
+    Validate(validate::ValidateArgs),
+    /// Print the CustomResourceDefinition (or write it into a directory).
+    Crdgen(crdgen::CrdgenArgs),
+}
+
+/// Where the manifests are, and the namespace rules for their references.
+#[derive(Debug, clap::Args)]
+pub struct InputArgs {
+    /// YAML files or directories (their *.yaml / *.yml files, not recursively).
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// The operator's namespace: the default for references and for objects without one.
+    #[arg(long, default_value = DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    /// Further namespaces references may point into.
+    #[arg(long = "allow-namespace", value_name = "NAMESPACE")]
+    pub allowed_namespaces: Vec<String>,
+}
+
+/// Runs one command; returns the process exit code.
+pub fn run(cli: Cli) -> i32 {
+    let mut stdout = std::io::stdout().lock();
+    let mut stderr = std::io::stderr().lock();
+    let result = match cli.command {
+        Command::Render(args) => render::run(&args, &mut stdout, &mut stderr),
+        Command::Validate(args) => validate::run(&args, &mut stdout, &mut stderr),
+        Command::Crdgen(args) => crdgen::run(&args, &mut stdout),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            use std::io::Write;
+            let _ = writeln!(stderr, "error: {e}");
+            2
+        }
+    }
+}
