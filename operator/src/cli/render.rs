@@ -62,21 +62,22 @@ pub fn run(args: &RenderArgs, stdout: &mut dyn Write, stderr: &mut dyn Write) ->
     };
     match &args.out {
         Some(root) => write_tree(root, &config)?,
-        None => print(&config, stdout)?,
+        None => stdout.write_all(listing(&config).as_bytes())?,
     }
     Ok(0)
 }
 
-/// Prints every file under a header line naming its path and mode.
-fn print(config: &RenderedConfig, stdout: &mut dyn Write) -> std::io::Result<()> {
+/// Every file under a header line naming its path and mode: what `render` prints.
+pub fn listing(config: &RenderedConfig) -> String {
+    let mut out = String::new();
     for (i, (path, file)) in config.files.iter().enumerate() {
         if i > 0 {
-            writeln!(stdout)?;
+            out.push('\n');
         }
-        writeln!(stdout, "==> {path} (mode {:04o}) <==", file.mode)?;
-        stdout.write_all(file.content.as_bytes())?;
+        out.push_str(&format!("==> {path} (mode {:04o}) <==\n", file.mode));
+        out.push_str(&file.content);
     }
-    Ok(())
+    out
 }
 
 /// Writes the files under `root`, with their modes.

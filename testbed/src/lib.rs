@@ -1,0 +1,17 @@
+//! Real parts for tests, all on 127.0.0.1: a test PKI made with `openssl`, `docker-registry`
+//! processes (TLS, htpasswd basic auth, client-certificate checks), a private `containerd`, an
+//! OCI image built here and pushed with `skopeo`, and pulls with `ctr` and `skopeo`.
+//!
+//! Missing tools are a test failure, not a skip: `.ci/install-test-deps` installs them.
+
+mod image;
+mod pki;
+mod process;
+mod registry;
+mod runtime;
+
+pub use image::{oci_layout, push};
+pub use pki::Pki;
+pub use process::{dead_port, free_port, require_tool};
+pub use registry::{Registry, RegistryOptions};
+pub use runtime::{Containerd, Pull, Skopeo};

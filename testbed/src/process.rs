@@ -1,0 +1,86 @@
+//! Child processes that die with the test, and loopback ports.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+/// Panics with an install hint when `tool` is not on PATH.
+pub fn require_tool(tool: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(found, "{tool} is not installed: run `bash .ci/install-test-deps` (installs containerd, docker-registry, skopeo, apache2-utils)");
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().unwrap().port()
+}
+
+/// A loopback port nothing listens on: connections are refused at once. Stands for an
+/// unreachable upstream or mirror without any traffic leaving the machine.
+pub fn dead_port() -> u16 {
+    free_port()
+}
+
+/// A background process, killed when dropped.
+pub struct Process {
+    pub name: String,
+    child: Child,
+}
+
+impl Process {
+    pub fn spawn(name: &str, command: &mut Command, log: &Path) -> Process {
+        let log = std::fs::File::create(log).expect("create log file");
+        let child = command
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Process { name: name.to_owned(), child }
+    }
+
+    /// Waits until `addr` accepts TCP connections.
+    pub fn wait_for_port(&mut self, port: u16, log: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("{} exited with {status}:\n{}", self.name, std::fs::read_to_string(log).unwrap_or_default());
+            }
+            assert!(Instant::now() < deadline, "{} did not listen on {port}:\n{}", self.name, std::fs::read_to_string(log).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Waits until `path` exists (a socket).
+    pub fn wait_for_path(&mut self, path: &Path, log: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !path.exists() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("{} exited with {status}:\n{}", self.name, std::fs::read_to_string(log).unwrap_or_default());
+            }
+            assert!(Instant::now() < deadline, "{} did not create {}", self.name, path.display());
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a command to completion, returning its output; panics only if it cannot start.
+pub fn run(command: &mut Command) -> Output {
+    command.output().unwrap_or_else(|e| panic!("run {command:?}: {e}"))
+}
+
+/// Runs a command that must succeed.
+pub fn run_ok(command: &mut Command) -> Output {
+    let output = run(command);
+    assert!(output.status.success(), "{command:?} failed:\n{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    output
+}
