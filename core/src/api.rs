@@ -122,7 +122,9 @@ pub struct CaRef {
 }
 
 /// A reference to a Secret or ConfigMap by name.
-#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash,
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ObjectRef {
     /// Name of the object.
@@ -134,7 +136,9 @@ pub struct ObjectRef {
 }
 
 /// A reference to one key of a Secret or ConfigMap.
-#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash,
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KeyRef {
     /// Name of the object.

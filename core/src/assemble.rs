@@ -55,23 +55,38 @@ impl std::fmt::Display for Conflict {
 
 /// Assembles the mirrors for `node` out of all valid mirrors.
 pub fn assemble<'m>(mirrors: &'m [ResolvedMirror], node: &NodeInfo) -> Assembly<'m> {
-    let mut selected: Vec<&ResolvedMirror> =
-        mirrors.iter().filter(|m| select::matches(m.node_selector.as_ref(), &node.labels)).collect();
+    let mut selected: Vec<&ResolvedMirror> = mirrors
+        .iter()
+        .filter(|m| select::matches(m.node_selector.as_ref(), &node.labels))
+        .collect();
     selected.sort_by(|a, b| a.name.cmp(&b.name));
 
     let mut assembly = Assembly::default();
     let mut registries: BTreeMap<&str, &str> = BTreeMap::new();
     let mut hosts: BTreeMap<&str, (&HostSettings, &str)> = BTreeMap::new();
     for mirror in selected {
-        let conflict = |winner: &str, what| Conflict { mirror: mirror.name.clone(), winner: winner.to_owned(), what };
+        let conflict = |winner: &str, what| Conflict {
+            mirror: mirror.name.clone(),
+            winner: winner.to_owned(),
+            what,
+        };
         if let Some(winner) = registries.get(mirror.registry.as_str()) {
-            assembly.conflicts.push(conflict(winner, ConflictKind::Registry(mirror.registry.clone())));
+            assembly.conflicts.push(conflict(
+                winner,
+                ConflictKind::Registry(mirror.registry.clone()),
+            ));
             continue;
         }
-        let clash = mirror.endpoints.iter().find_map(|e| match hosts.get(e.url.host.as_str()) {
-            Some((settings, winner)) if **settings != e.settings => Some(conflict(winner, ConflictKind::HostSettings(e.url.host.clone()))),
-            _ => None,
-        });
+        let clash = mirror
+            .endpoints
+            .iter()
+            .find_map(|e| match hosts.get(e.url.host.as_str()) {
+                Some((settings, winner)) if **settings != e.settings => Some(conflict(
+                    winner,
+                    ConflictKind::HostSettings(e.url.host.clone()),
+                )),
+                _ => None,
+            });
         if let Some(clash) = clash {
             assembly.conflicts.push(clash);
             continue;
@@ -97,12 +112,21 @@ pub fn possible_conflicts(mirrors: &[ResolvedMirror]) -> Vec<Conflict> {
             if !selectors_may_overlap(winner, loser) {
                 continue;
             }
-            let conflict = |what| Conflict { mirror: loser.name.clone(), winner: winner.name.clone(), what };
+            let conflict = |what| Conflict {
+                mirror: loser.name.clone(),
+                winner: winner.name.clone(),
+                what,
+            };
             if winner.registry == loser.registry {
                 conflicts.push(conflict(ConflictKind::Registry(loser.registry.clone())));
                 break;
             }
-            let clash = loser.endpoints.iter().find(|l| winner.endpoints.iter().any(|w| w.url.host == l.url.host && w.settings != l.settings));
+            let clash = loser.endpoints.iter().find(|l| {
+                winner
+                    .endpoints
+                    .iter()
+                    .any(|w| w.url.host == l.url.host && w.settings != l.settings)
+            });
             if let Some(clash) = clash {
                 conflicts.push(conflict(ConflictKind::HostSettings(clash.url.host.clone())));
                 break;
@@ -113,7 +137,12 @@ pub fn possible_conflicts(mirrors: &[ResolvedMirror]) -> Vec<Conflict> {
 }
 
 fn selectors_may_overlap(a: &ResolvedMirror, b: &ResolvedMirror) -> bool {
-    let labels = |m: &ResolvedMirror| m.node_selector.as_ref().and_then(|s| s.match_labels.clone()).unwrap_or_default();
+    let labels = |m: &ResolvedMirror| {
+        m.node_selector
+            .as_ref()
+            .and_then(|s| s.match_labels.clone())
+            .unwrap_or_default()
+    };
     let (a, b) = (labels(a), labels(b));
     a.iter().all(|(k, v)| b.get(k).is_none_or(|w| w == v))
 }

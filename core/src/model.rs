@@ -64,8 +64,26 @@ pub struct EndpointUrl {
     pub scheme: Scheme,
     /// `host` or `host:port`, IPv6 literals in brackets.
     pub host: String,
-    /// Empty, or a path starting with `/` and not ending with one.
+    /// Empty (the `/v2` API root), or a path starting with `/` and not ending with one.
     pub path: String,
+}
+
+/// The host that serves a registry's API: Docker Hub's differs from its name.
+pub fn api_host(host: &str) -> String {
+    if host == "docker.io" {
+        "registry-1.docker.io".into()
+    } else {
+        host.to_owned()
+    }
+}
+
+impl EndpointUrl {
+    /// Whether two URLs reach the same API root (`docker.io` is `registry-1.docker.io`).
+    pub fn same_endpoint(&self, other: &EndpointUrl) -> bool {
+        self.scheme == other.scheme
+            && api_host(&self.host) == api_host(&other.host)
+            && self.path == other.path
+    }
 }
 
 impl fmt::Display for EndpointUrl {
@@ -89,7 +107,10 @@ impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Credentials::Basic { username, .. } => {
-                write!(f, "Basic {{ username: {username:?}, password: <redacted> }}")
+                write!(
+                    f,
+                    "Basic {{ username: {username:?}, password: <redacted> }}"
+                )
             }
             Credentials::IdentityToken(_) => f.write_str("IdentityToken(<redacted>)"),
             Credentials::BearerToken(_) => f.write_str("BearerToken(<redacted>)"),
@@ -116,6 +137,9 @@ pub struct ClientCert {
 
 impl fmt::Debug for ClientCert {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClientCert").field("cert", &self.cert).field("key", &"<redacted>").finish()
+        f.debug_struct("ClientCert")
+            .field("cert", &self.cert)
+            .field("key", &"<redacted>")
+            .finish()
     }
 }

@@ -39,7 +39,9 @@ impl Flavor {
 impl fmt::Display for Flavor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Flavor::Containerd { hosts_dir } if hosts_dir != DEFAULT_CONTAINERD_HOSTS_DIR => write!(f, "containerd:{hosts_dir}"),
+            Flavor::Containerd { hosts_dir } if hosts_dir != DEFAULT_CONTAINERD_HOSTS_DIR => {
+                write!(f, "containerd:{hosts_dir}")
+            }
             other => f.write_str(other.name()),
         }
     }
@@ -58,10 +60,14 @@ impl FromStr for Flavor {
             "k3s" => Ok(Flavor::K3s),
             "rke2" => Ok(Flavor::Rke2),
             "cri-o" | "crio" => Ok(Flavor::Crio),
-            "containerd" => Ok(Flavor::Containerd { hosts_dir: DEFAULT_CONTAINERD_HOSTS_DIR.into() }),
+            "containerd" => Ok(Flavor::Containerd {
+                hosts_dir: DEFAULT_CONTAINERD_HOSTS_DIR.into(),
+            }),
             _ => match s.strip_prefix("containerd:") {
                 Some(dir) if dir.starts_with('/') && !dir.split('/').any(|c| c == "..") => {
-                    Ok(Flavor::Containerd { hosts_dir: dir.trim_end_matches('/').to_owned() })
+                    Ok(Flavor::Containerd {
+                        hosts_dir: dir.trim_end_matches('/').to_owned(),
+                    })
                 }
                 _ => Err(UnknownFlavor(s.to_owned())),
             },
@@ -83,20 +89,39 @@ mod tests {
 
     #[test]
     fn flavors_round_trip_through_their_names() {
-        for name in ["k3s", "rke2", "cri-o", "containerd", "containerd:/var/lib/containerd/certs.d"] {
+        for name in [
+            "k3s",
+            "rke2",
+            "cri-o",
+            "containerd",
+            "containerd:/var/lib/containerd/certs.d",
+        ] {
             assert_eq!(name.parse::<Flavor>().unwrap().to_string(), name);
         }
         assert_eq!("crio".parse::<Flavor>().unwrap(), Flavor::Crio);
         assert_eq!(
-            "containerd:/etc/containerd/certs.d/".parse::<Flavor>().unwrap(),
-            Flavor::Containerd { hosts_dir: DEFAULT_CONTAINERD_HOSTS_DIR.into() }
+            "containerd:/etc/containerd/certs.d/"
+                .parse::<Flavor>()
+                .unwrap(),
+            Flavor::Containerd {
+                hosts_dir: DEFAULT_CONTAINERD_HOSTS_DIR.into()
+            }
         );
     }
 
     #[test]
     fn relative_or_escaping_hosts_dirs_are_refused() {
-        for bad in ["docker", "containerd:relative/dir", "containerd:/etc/../tmp", "containerd:"] {
-            assert_eq!(bad.parse::<Flavor>(), Err(UnknownFlavor(bad.into())), "{bad}");
+        for bad in [
+            "docker",
+            "containerd:relative/dir",
+            "containerd:/etc/../tmp",
+            "containerd:",
+        ] {
+            assert_eq!(
+                bad.parse::<Flavor>(),
+                Err(UnknownFlavor(bad.into())),
+                "{bad}"
+            );
         }
     }
 }

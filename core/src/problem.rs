@@ -15,7 +15,10 @@ pub struct FieldError {
 impl FieldError {
     /// A problem with `field`.
     pub fn new(field: impl Into<String>, reason: Reason) -> Self {
-        Self { field: field.into(), reason }
+        Self {
+            field: field.into(),
+            reason,
+        }
     }
 }
 
@@ -35,20 +38,47 @@ pub enum Reason {
     #[error("invalid nodeSelector: {0}")]
     BadSelector(String),
     /// A reference points outside the namespaces the operator may read.
-    #[error("{kind} {namespace}/{name} is in a namespace regmirror may not read (allowed: {allowed})")]
-    NamespaceRefused { kind: &'static str, namespace: String, name: String, allowed: String },
+    #[error(
+        "{kind} {namespace}/{name} is in a namespace regmirror may not read (allowed: {allowed})"
+    )]
+    NamespaceRefused {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        allowed: String,
+    },
     /// The referenced Secret or ConfigMap does not exist.
     #[error("{kind} {namespace}/{name} not found")]
-    MissingObject { kind: &'static str, namespace: String, name: String },
+    MissingObject {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+    },
     /// The referenced object lacks the key.
     #[error("{kind} {namespace}/{name} has no key {key:?}")]
-    MissingKey { kind: &'static str, namespace: String, name: String, key: String },
+    MissingKey {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        key: String,
+    },
     /// A key holds something that is not the PEM it must be.
     #[error("{kind} {namespace}/{name} key {key:?} is not a valid PEM {expected}: {detail}")]
-    BadPem { kind: &'static str, namespace: String, name: String, key: String, expected: &'static str, detail: String },
+    BadPem {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        key: String,
+        expected: &'static str,
+        detail: String,
+    },
     /// A Secret's type or content cannot serve as credentials or certificates.
     #[error("Secret {namespace}/{name}: {detail}")]
-    BadSecret { namespace: String, name: String, detail: String },
+    BadSecret {
+        namespace: String,
+        name: String,
+        detail: String,
+    },
     /// Two endpoints of one RegistryMirror name the same host with different settings.
     #[error("host {host:?} is also endpoint {other} with different credentials or TLS settings; a node can hold only one per host")]
     HostSettingsDiffer { host: String, other: usize },

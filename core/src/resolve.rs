@@ -8,7 +8,10 @@ use regex::Regex;
 use serde::Deserialize;
 
 use crate::api::{CaRef, Endpoint, EndpointAuth, EndpointTls, KeyRef, ObjectRef, RegistryMirror};
-use crate::model::{ClientCert, Credentials, EndpointUrl, HostSettings, ResolvedEndpoint, ResolvedMirror, ResolvedTls, Scheme};
+use crate::model::{
+    ClientCert, Credentials, EndpointUrl, HostSettings, ResolvedEndpoint, ResolvedMirror,
+    ResolvedTls, Scheme,
+};
 use crate::problem::{FieldError, Reason};
 use crate::select;
 use crate::sources::{RefPolicy, SourceKind, SourceObject, Sources};
@@ -22,18 +25,28 @@ static REGISTRY_NAME: LazyLock<Regex> = LazyLock::new(|| {
 });
 
 /// Resolves one RegistryMirror against `sources`, or says everything that is wrong with it.
-pub fn resolve(mirror: &RegistryMirror, sources: &Sources, policy: &RefPolicy) -> Result<ResolvedMirror, Vec<FieldError>> {
+pub fn resolve(
+    mirror: &RegistryMirror,
+    sources: &Sources,
+    policy: &RefPolicy,
+) -> Result<ResolvedMirror, Vec<FieldError>> {
     let spec = &mirror.spec;
     let mut errors = Vec::new();
 
     if !REGISTRY_NAME.is_match(&spec.registry) {
         errors.push(FieldError::new(
             "spec.registry",
-            Reason::Schema(format!("{:?} is not a registry host name with an optional port, or '*'", spec.registry)),
+            Reason::Schema(format!(
+                "{:?} is not a registry host name with an optional port, or '*'",
+                spec.registry
+            )),
         ));
     }
     if spec.endpoints.is_empty() {
-        errors.push(FieldError::new("spec.endpoints", Reason::Schema("must list at least one endpoint".into())));
+        errors.push(FieldError::new(
+            "spec.endpoints",
+            Reason::Schema("must list at least one endpoint".into()),
+        ));
     }
 
     let mut endpoints = Vec::with_capacity(spec.endpoints.len());
@@ -46,7 +59,10 @@ pub fn resolve(mirror: &RegistryMirror, sources: &Sources, policy: &RefPolicy) -
     if errors.is_empty() {
         check_hosts_agree(&endpoints, &mut errors);
         for (i, endpoint) in endpoints.iter().enumerate() {
-            if let Some(first) = endpoints[..i].iter().position(|e| e.url == endpoint.url) {
+            if let Some(first) = endpoints[..i]
+                .iter()
+                .position(|e| e.url.same_endpoint(&endpoint.url))
+            {
                 errors.push(FieldError::new(
                     format!("spec.endpoints[{i}].url"),
                     Reason::Schema(format!("{} is already endpoints[{first}]", endpoint.url)),
@@ -57,10 +73,16 @@ pub fn resolve(mirror: &RegistryMirror, sources: &Sources, policy: &RefPolicy) -
 
     let mut rewrites = Vec::with_capacity(spec.rewrites.len());
     for (i, rewrite) in spec.rewrites.iter().enumerate() {
-        if let Some(first) = spec.rewrites[..i].iter().position(|r| r.pattern == rewrite.pattern) {
+        if let Some(first) = spec.rewrites[..i]
+            .iter()
+            .position(|r| r.pattern == rewrite.pattern)
+        {
             errors.push(FieldError::new(
                 format!("spec.rewrites[{i}].pattern"),
-                Reason::Schema(format!("pattern {:?} is already rewrites[{first}]", rewrite.pattern)),
+                Reason::Schema(format!(
+                    "pattern {:?} is already rewrites[{first}]",
+                    rewrite.pattern
+                )),
             ));
             continue;
         }
@@ -68,14 +90,20 @@ pub fn resolve(mirror: &RegistryMirror, sources: &Sources, policy: &RefPolicy) -
             Ok(_) => rewrites.push((rewrite.pattern.clone(), rewrite.replacement.clone())),
             Err(e) => errors.push(FieldError::new(
                 format!("spec.rewrites[{i}].pattern"),
-                Reason::BadRegex { pattern: rewrite.pattern.clone(), detail: regex_error_summary(&e) },
+                Reason::BadRegex {
+                    pattern: rewrite.pattern.clone(),
+                    detail: regex_error_summary(&e),
+                },
             )),
         }
     }
 
     if let Some(selector) = &spec.node_selector {
         if let Err(detail) = select::check(selector) {
-            errors.push(FieldError::new("spec.nodeSelector", Reason::BadSelector(detail)));
+            errors.push(FieldError::new(
+                "spec.nodeSelector",
+                Reason::BadSelector(detail),
+            ));
         }
     }
 
@@ -95,34 +123,64 @@ pub fn resolve(mirror: &RegistryMirror, sources: &Sources, policy: &RefPolicy) -
 /// the same host must not ask for different ones.
 fn check_hosts_agree(endpoints: &[ResolvedEndpoint], errors: &mut Vec<FieldError>) {
     for (i, endpoint) in endpoints.iter().enumerate() {
-        if let Some(first) = endpoints[..i].iter().position(|e| e.url.host == endpoint.url.host && e.settings != endpoint.settings) {
+        if let Some(first) = endpoints[..i]
+            .iter()
+            .position(|e| e.url.host == endpoint.url.host && e.settings != endpoint.settings)
+        {
             errors.push(FieldError::new(
                 format!("spec.endpoints[{i}]"),
-                Reason::HostSettingsDiffer { host: endpoint.url.host.clone(), other: first },
+                Reason::HostSettingsDiffer {
+                    host: endpoint.url.host.clone(),
+                    other: first,
+                },
             ));
         }
     }
 }
 
-fn resolve_endpoint(endpoint: &Endpoint, field: &str, sources: &Sources, policy: &RefPolicy) -> Result<ResolvedEndpoint, Vec<FieldError>> {
+fn resolve_endpoint(
+    endpoint: &Endpoint,
+    field: &str,
+    sources: &Sources,
+    policy: &RefPolicy,
+) -> Result<ResolvedEndpoint, Vec<FieldError>> {
     let mut errors = Vec::new();
     let url = parse_endpoint_url(&endpoint.url)
-        .map_err(|detail| errors.push(FieldError::new(format!("{field}.url"), Reason::BadUrl { url: endpoint.url.clone(), detail })))
+        .map_err(|detail| {
+            errors.push(FieldError::new(
+                format!("{field}.url"),
+                Reason::BadUrl {
+                    url: endpoint.url.clone(),
+                    detail,
+                },
+            ))
+        })
         .ok();
 
     let auth = match &endpoint.auth {
         None => None,
-        Some(auth) => resolve_auth(auth, url.as_ref(), &format!("{field}.auth.secretRef"), sources, policy)
-            .map_err(|e| errors.push(e))
-            .ok(),
+        Some(auth) => resolve_auth(
+            auth,
+            url.as_ref(),
+            &format!("{field}.auth.secretRef"),
+            sources,
+            policy,
+        )
+        .map_err(|e| errors.push(e))
+        .ok(),
     };
     let tls = match &endpoint.tls {
         None => ResolvedTls::default(),
         Some(tls) => {
-            if url.as_ref().is_some_and(|u| u.scheme == Scheme::Http) && *tls != EndpointTls::default() {
+            if url.as_ref().is_some_and(|u| u.scheme == Scheme::Http)
+                && *tls != EndpointTls::default()
+            {
                 errors.push(FieldError::new(
                     format!("{field}.tls"),
-                    Reason::Schema("TLS settings given for an http:// endpoint; use https:// or drop tls".into()),
+                    Reason::Schema(
+                        "TLS settings given for an http:// endpoint; use https:// or drop tls"
+                            .into(),
+                    ),
                 ));
             }
             resolve_tls(tls, &format!("{field}.tls"), sources, policy, &mut errors)
@@ -130,14 +188,24 @@ fn resolve_endpoint(endpoint: &Endpoint, field: &str, sources: &Sources, policy:
     };
 
     match (url, errors.is_empty()) {
-        (Some(url), true) => Ok(ResolvedEndpoint { url, settings: HostSettings { auth: auth.flatten(), tls } }),
+        (Some(url), true) => Ok(ResolvedEndpoint {
+            url,
+            settings: HostSettings {
+                auth: auth.flatten(),
+                tls,
+            },
+        }),
         _ => Err(errors),
     }
 }
 
 /// Parses an endpoint URL. A URL without a scheme means https; `http://` must be explicit.
 pub fn parse_endpoint_url(raw: &str) -> Result<EndpointUrl, String> {
-    let with_scheme = if raw.contains("://") { raw.to_owned() } else { format!("https://{raw}") };
+    let with_scheme = if raw.contains("://") {
+        raw.to_owned()
+    } else {
+        format!("https://{raw}")
+    };
     let url = url::Url::parse(&with_scheme).map_err(|e| e.to_string())?;
     let scheme = match url.scheme() {
         "https" => Scheme::Https,
@@ -155,7 +223,13 @@ pub fn parse_endpoint_url(raw: &str) -> Result<EndpointUrl, String> {
         Some(port) => format!("{host}:{port}"),
         None => host.to_owned(),
     };
-    let path = url.path().trim_end_matches('/').to_owned();
+    // `/v2` is the API root every registry has: no path and `/v2` are the same endpoint.
+    let path = url.path().trim_end_matches('/');
+    let path = if path == "/v2" {
+        String::new()
+    } else {
+        path.to_owned()
+    };
     Ok(EndpointUrl { scheme, host, path })
 }
 
@@ -172,23 +246,54 @@ fn lookup<'s>(
     if !policy.allows(&namespace) {
         return Err(FieldError::new(
             field,
-            Reason::NamespaceRefused { kind: kind.as_str(), namespace, name: name.to_owned(), allowed: policy.describe() },
+            Reason::NamespaceRefused {
+                kind: kind.as_str(),
+                namespace,
+                name: name.to_owned(),
+                allowed: policy.describe(),
+            },
         ));
     }
     match sources.get(kind, &namespace, name) {
         Some(object) => Ok((object, namespace)),
-        None => Err(FieldError::new(field, Reason::MissingObject { kind: kind.as_str(), namespace, name: name.to_owned() })),
+        None => Err(FieldError::new(
+            field,
+            Reason::MissingObject {
+                kind: kind.as_str(),
+                namespace,
+                name: name.to_owned(),
+            },
+        )),
     }
 }
 
 /// Reads one key as UTF-8 text.
-fn text_key(object: &SourceObject, kind: SourceKind, namespace: &str, name: &str, key: &str, field: &str) -> Result<String, FieldError> {
-    let missing = || Reason::MissingKey { kind: kind.as_str(), namespace: namespace.to_owned(), name: name.to_owned(), key: key.to_owned() };
-    let bytes = object.data.get(key).ok_or_else(|| FieldError::new(field, missing()))?;
+fn text_key(
+    object: &SourceObject,
+    kind: SourceKind,
+    namespace: &str,
+    name: &str,
+    key: &str,
+    field: &str,
+) -> Result<String, FieldError> {
+    let missing = || Reason::MissingKey {
+        kind: kind.as_str(),
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        key: key.to_owned(),
+    };
+    let bytes = object
+        .data
+        .get(key)
+        .ok_or_else(|| FieldError::new(field, missing()))?;
     String::from_utf8(bytes.clone()).map_err(|_| {
         FieldError::new(
             field,
-            Reason::BadSecret { namespace: namespace.to_owned(), name: name.to_owned(), detail: format!("key {key:?} is not UTF-8 text") },
+            Reason::BadSecret {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                detail: format!("key {key:?} is not UTF-8 text"),
+            },
         )
     })
 }
@@ -201,8 +306,24 @@ fn resolve_auth(
     policy: &RefPolicy,
 ) -> Result<Option<Credentials>, FieldError> {
     let ObjectRef { name, namespace } = &auth.secret_ref;
-    let (secret, namespace) = lookup(SourceKind::Secret, name, namespace.as_deref(), field, sources, policy)?;
-    let bad = |detail: String| FieldError::new(field, Reason::BadSecret { namespace: namespace.clone(), name: name.clone(), detail });
+    let (secret, namespace) = lookup(
+        SourceKind::Secret,
+        name,
+        namespace.as_deref(),
+        field,
+        sources,
+        policy,
+    )?;
+    let bad = |detail: String| {
+        FieldError::new(
+            field,
+            Reason::BadSecret {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                detail,
+            },
+        )
+    };
     let text = |key: &str| text_key(secret, SourceKind::Secret, &namespace, name, key, field);
 
     match secret.type_.as_deref().unwrap_or("Opaque") {
@@ -237,9 +358,15 @@ fn decode_auth(auth: &str) -> Result<Credentials, String> {
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(auth.trim())
         .map_err(|_| "auth is not base64 of username:password".to_owned())?;
-    let decoded = String::from_utf8(decoded).map_err(|_| "auth does not decode to UTF-8 text".to_owned())?;
-    let (username, password) = decoded.split_once(':').ok_or("auth does not decode to username:password")?;
-    Ok(Credentials::Basic { username: username.to_owned(), password: password.to_owned() })
+    let decoded =
+        String::from_utf8(decoded).map_err(|_| "auth does not decode to UTF-8 text".to_owned())?;
+    let (username, password) = decoded
+        .split_once(':')
+        .ok_or("auth does not decode to username:password")?;
+    Ok(Credentials::Basic {
+        username: username.to_owned(),
+        password: password.to_owned(),
+    })
 }
 
 #[derive(Deserialize)]
@@ -260,17 +387,32 @@ struct DockerAuthEntry {
 /// Picks the entry of a `.dockerconfigjson` for `host`. Keys may be written as URLs
 /// (`https://index.docker.io/v1/`), so they are compared by host only.
 fn docker_config_credentials(json: &str, host: &str) -> Result<Credentials, String> {
-    let config: DockerConfig = serde_json::from_str(json).map_err(|e| format!(".dockerconfigjson does not parse: {e}"))?;
+    let config: DockerConfig =
+        serde_json::from_str(json).map_err(|e| format!(".dockerconfigjson does not parse: {e}"))?;
     let key_host = |key: &str| {
         let without_scheme = key.split_once("://").map_or(key, |(_, rest)| rest);
-        without_scheme.split('/').next().unwrap_or_default().to_ascii_lowercase()
+        without_scheme
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase()
     };
-    let (_, entry) = config.auths.iter().find(|(key, _)| key_host(key) == host.to_ascii_lowercase()).ok_or_else(|| {
-        let known: Vec<&str> = config.auths.keys().map(String::as_str).collect();
-        format!(".dockerconfigjson has no entry for host {host:?} (entries: {})", known.join(", "))
-    })?;
+    let (_, entry) = config
+        .auths
+        .iter()
+        .find(|(key, _)| key_host(key) == host.to_ascii_lowercase())
+        .ok_or_else(|| {
+            let known: Vec<&str> = config.auths.keys().map(String::as_str).collect();
+            format!(
+                ".dockerconfigjson has no entry for host {host:?} (entries: {})",
+                known.join(", ")
+            )
+        })?;
     if let (Some(username), Some(password)) = (&entry.username, &entry.password) {
-        return Ok(Credentials::Basic { username: username.clone(), password: password.clone() });
+        return Ok(Credentials::Basic {
+            username: username.clone(),
+            password: password.clone(),
+        });
     }
     if let Some(auth) = &entry.auth {
         return decode_auth(auth);
@@ -281,46 +423,109 @@ fn docker_config_credentials(json: &str, host: &str) -> Result<Credentials, Stri
     if let Some(token) = &entry.registrytoken {
         return Ok(Credentials::BearerToken(token.clone()));
     }
-    Err(format!(".dockerconfigjson entry for {host:?} has no username/password, auth or token"))
+    Err(format!(
+        ".dockerconfigjson entry for {host:?} has no username/password, auth or token"
+    ))
 }
 
-fn resolve_tls(tls: &EndpointTls, field: &str, sources: &Sources, policy: &RefPolicy, errors: &mut Vec<FieldError>) -> ResolvedTls {
-    let ca = tls.ca_ref.as_ref().and_then(|ca| resolve_ca(ca, &format!("{field}.caRef"), sources, policy).map_err(|e| errors.push(e)).ok());
+fn resolve_tls(
+    tls: &EndpointTls,
+    field: &str,
+    sources: &Sources,
+    policy: &RefPolicy,
+    errors: &mut Vec<FieldError>,
+) -> ResolvedTls {
+    let ca = tls.ca_ref.as_ref().and_then(|ca| {
+        resolve_ca(ca, &format!("{field}.caRef"), sources, policy)
+            .map_err(|e| errors.push(e))
+            .ok()
+    });
     let client = tls.client_cert_secret_ref.as_ref().and_then(|r| {
         resolve_client_cert(r, &format!("{field}.clientCertSecretRef"), sources, policy)
             .map_err(|e| errors.push(e))
             .ok()
     });
-    ResolvedTls { ca, client, insecure_skip_verify: tls.insecure_skip_verify }
+    ResolvedTls {
+        ca,
+        client,
+        insecure_skip_verify: tls.insecure_skip_verify,
+    }
 }
 
-fn resolve_ca(ca: &CaRef, field: &str, sources: &Sources, policy: &RefPolicy) -> Result<String, FieldError> {
+fn resolve_ca(
+    ca: &CaRef,
+    field: &str,
+    sources: &Sources,
+    policy: &RefPolicy,
+) -> Result<String, FieldError> {
     let (kind, key_ref, field) = match (&ca.secret_ref, &ca.config_map_ref) {
         (Some(r), None) => (SourceKind::Secret, r, format!("{field}.secretRef")),
         (None, Some(r)) => (SourceKind::ConfigMap, r, format!("{field}.configMapRef")),
-        _ => return Err(FieldError::new(field, Reason::Schema("caRef needs exactly one of secretRef or configMapRef".into()))),
+        _ => {
+            return Err(FieldError::new(
+                field,
+                Reason::Schema("caRef needs exactly one of secretRef or configMapRef".into()),
+            ))
+        }
     };
-    let KeyRef { name, namespace, .. } = key_ref;
+    let KeyRef {
+        name, namespace, ..
+    } = key_ref;
     let key = key_ref.key_or_default();
     let (object, namespace) = lookup(kind, name, namespace.as_deref(), &field, sources, policy)?;
     let pem = text_key(object, kind, &namespace, name, key, &field)?;
     check_pem(&pem, PemKind::Certificates).map_err(|detail| {
-        FieldError::new(&field, Reason::BadPem { kind: kind.as_str(), namespace, name: name.clone(), key: key.to_owned(), expected: "certificate bundle", detail })
+        FieldError::new(
+            &field,
+            Reason::BadPem {
+                kind: kind.as_str(),
+                namespace,
+                name: name.clone(),
+                key: key.to_owned(),
+                expected: "certificate bundle",
+                detail,
+            },
+        )
     })?;
     Ok(pem)
 }
 
-fn resolve_client_cert(r: &ObjectRef, field: &str, sources: &Sources, policy: &RefPolicy) -> Result<ClientCert, FieldError> {
+fn resolve_client_cert(
+    r: &ObjectRef,
+    field: &str,
+    sources: &Sources,
+    policy: &RefPolicy,
+) -> Result<ClientCert, FieldError> {
     let kind = SourceKind::Secret;
-    let (secret, namespace) = lookup(kind, &r.name, r.namespace.as_deref(), field, sources, policy)?;
+    let (secret, namespace) = lookup(
+        kind,
+        &r.name,
+        r.namespace.as_deref(),
+        field,
+        sources,
+        policy,
+    )?;
     let read = |key: &str, pem_kind: PemKind, expected: &'static str| {
         let pem = text_key(secret, kind, &namespace, &r.name, key, field)?;
         check_pem(&pem, pem_kind).map_err(|detail| {
-            FieldError::new(field, Reason::BadPem { kind: kind.as_str(), namespace: namespace.clone(), name: r.name.clone(), key: key.to_owned(), expected, detail })
+            FieldError::new(
+                field,
+                Reason::BadPem {
+                    kind: kind.as_str(),
+                    namespace: namespace.clone(),
+                    name: r.name.clone(),
+                    key: key.to_owned(),
+                    expected,
+                    detail,
+                },
+            )
         })?;
         Ok(pem)
     };
-    Ok(ClientCert { cert: read("tls.crt", PemKind::Certificates, "certificate")?, key: read("tls.key", PemKind::PrivateKey, "private key")? })
+    Ok(ClientCert {
+        cert: read("tls.crt", PemKind::Certificates, "certificate")?,
+        key: read("tls.key", PemKind::PrivateKey, "private key")?,
+    })
 }
 
 #[derive(Clone, Copy)]
@@ -337,7 +542,10 @@ fn check_pem(text: &str, kind: PemKind) -> Result<(), String> {
         return Err("no PEM block found".into());
     }
     if matches!(kind, PemKind::PrivateKey) && blocks.len() != 1 {
-        return Err(format!("expected one private key block, found {}", blocks.len()));
+        return Err(format!(
+            "expected one private key block, found {}",
+            blocks.len()
+        ));
     }
     for block in &blocks {
         let label_ok = match kind {
@@ -357,5 +565,9 @@ fn check_pem(text: &str, kind: PemKind) -> Result<(), String> {
 /// The regex crate explains errors over several lines, ending with the one that says what is wrong.
 fn regex_error_summary(e: &regex::Error) -> String {
     let s = e.to_string();
-    s.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or(&s).trim().to_owned()
+    s.lines()
+        .rfind(|l| !l.trim().is_empty())
+        .unwrap_or(&s)
+        .trim()
+        .to_owned()
 }

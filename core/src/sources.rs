@@ -63,13 +63,21 @@ impl Sources {
 
     /// Adds or replaces one object.
     pub fn insert(&mut self, kind: SourceKind, namespace: &str, name: &str, object: SourceObject) {
-        let key = SourceKey { kind, namespace: namespace.to_owned(), name: name.to_owned() };
+        let key = SourceKey {
+            kind,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
         self.objects.insert(key, object);
     }
 
     /// Looks one object up.
     pub fn get(&self, kind: SourceKind, namespace: &str, name: &str) -> Option<&SourceObject> {
-        let key = SourceKey { kind, namespace: namespace.to_owned(), name: name.to_owned() };
+        let key = SourceKey {
+            kind,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
         self.objects.get(&key)
     }
 
@@ -91,12 +99,16 @@ pub struct RefPolicy {
 impl RefPolicy {
     /// A policy that allows only the operator's namespace.
     pub fn new(operator_namespace: impl Into<String>) -> Self {
-        Self { operator_namespace: operator_namespace.into(), allowed_namespaces: Vec::new() }
+        Self {
+            operator_namespace: operator_namespace.into(),
+            allowed_namespaces: Vec::new(),
+        }
     }
 
     /// Whether objects in `namespace` may be referenced.
     pub fn allows(&self, namespace: &str) -> bool {
-        namespace == self.operator_namespace || self.allowed_namespaces.iter().any(|n| n == namespace)
+        namespace == self.operator_namespace
+            || self.allowed_namespaces.iter().any(|n| n == namespace)
     }
 
     /// The allowed namespaces, for messages.

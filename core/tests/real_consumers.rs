@@ -7,13 +7,18 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
-use regmirror_core::api::{CaRef, Endpoint, EndpointAuth, EndpointTls, KeyRef, ObjectRef, RegistryMirror, RegistryMirrorSpec};
+use regmirror_core::api::{
+    CaRef, Endpoint, EndpointAuth, EndpointTls, KeyRef, ObjectRef, RegistryMirror,
+    RegistryMirrorSpec,
+};
 use regmirror_core::model::ResolvedMirror;
 use regmirror_core::node::Flavor;
 use regmirror_core::render::{render, RenderedConfig};
 use regmirror_core::resolve::resolve;
 use regmirror_core::sources::{RefPolicy, SourceKind, SourceObject, Sources};
-use regmirror_testbed::{dead_port, oci_layout, push, Containerd, Pki, Registry, RegistryOptions, Skopeo};
+use regmirror_testbed::{
+    dead_port, oci_layout, push, Containerd, Pki, Registry, RegistryOptions, Skopeo,
+};
 
 const NS: &str = "regmirror-system";
 const USER: &str = "puller";
@@ -36,19 +41,56 @@ impl World {
         let registry = Registry::start(&dir.path().join("registry"), &pki, options);
         let layout = dir.path().join("image");
         oci_layout(&layout, "v1", "hello from regmirror");
-        push(&layout, "v1", &registry, "library/hello", &pki.dir, &dir.path().join("push"));
+        push(
+            &layout,
+            "v1",
+            &registry,
+            "library/hello",
+            &pki.dir,
+            &dir.path().join("push"),
+        );
 
         let mut sources = Sources::new();
-        let text = |pairs: &[(&str, String)]| pairs.iter().map(|(k, v)| (k.to_string(), v.clone().into_bytes())).collect();
-        let basic = SourceObject { type_: Some("kubernetes.io/basic-auth".into()), data: text(&[("username", USER.into()), ("password", PASSWORD.into())]) };
-        let wrong = SourceObject { type_: Some("kubernetes.io/basic-auth".into()), data: text(&[("username", USER.into()), ("password", "wrong".into())]) };
+        let text = |pairs: &[(&str, String)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone().into_bytes()))
+                .collect()
+        };
+        let basic = SourceObject {
+            type_: Some("kubernetes.io/basic-auth".into()),
+            data: text(&[("username", USER.into()), ("password", PASSWORD.into())]),
+        };
+        let wrong = SourceObject {
+            type_: Some("kubernetes.io/basic-auth".into()),
+            data: text(&[("username", USER.into()), ("password", "wrong".into())]),
+        };
         sources.insert(SourceKind::Secret, NS, "mirror-pull", basic);
         sources.insert(SourceKind::Secret, NS, "wrong-pull", wrong);
-        sources.insert(SourceKind::ConfigMap, NS, "registry-ca", SourceObject { type_: None, data: text(&[("ca.crt", pki.pem("ca.crt"))]) });
-        let tls = SourceObject { type_: Some("kubernetes.io/tls".into()), data: text(&[("tls.crt", pki.pem("client.crt")), ("tls.key", pki.pem("client.key"))]) };
+        sources.insert(
+            SourceKind::ConfigMap,
+            NS,
+            "registry-ca",
+            SourceObject {
+                type_: None,
+                data: text(&[("ca.crt", pki.pem("ca.crt"))]),
+            },
+        );
+        let tls = SourceObject {
+            type_: Some("kubernetes.io/tls".into()),
+            data: text(&[
+                ("tls.crt", pki.pem("client.crt")),
+                ("tls.key", pki.pem("client.key")),
+            ]),
+        };
         sources.insert(SourceKind::Secret, NS, "node-client-tls", tls);
         let image = format!("127.0.0.1:{}/library/hello:v1", dead_port());
-        World { dir, registry, sources, image }
+        World {
+            dir,
+            registry,
+            sources,
+            image,
+        }
     }
 
     fn upstream(&self) -> &str {
@@ -59,23 +101,47 @@ impl World {
     fn endpoint(&self, ca: bool, credentials: Option<&str>) -> Endpoint {
         Endpoint {
             url: self.registry.url(),
-            auth: credentials.map(|name| EndpointAuth { secret_ref: ObjectRef { name: name.into(), namespace: None } }),
+            auth: credentials.map(|name| EndpointAuth {
+                secret_ref: ObjectRef {
+                    name: name.into(),
+                    namespace: None,
+                },
+            }),
             tls: ca.then(|| EndpointTls {
-                ca_ref: Some(CaRef { secret_ref: None, config_map_ref: Some(KeyRef { name: "registry-ca".into(), namespace: None, key: None }) }),
+                ca_ref: Some(CaRef {
+                    secret_ref: None,
+                    config_map_ref: Some(KeyRef {
+                        name: "registry-ca".into(),
+                        namespace: None,
+                        key: None,
+                    }),
+                }),
                 ..Default::default()
             }),
         }
     }
 
     fn resolved(&self, endpoints: Vec<Endpoint>) -> ResolvedMirror {
-        let spec = RegistryMirrorSpec { registry: self.upstream().into(), endpoints, rewrites: vec![], node_selector: None };
-        resolve(&RegistryMirror::new("test-mirror", spec), &self.sources, &RefPolicy::new(NS)).expect("valid mirror")
+        let spec = RegistryMirrorSpec {
+            registry: self.upstream().into(),
+            endpoints,
+            rewrites: vec![],
+            node_selector: None,
+        };
+        resolve(
+            &RegistryMirror::new("test-mirror", spec),
+            &self.sources,
+            &RefPolicy::new(NS),
+        )
+        .expect("valid mirror")
     }
 
     /// Renders for plain containerd with its hosts dir inside the test directory.
     fn containerd_hosts_dir(&self, endpoints: Vec<Endpoint>) -> PathBuf {
         let hosts_dir = self.dir.path().join(format!("certs.d-{}", dead_port()));
-        let flavor = Flavor::Containerd { hosts_dir: hosts_dir.display().to_string() };
+        let flavor = Flavor::Containerd {
+            hosts_dir: hosts_dir.display().to_string(),
+        };
         let config = render(&[&self.resolved(endpoints)], &flavor).unwrap();
         write(&config, |path| PathBuf::from(path));
         hosts_dir
@@ -91,7 +157,11 @@ impl World {
             "/etc/containers/registries.conf.d/50-regmirror.conf" => skopeo.registries_conf(),
             "/etc/crio/regmirror/auth.json" => auth.clone(),
             "/etc/crio/crio.conf.d/50-regmirror-auth.conf" => skopeo.home.join("crio.conf"),
-            other => skopeo.certs_dir().join(other.strip_prefix("/etc/containers/certs.d/").expect("a certs.d file")),
+            other => skopeo.certs_dir().join(
+                other
+                    .strip_prefix("/etc/containers/certs.d/")
+                    .expect("a certs.d file"),
+            ),
         });
         let has_auth = config.files.contains_key("/etc/crio/regmirror/auth.json");
         (skopeo, has_auth.then_some(auth))
@@ -108,7 +178,11 @@ fn write(config: &RenderedConfig, place: impl Fn(&str) -> PathBuf) {
 }
 
 fn secure() -> RegistryOptions {
-    RegistryOptions { tls: true, basic_auth: Some((USER.into(), PASSWORD.into())), client_certs: false }
+    RegistryOptions {
+        tls: true,
+        basic_auth: Some((USER.into(), PASSWORD.into())),
+        client_certs: false,
+    }
 }
 
 fn containerd(world: &World) -> Containerd {
@@ -120,8 +194,16 @@ fn assert_pulled(pull: regmirror_testbed::Pull) {
 }
 
 fn assert_failed_with(pull: regmirror_testbed::Pull, reason: &str) {
-    assert!(!pull.ok, "pull succeeded but should have failed with {reason:?}:\n{}", pull.output);
-    assert!(pull.output.contains(reason), "pull failed, but not with {reason:?}:\n{}", pull.output);
+    assert!(
+        !pull.ok,
+        "pull succeeded but should have failed with {reason:?}:\n{}",
+        pull.output
+    );
+    assert!(
+        pull.output.contains(reason),
+        "pull failed, but not with {reason:?}:\n{}",
+        pull.output
+    );
 }
 
 #[test]
@@ -132,13 +214,22 @@ fn containerd_pulls_through_the_mirror_with_its_ca_and_credentials() {
     assert_pulled(containerd.pull(&hosts, &world.image));
     // The credentials are in the file, so it must not be world-readable.
     let hosts_toml = hosts.join(world.upstream()).join("hosts.toml");
-    assert_eq!(std::fs::metadata(&hosts_toml).map(|m| m.permissions().mode() & 0o777).unwrap(), 0o600);
+    assert_eq!(
+        std::fs::metadata(&hosts_toml)
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap(),
+        0o600
+    );
 }
 
 #[test]
 fn containerd_falls_back_to_the_next_endpoint_when_the_first_is_down() {
     let world = World::new(secure());
-    let down = Endpoint { url: format!("https://127.0.0.1:{}", dead_port()), auth: None, tls: None };
+    let down = Endpoint {
+        url: format!("https://127.0.0.1:{}", dead_port()),
+        auth: None,
+        tls: None,
+    };
     let hosts = world.containerd_hosts_dir(vec![down, world.endpoint(true, Some("mirror-pull"))]);
     assert_pulled(containerd(&world).pull(&hosts, &world.image));
 }
@@ -147,7 +238,10 @@ fn containerd_falls_back_to_the_next_endpoint_when_the_first_is_down() {
 fn containerd_refuses_the_mirror_without_the_ca() {
     let world = World::new(secure());
     let hosts = world.containerd_hosts_dir(vec![world.endpoint(false, Some("mirror-pull"))]);
-    assert_failed_with(containerd(&world).pull(&hosts, &world.image), "x509: certificate signed by unknown authority");
+    assert_failed_with(
+        containerd(&world).pull(&hosts, &world.image),
+        "x509: certificate signed by unknown authority",
+    );
 }
 
 #[test]
@@ -162,13 +256,23 @@ fn containerd_is_refused_without_or_with_wrong_credentials() {
 
 #[test]
 fn containerd_presents_the_client_certificate_for_mutual_tls() {
-    let world = World::new(RegistryOptions { tls: true, basic_auth: None, client_certs: true });
+    let world = World::new(RegistryOptions {
+        tls: true,
+        basic_auth: None,
+        client_certs: true,
+    });
     let containerd = containerd(&world);
     let without_cert = world.containerd_hosts_dir(vec![world.endpoint(true, None)]);
-    assert_failed_with(containerd.pull(&without_cert, &world.image), "bad certificate");
+    assert_failed_with(
+        containerd.pull(&without_cert, &world.image),
+        "bad certificate",
+    );
 
     let mut endpoint = world.endpoint(true, None);
-    endpoint.tls.as_mut().unwrap().client_cert_secret_ref = Some(ObjectRef { name: "node-client-tls".into(), namespace: None });
+    endpoint.tls.as_mut().unwrap().client_cert_secret_ref = Some(ObjectRef {
+        name: "node-client-tls".into(),
+        namespace: None,
+    });
     let with_cert = world.containerd_hosts_dir(vec![endpoint]);
     assert_pulled(containerd.pull(&with_cert, &world.image));
 }
@@ -185,14 +289,21 @@ fn skopeo_pulls_through_the_crio_mirror_with_ca_and_auth_file() {
     let world = World::new(secure());
     let (skopeo, auth) = world.crio(vec![world.endpoint(true, Some("mirror-pull"))]);
     let auth = auth.expect("credentials render an auth file");
-    assert_eq!(std::fs::metadata(&auth).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&auth).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     assert_pulled(skopeo.inspect(&world.image, Some(&auth)));
 }
 
 #[test]
 fn skopeo_falls_back_to_the_next_crio_mirror() {
     let world = World::new(secure());
-    let down = Endpoint { url: format!("https://127.0.0.1:{}", dead_port()), auth: None, tls: None };
+    let down = Endpoint {
+        url: format!("https://127.0.0.1:{}", dead_port()),
+        auth: None,
+        tls: None,
+    };
     let (skopeo, auth) = world.crio(vec![down, world.endpoint(true, Some("mirror-pull"))]);
     assert_pulled(skopeo.inspect(&world.image, auth.as_deref()));
 }
@@ -201,20 +312,30 @@ fn skopeo_falls_back_to_the_next_crio_mirror() {
 fn skopeo_refuses_the_crio_mirror_without_ca_or_credentials() {
     let world = World::new(secure());
     let (skopeo, auth) = world.crio(vec![world.endpoint(false, Some("mirror-pull"))]);
-    assert_failed_with(skopeo.inspect(&world.image, auth.as_deref()), "x509: certificate signed by unknown authority");
+    assert_failed_with(
+        skopeo.inspect(&world.image, auth.as_deref()),
+        "x509: certificate signed by unknown authority",
+    );
     let (skopeo, auth) = world.crio(vec![world.endpoint(true, None)]);
     assert!(auth.is_none());
-    assert_failed_with(skopeo.inspect(&world.image, None), "authentication required");
+    assert_failed_with(
+        skopeo.inspect(&world.image, None),
+        "authentication required",
+    );
 }
 
 #[test]
 fn skopeo_presents_the_client_certificate_from_certs_d() {
-    let world = World::new(RegistryOptions { tls: true, basic_auth: None, client_certs: true });
+    let world = World::new(RegistryOptions {
+        tls: true,
+        basic_auth: None,
+        client_certs: true,
+    });
     let mut endpoint = world.endpoint(true, None);
-    endpoint.tls.as_mut().unwrap().client_cert_secret_ref = Some(ObjectRef { name: "node-client-tls".into(), namespace: None });
+    endpoint.tls.as_mut().unwrap().client_cert_secret_ref = Some(ObjectRef {
+        name: "node-client-tls".into(),
+        namespace: None,
+    });
     let (skopeo, _) = world.crio(vec![endpoint]);
     assert_pulled(skopeo.inspect(&world.image, None));
-
 }
-
-

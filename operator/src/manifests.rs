@@ -26,7 +26,12 @@ impl fmt::Display for Origin {
         if self.document == 0 {
             write!(f, "{}", self.file.display())
         } else {
-            write!(f, "{} (document {})", self.file.display(), self.document + 1)
+            write!(
+                f,
+                "{} (document {})",
+                self.file.display(),
+                self.document + 1
+            )
         }
     }
 }
@@ -42,11 +47,19 @@ pub struct LoadedMirror {
 #[derive(Debug, Error)]
 pub enum LoadError {
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{origin}: not valid YAML: {detail}")]
     Yaml { origin: Origin, detail: String },
     #[error("{origin}: {kind}/{name}: {detail}")]
-    Invalid { origin: Origin, kind: String, name: String, detail: String },
+    Invalid {
+        origin: Origin,
+        kind: String,
+        name: String,
+        detail: String,
+    },
 }
 
 /// Everything read from a set of paths.
@@ -82,12 +95,17 @@ fn expand(paths: &[PathBuf], errors: &mut Vec<LoadError>) -> Vec<PathBuf> {
             Ok(entries) => {
                 let mut found: Vec<PathBuf> = entries
                     .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                    .filter(|p| {
+                        p.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml")
+                    })
                     .collect();
                 found.sort();
                 files.extend(found);
             }
-            Err(source) => errors.push(LoadError::Io { path: path.clone(), source }),
+            Err(source) => errors.push(LoadError::Io {
+                path: path.clone(),
+                source,
+            }),
         }
     }
     files
@@ -96,50 +114,114 @@ fn expand(paths: &[PathBuf], errors: &mut Vec<LoadError>) -> Vec<PathBuf> {
 fn read_documents(file: &Path, text: &str, default_namespace: &str, manifests: &mut Manifests) {
     use serde::Deserialize;
     for (document, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let origin = Origin { file: file.to_owned(), document };
+        let origin = Origin {
+            file: file.to_owned(),
+            document,
+        };
         let value = match serde_yaml::Value::deserialize(de) {
             Ok(serde_yaml::Value::Null) => continue,
             Ok(value) => value,
             Err(e) => {
-                manifests.errors.push(LoadError::Yaml { origin, detail: e.to_string() });
+                manifests.errors.push(LoadError::Yaml {
+                    origin,
+                    detail: e.to_string(),
+                });
                 // The rest of the stream cannot be trusted after a syntax error.
                 return;
             }
         };
-        let field = |name: &str| value.get(name).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+        let field = |name: &str| {
+            value
+                .get(name)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_owned()
+        };
         let (api_version, kind) = (field("apiVersion"), field("kind"));
-        let name = value.get("metadata").and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("<unnamed>").to_owned();
-        let invalid = |detail: String| LoadError::Invalid { origin: origin.clone(), kind: kind.clone(), name: name.clone(), detail };
+        let name = value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str())
+            .unwrap_or("<unnamed>")
+            .to_owned();
+        let invalid = |detail: String| LoadError::Invalid {
+            origin: origin.clone(),
+            kind: kind.clone(),
+            name: name.clone(),
+            detail,
+        };
 
         match (api_version.as_str(), kind.as_str()) {
-            ("regmirror.io/v1alpha1", "RegistryMirror") => match typed::<RegistryMirror>(value.clone()) {
-                Ok(mirror) => manifests.mirrors.push(LoadedMirror { origin, mirror }),
-                Err(detail) => manifests.errors.push(invalid(detail)),
-            },
+            ("regmirror.io/v1alpha1", "RegistryMirror") => {
+                match typed::<RegistryMirror>(value.clone()) {
+                    Ok(mirror) => manifests.mirrors.push(LoadedMirror { origin, mirror }),
+                    Err(detail) => manifests.errors.push(invalid(detail)),
+                }
+            }
             ("v1", "Secret") => match typed::<Secret>(value.clone()) {
                 Ok(secret) => {
-                    let mut data: std::collections::BTreeMap<String, Vec<u8>> =
-                        secret.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+                    let mut data: std::collections::BTreeMap<String, Vec<u8>> = secret
+                        .data
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (k, v.0))
+                        .collect();
                     // stringData wins over data, as on the API server.
-                    data.extend(secret.string_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())));
+                    data.extend(
+                        secret
+                            .string_data
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|(k, v)| (k, v.into_bytes())),
+                    );
                     let type_ = Some(secret.type_.unwrap_or_else(|| "Opaque".into()));
-                    let namespace = secret.metadata.namespace.as_deref().unwrap_or(default_namespace);
-                    manifests.sources.insert(SourceKind::Secret, namespace, &name, SourceObject { type_, data });
+                    let namespace = secret
+                        .metadata
+                        .namespace
+                        .as_deref()
+                        .unwrap_or(default_namespace);
+                    manifests.sources.insert(
+                        SourceKind::Secret,
+                        namespace,
+                        &name,
+                        SourceObject { type_, data },
+                    );
                 }
                 Err(detail) => manifests.errors.push(invalid(detail)),
             },
             ("v1", "ConfigMap") => match typed::<ConfigMap>(value.clone()) {
                 Ok(config_map) => {
-                    let mut data: std::collections::BTreeMap<String, Vec<u8>> =
-                        config_map.binary_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
-                    data.extend(config_map.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())));
-                    let namespace = config_map.metadata.namespace.as_deref().unwrap_or(default_namespace);
-                    manifests.sources.insert(SourceKind::ConfigMap, namespace, &name, SourceObject { type_: None, data });
+                    let mut data: std::collections::BTreeMap<String, Vec<u8>> = config_map
+                        .binary_data
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (k, v.0))
+                        .collect();
+                    data.extend(
+                        config_map
+                            .data
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|(k, v)| (k, v.into_bytes())),
+                    );
+                    let namespace = config_map
+                        .metadata
+                        .namespace
+                        .as_deref()
+                        .unwrap_or(default_namespace);
+                    manifests.sources.insert(
+                        SourceKind::ConfigMap,
+                        namespace,
+                        &name,
+                        SourceObject { type_: None, data },
+                    );
                 }
                 Err(detail) => manifests.errors.push(invalid(detail)),
             },
             (api, "RegistryMirror") if api.starts_with("regmirror.io/") => {
-                manifests.errors.push(invalid(format!("apiVersion {api:?} is not served; use regmirror.io/v1alpha1")));
+                manifests.errors.push(invalid(format!(
+                    "apiVersion {api:?} is not served; use regmirror.io/v1alpha1"
+                )));
             }
             _ => {} // Any other kind: not ours to read.
         }

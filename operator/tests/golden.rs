@@ -22,7 +22,10 @@ fn examples() -> PathBuf {
 
 fn example_dirs() -> Vec<PathBuf> {
     let mut dirs = vec![examples()];
-    let mut docs: Vec<PathBuf> = std::fs::read_dir(examples().join("k3s-docs")).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut docs: Vec<PathBuf> = std::fs::read_dir(examples().join("k3s-docs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     docs.sort();
     dirs.extend(docs);
     dirs
@@ -30,11 +33,29 @@ fn example_dirs() -> Vec<PathBuf> {
 
 /// What `regmirror render DIR --flavor F` prints for a node without labels, or the error.
 fn rendered(dir: &Path, flavor: &str) -> String {
-    let checked = check(&InputArgs { paths: vec![dir.to_owned()], namespace: DEFAULT_NAMESPACE.into(), allowed_namespaces: vec![] });
-    assert!(checked.problems.is_empty(), "{}: {:?}", dir.display(), checked.problems);
-    let node = NodeInfo { name: "node".into(), labels: Default::default(), flavor: flavor.parse::<Flavor>().unwrap() };
+    let checked = check(&InputArgs {
+        paths: vec![dir.to_owned()],
+        namespace: DEFAULT_NAMESPACE.into(),
+        allowed_namespaces: vec![],
+    });
+    assert!(
+        checked.problems.is_empty(),
+        "{}: {:?}",
+        dir.display(),
+        checked.problems
+    );
+    let node = NodeInfo {
+        name: "node".into(),
+        labels: Default::default(),
+        flavor: flavor.parse::<Flavor>().unwrap(),
+    };
     let assembly = assemble(&checked.resolved, &node);
-    assert!(assembly.conflicts.is_empty(), "{}: {:?}", dir.display(), assembly.conflicts);
+    assert!(
+        assembly.conflicts.is_empty(),
+        "{}: {:?}",
+        dir.display(),
+        assembly.conflicts
+    );
     match render(&assembly.mirrors, &node.flavor) {
         Ok(config) => listing(&config),
         Err(e) => format!("error: {e}\n"),
@@ -53,21 +74,38 @@ fn every_example_renders_to_its_expected_files() {
                 std::fs::create_dir_all(expected_file.parent().unwrap()).unwrap();
                 std::fs::write(&expected_file, &actual).unwrap();
             }
-            let expected = std::fs::read_to_string(&expected_file)
-                .unwrap_or_else(|e| panic!("{}: {e} (run with REGMIRROR_BLESS=1 to create it)", expected_file.display()));
-            assert_eq!(actual, expected, "{} differs from the rendering", expected_file.display());
+            let expected = std::fs::read_to_string(&expected_file).unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (run with REGMIRROR_BLESS=1 to create it)",
+                    expected_file.display()
+                )
+            });
+            assert_eq!(
+                actual,
+                expected,
+                "{} differs from the rendering",
+                expected_file.display()
+            );
             checked += 1;
         }
     }
     assert_eq!(checked, example_dirs().len() * FLAVORS.len());
-    assert!(checked >= 14 * 4, "examples went missing: only {checked} renderings");
+    assert!(
+        checked >= 14 * 4,
+        "examples went missing: only {checked} renderings"
+    );
 }
 
 #[test]
 fn rendering_is_byte_stable() {
     for dir in example_dirs() {
         for flavor in FLAVORS {
-            assert_eq!(rendered(&dir, flavor), rendered(&dir, flavor), "{} {flavor}", dir.display());
+            assert_eq!(
+                rendered(&dir, flavor),
+                rendered(&dir, flavor),
+                "{} {flavor}",
+                dir.display()
+            );
         }
     }
 }
@@ -75,8 +113,15 @@ fn rendering_is_byte_stable() {
 /// The rendered registries.yaml of an example, parsed.
 fn rendered_registries_yaml(dir: &Path) -> Value {
     let text = rendered(dir, "k3s");
-    let start = text.find("==> /etc/rancher/k3s/registries.yaml").expect("k3s renders registries.yaml");
-    let body: String = text[start..].lines().skip(1).take_while(|l| !l.starts_with("==> ")).collect::<Vec<_>>().join("\n");
+    let start = text
+        .find("==> /etc/rancher/k3s/registries.yaml")
+        .expect("k3s renders registries.yaml");
+    let body: String = text[start..]
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.starts_with("==> "))
+        .collect::<Vec<_>>()
+        .join("\n");
     serde_yaml::from_str(&body).unwrap()
 }
 
@@ -86,7 +131,7 @@ fn rendered_registries_yaml(dir: &Path) -> Value {
 fn normalized(mut doc: Value) -> Value {
     let has_wildcard_mirror = doc.get("mirrors").and_then(|m| m.get("*")).is_some();
     if let Some(Value::Mapping(configs)) = doc.get_mut("configs") {
-        configs.retain(|k, v| !v.is_null() && !(has_wildcard_mirror && k.as_str() == Some("*")));
+        configs.retain(|k, v| !(v.is_null() || has_wildcard_mirror && k.as_str() == Some("*")));
         for config in configs.values_mut() {
             if let Some(Value::Mapping(tls)) = config.get_mut("tls") {
                 for key in ["ca_file", "cert_file", "key_file"] {
@@ -108,9 +153,16 @@ fn registries_yaml_means_what_the_k3s_documentation_writes() {
     let mut compared = 0;
     for dir in example_dirs() {
         let doc_file = dir.join("k3s-docs.yaml");
-        let Ok(doc) = std::fs::read_to_string(&doc_file) else { continue };
+        let Ok(doc) = std::fs::read_to_string(&doc_file) else {
+            continue;
+        };
         let documented: Value = serde_yaml::from_str(&doc).unwrap();
-        assert_eq!(normalized(rendered_registries_yaml(&dir)), normalized(documented), "{}", dir.display());
+        assert_eq!(
+            normalized(rendered_registries_yaml(&dir)),
+            normalized(documented),
+            "{}",
+            dir.display()
+        );
         compared += 1;
     }
     assert_eq!(compared, 8, "every documentation example is compared");

@@ -9,7 +9,10 @@ use crate::process::{require_tool, run_ok};
 use crate::registry::Registry;
 
 fn sha256(data: &[u8]) -> String {
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Writes an OCI image layout with one uncompressed layer holding `hello.txt` with `message`;
@@ -29,7 +32,9 @@ pub fn oci_layout(dir: &Path, tag: &str, message: &str) -> String {
     header.set_mode(0o644);
     header.set_mtime(0);
     header.set_cksum();
-    layer.append_data(&mut header, "hello.txt", message.as_bytes()).unwrap();
+    layer
+        .append_data(&mut header, "hello.txt", message.as_bytes())
+        .unwrap();
     let layer = layer.into_inner().unwrap();
     let (layer_digest, layer_size) = write_blob(&layer);
 
@@ -56,7 +61,14 @@ pub fn oci_layout(dir: &Path, tag: &str, message: &str) -> String {
 
 /// Pushes `layout:tag` to `registry` as `repository:tag`, with the registry's credentials and
 /// the PKI's CA (and client certificate, when the registry wants one).
-pub fn push(layout: &Path, tag: &str, registry: &Registry, repository: &str, pki_dir: &Path, work: &Path) {
+pub fn push(
+    layout: &Path,
+    tag: &str,
+    registry: &Registry,
+    repository: &str,
+    pki_dir: &Path,
+    work: &Path,
+) {
     require_tool("skopeo");
     let cert_dir = work.join("push-certs");
     std::fs::create_dir_all(&cert_dir).unwrap();
@@ -75,6 +87,8 @@ pub fn push(layout: &Path, tag: &str, registry: &Registry, repository: &str, pki
     } else {
         skopeo.arg("--dest-tls-verify=false");
     }
-    skopeo.arg(format!("oci:{}:{tag}", layout.display())).arg(format!("docker://{}/{repository}:{tag}", registry.host()));
+    skopeo
+        .arg(format!("oci:{}:{tag}", layout.display()))
+        .arg(format!("docker://{}/{repository}:{tag}", registry.host()));
     run_ok(&mut skopeo);
 }

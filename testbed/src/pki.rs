@@ -17,9 +17,27 @@ impl Pki {
         require_tool("openssl");
         std::fs::create_dir_all(dir).unwrap();
         let openssl = |args: &[&str]| run_ok(Command::new("openssl").args(args).current_dir(dir));
-        openssl(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
-            "-subj", "/CN=regmirror test CA", "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-keyout", "ca.key", "-out", "ca.crt"]);
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=regmirror test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ]);
         for (name, cn, ext) in [
             ("server", "127.0.0.1", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n"),
             ("client", "regmirror node", "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n"),
@@ -30,7 +48,9 @@ impl Pki {
             openssl(&["x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
                 "-days", "2", "-out", &format!("{name}.crt"), "-extfile", &format!("{name}.ext")]);
         }
-        Pki { dir: dir.to_owned() }
+        Pki {
+            dir: dir.to_owned(),
+        }
     }
 
     pub fn path(&self, file: &str) -> PathBuf {

@@ -15,7 +15,11 @@ pub fn require_tool(tool: &str) {
 
 /// A port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A loopback port nothing listens on: connections are refused at once. Stands for an
@@ -38,7 +42,10 @@ impl Process {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("start {name}: {e}"));
-        Process { name: name.to_owned(), child }
+        Process {
+            name: name.to_owned(),
+            child,
+        }
     }
 
     /// Waits until `addr` accepts TCP connections.
@@ -46,9 +53,18 @@ impl Process {
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("{} exited with {status}:\n{}", self.name, std::fs::read_to_string(log).unwrap_or_default());
+                panic!(
+                    "{} exited with {status}:\n{}",
+                    self.name,
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
             }
-            assert!(Instant::now() < deadline, "{} did not listen on {port}:\n{}", self.name, std::fs::read_to_string(log).unwrap_or_default());
+            assert!(
+                Instant::now() < deadline,
+                "{} did not listen on {port}:\n{}",
+                self.name,
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(25));
         }
     }
@@ -58,9 +74,18 @@ impl Process {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !path.exists() {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("{} exited with {status}:\n{}", self.name, std::fs::read_to_string(log).unwrap_or_default());
+                panic!(
+                    "{} exited with {status}:\n{}",
+                    self.name,
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
             }
-            assert!(Instant::now() < deadline, "{} did not create {}", self.name, path.display());
+            assert!(
+                Instant::now() < deadline,
+                "{} did not create {}",
+                self.name,
+                path.display()
+            );
             std::thread::sleep(Duration::from_millis(25));
         }
     }
@@ -75,12 +100,19 @@ impl Drop for Process {
 
 /// Runs a command to completion, returning its output; panics only if it cannot start.
 pub fn run(command: &mut Command) -> Output {
-    command.output().unwrap_or_else(|e| panic!("run {command:?}: {e}"))
+    command
+        .output()
+        .unwrap_or_else(|e| panic!("run {command:?}: {e}"))
 }
 
 /// Runs a command that must succeed.
 pub fn run_ok(command: &mut Command) -> Output {
     let output = run(command);
-    assert!(output.status.success(), "{command:?} failed:\n{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{command:?} failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     output
 }

@@ -35,9 +35,16 @@ impl Registry {
             dir.join("storage").display()
         );
         if options.tls {
-            config.push_str(&format!("  tls:\n    certificate: {}\n    key: {}\n", pki.path("server.crt").display(), pki.path("server.key").display()));
+            config.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                pki.path("server.crt").display(),
+                pki.path("server.key").display()
+            ));
             if options.client_certs {
-                config.push_str(&format!("    clientcas: [{}]\n", pki.path("ca.crt").display()));
+                config.push_str(&format!(
+                    "    clientcas: [{}]\n",
+                    pki.path("ca.crt").display()
+                ));
             }
         }
         if let Some((user, password)) = &options.basic_auth {
@@ -45,14 +52,27 @@ impl Registry {
             let htpasswd = run_ok(Command::new("htpasswd").args(["-Bbn", user, password])).stdout;
             let file: PathBuf = dir.join("htpasswd");
             std::fs::write(&file, htpasswd).unwrap();
-            config.push_str(&format!("auth:\n  htpasswd: {{realm: regmirror-test, path: {}}}\n", file.display()));
+            config.push_str(&format!(
+                "auth:\n  htpasswd: {{realm: regmirror-test, path: {}}}\n",
+                file.display()
+            ));
         }
         let config_file = dir.join("config.yml");
         std::fs::write(&config_file, config).unwrap();
         let log = dir.join("registry.log");
-        let mut process = Process::spawn("docker-registry", Command::new("docker-registry").arg("serve").arg(&config_file), &log);
+        let mut process = Process::spawn(
+            "docker-registry",
+            Command::new("docker-registry")
+                .arg("serve")
+                .arg(&config_file),
+            &log,
+        );
         process.wait_for_port(port, &log);
-        Registry { port, options, _process: process }
+        Registry {
+            port,
+            options,
+            _process: process,
+        }
     }
 
     /// `127.0.0.1:<port>`.

@@ -16,8 +16,15 @@ pub struct Pull {
 
 impl Pull {
     fn from(output: std::process::Output) -> Pull {
-        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-        Pull { ok: output.status.success(), output: text }
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Pull {
+            ok: output.status.success(),
+            output: text,
+        }
     }
 }
 
@@ -42,9 +49,16 @@ impl Containerd {
         let config_file = dir.join("containerd.toml");
         std::fs::write(&config_file, config).unwrap();
         let log = dir.join("containerd.log");
-        let mut process = Process::spawn("containerd", Command::new("containerd").arg("--config").arg(&config_file), &log);
+        let mut process = Process::spawn(
+            "containerd",
+            Command::new("containerd").arg("--config").arg(&config_file),
+            &log,
+        );
         process.wait_for_path(&socket, &log);
-        Containerd { socket, _process: process }
+        Containerd {
+            socket,
+            _process: process,
+        }
     }
 
     fn ctr(&self) -> Command {
@@ -64,7 +78,11 @@ impl Containerd {
         for blob in String::from_utf8_lossy(&content.stdout).lines() {
             run(self.ctr().args(["content", "rm", blob]));
         }
-        Pull::from(run(self.ctr().args(["images", "pull", "--hosts-dir"]).arg(hosts_dir).arg(reference)))
+        Pull::from(run(self
+            .ctr()
+            .args(["images", "pull", "--hosts-dir"])
+            .arg(hosts_dir)
+            .arg(reference)))
     }
 }
 
@@ -78,7 +96,9 @@ impl Skopeo {
     pub fn new(home: &Path) -> Skopeo {
         require_tool("skopeo");
         std::fs::create_dir_all(home.join(".config/containers/certs.d")).unwrap();
-        Skopeo { home: home.to_owned() }
+        Skopeo {
+            home: home.to_owned(),
+        }
     }
 
     /// Where registries.conf goes.

@@ -8,8 +8,8 @@ use base64::Engine;
 use serde::Serialize;
 
 use super::toml_text::quote;
-use super::{api_host, default_server, hosts_toml, RenderError, RenderedFile, MANAGED_HEADER};
-use crate::model::{Credentials, ResolvedMirror, Scheme};
+use super::{default_server, hosts_toml, RenderError, RenderedFile, MANAGED_HEADER};
+use crate::model::{api_host, Credentials, ResolvedMirror, Scheme};
 
 /// The registries.conf drop-in.
 pub const REGISTRIES_CONF: &str = "/etc/containers/registries.conf.d/50-regmirror.conf";
@@ -33,7 +33,9 @@ struct AuthEntry {
     identitytoken: Option<String>,
 }
 
-pub(super) fn render(mirrors: &[&ResolvedMirror]) -> Result<BTreeMap<String, RenderedFile>, RenderError> {
+pub(super) fn render(
+    mirrors: &[&ResolvedMirror],
+) -> Result<BTreeMap<String, RenderedFile>, RenderError> {
     let unsupported = |mirror: &ResolvedMirror, field: &str, what: &str| RenderError {
         mirror: mirror.name.clone(),
         field: field.to_owned(),
@@ -44,29 +46,57 @@ pub(super) fn render(mirrors: &[&ResolvedMirror]) -> Result<BTreeMap<String, Ren
     let mut auths = BTreeMap::new();
     for mirror in mirrors {
         if mirror.registry == "*" {
-            return Err(unsupported(mirror, "spec.registry", "a mirror for every registry ('*'); name the registry"));
+            return Err(unsupported(
+                mirror,
+                "spec.registry",
+                "a mirror for every registry ('*'); name the registry",
+            ));
         }
         if !mirror.rewrites.is_empty() {
-            return Err(unsupported(mirror, "spec.rewrites", "image rewrites (only k3s and RKE2 support them)"));
+            return Err(unsupported(
+                mirror,
+                "spec.rewrites",
+                "image rewrites (only k3s and RKE2 support them)",
+            ));
         }
         let upstream = default_server(&mirror.registry).map(|url| url.host);
-        conf.push_str(&format!("\n[[registry]]\nprefix = {}\nlocation = {}\n", quote(&mirror.registry), quote(&mirror.registry)));
+        conf.push_str(&format!(
+            "\n[[registry]]\nprefix = {}\nlocation = {}\n",
+            quote(&mirror.registry),
+            quote(&mirror.registry)
+        ));
         for (i, endpoint) in mirror.endpoints.iter().enumerate() {
-            if upstream.as_deref() == Some(api_host(&endpoint.url.host).as_str()) && endpoint.url.path.is_empty() {
+            if upstream.as_deref() == Some(api_host(&endpoint.url.host).as_str())
+                && endpoint.url.path.is_empty()
+            {
                 continue; // the registry itself is the last resort already.
             }
-            let insecure = endpoint.url.scheme == Scheme::Http || endpoint.settings.tls.insecure_skip_verify;
+            let insecure =
+                endpoint.url.scheme == Scheme::Http || endpoint.settings.tls.insecure_skip_verify;
             let location = format!("{}{}", endpoint.url.host, endpoint.url.path);
-            conf.push_str(&format!("\n[[registry.mirror]]\nlocation = {}\ninsecure = {insecure}\n", quote(&location)));
+            conf.push_str(&format!(
+                "\n[[registry.mirror]]\nlocation = {}\ninsecure = {insecure}\n",
+                quote(&location)
+            ));
             if let Some(credentials) = &endpoint.settings.auth {
                 let entry = match credentials {
                     Credentials::Basic { username, password } => AuthEntry {
-                        auth: Some(base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"))),
+                        auth: Some(
+                            base64::engine::general_purpose::STANDARD
+                                .encode(format!("{username}:{password}")),
+                        ),
                         identitytoken: None,
                     },
-                    Credentials::IdentityToken(token) => AuthEntry { auth: None, identitytoken: Some(token.clone()) },
+                    Credentials::IdentityToken(token) => AuthEntry {
+                        auth: None,
+                        identitytoken: Some(token.clone()),
+                    },
                     Credentials::BearerToken(_) => {
-                        return Err(unsupported(mirror, &format!("spec.endpoints[{i}].auth"), "a static bearer token in an auth file"))
+                        return Err(unsupported(
+                            mirror,
+                            &format!("spec.endpoints[{i}].auth"),
+                            "a static bearer token in an auth file",
+                        ))
                     }
                 };
                 auths.insert(endpoint.url.host.clone(), entry);
@@ -79,16 +109,26 @@ pub(super) fn render(mirrors: &[&ResolvedMirror]) -> Result<BTreeMap<String, Ren
     for (host, settings) in hosts_toml::host_settings(mirrors) {
         for (name, file) in hosts_toml::tls_files(settings) {
             // containers/image wants the client certificate as `client.cert`.
-            let name = if name == "client.crt" { "client.cert" } else { name };
+            let name = if name == "client.crt" {
+                "client.cert"
+            } else {
+                name
+            };
             files.insert(format!("{CERTS_DIR}/{host}/{name}"), file);
         }
     }
     if !auths.is_empty() {
         let json = serde_json::to_string_pretty(&AuthFile { auths }).expect("auth file serializes");
-        files.insert(AUTH_FILE.to_owned(), RenderedFile::secret(format!("{json}\n")));
+        files.insert(
+            AUTH_FILE.to_owned(),
+            RenderedFile::secret(format!("{json}\n")),
+        );
         files.insert(
             CRIO_CONF.to_owned(),
-            RenderedFile::public(format!("{MANAGED_HEADER}\n[crio.image]\nglobal_auth_file = {}\n", quote(AUTH_FILE))),
+            RenderedFile::public(format!(
+                "{MANAGED_HEADER}\n[crio.image]\nglobal_auth_file = {}\n",
+                quote(AUTH_FILE)
+            )),
         );
     }
     Ok(files)

@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use base64::Engine;
 
 use super::toml_text::quote;
-use super::{api_host, default_server, registry_dir, RenderError, RenderedFile, MANAGED_HEADER};
-use crate::model::{Credentials, EndpointUrl, HostSettings, ResolvedMirror};
+use super::{default_server, registry_dir, RenderError, RenderedFile, MANAGED_HEADER};
+use crate::model::{api_host, Credentials, EndpointUrl, HostSettings, ResolvedMirror};
 
 /// Where the TLS files of one endpoint host are, as hosts.toml refers to them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -38,7 +38,10 @@ pub(super) struct Style<'a> {
 /// means the `/v2` API root; any other path than `/v2` is used verbatim (`override_path`).
 /// Docker Hub's API host stands for `docker.io`, as in containerd.
 fn host_url(url: &EndpointUrl) -> (String, bool) {
-    let url = EndpointUrl { host: api_host(&url.host), ..url.clone() };
+    let url = EndpointUrl {
+        host: api_host(&url.host),
+        ..url.clone()
+    };
     match url.path.as_str() {
         "" => (format!("{url}/v2"), false),
         "/v2" => (url.to_string(), false),
@@ -67,7 +70,11 @@ pub(super) fn hosts_files(
     // The server's settings are those of its host; Docker Hub's may be keyed either way.
     let server_of = |registry: &str| {
         default_server(registry).map(|url| {
-            let host = [url.host.as_str(), registry].into_iter().find(|h| settings.contains_key(h)).unwrap_or(registry).to_owned();
+            let host = [url.host.as_str(), registry]
+                .into_iter()
+                .find(|h| settings.contains_key(h))
+                .unwrap_or(registry)
+                .to_owned();
             (url, host)
         })
     };
@@ -83,15 +90,35 @@ pub(super) fn hosts_files(
         }
         let server = server_of(&mirror.registry);
         let mut doc = HostsToml::new(style.header);
-        doc.server(server.as_ref().map(|(url, host)| (url, host.as_str(), tls_paths(host), settings.get(host.as_str()).copied())), style);
+        doc.server(
+            server.as_ref().map(|(url, host)| {
+                (
+                    url,
+                    host.as_str(),
+                    tls_paths(host),
+                    settings.get(host.as_str()).copied(),
+                )
+            }),
+            style,
+        );
         for (i, endpoint) in mirror.endpoints.iter().enumerate() {
             // A last endpoint that is the registry itself is the default endpoint, which
             // containerd tries last anyway: k3s folds it into `server`.
             let is_last = i + 1 == mirror.endpoints.len();
-            if is_last && server.as_ref().is_some_and(|(url, _)| host_url(url) == host_url(&endpoint.url)) {
+            if is_last
+                && server
+                    .as_ref()
+                    .is_some_and(|(url, _)| host_url(url) == host_url(&endpoint.url))
+            {
                 continue;
             }
-            doc.host(&endpoint.url, &tls_paths(&endpoint.url.host), &endpoint.settings, &mirror.rewrites, style);
+            doc.host(
+                &endpoint.url,
+                &tls_paths(&endpoint.url.host),
+                &endpoint.settings,
+                &mirror.rewrites,
+                style,
+            );
         }
         files.insert(registry_dir(&mirror.registry).to_owned(), doc.finish());
     }
@@ -101,24 +128,34 @@ pub(super) fn hosts_files(
         }
         let mut doc = HostsToml::new(style.header);
         let (url, _) = server_of(host).expect("an endpoint host is never '*'");
-        doc.server(Some((&url, host, tls_paths(host), Some(host_settings))), style);
+        doc.server(
+            Some((&url, host, tls_paths(host), Some(host_settings))),
+            style,
+        );
         files.insert((*host).to_owned(), doc.finish());
     }
     Ok(files)
 }
 
 /// The settings of every endpoint host (assembled mirrors agree on them).
-pub(super) fn host_settings<'m>(mirrors: &[&'m ResolvedMirror]) -> BTreeMap<&'m str, &'m HostSettings> {
-    mirrors.iter().flat_map(|m| &m.endpoints).map(|e| (e.url.host.as_str(), &e.settings)).collect()
+pub(super) fn host_settings<'m>(
+    mirrors: &[&'m ResolvedMirror],
+) -> BTreeMap<&'m str, &'m HostSettings> {
+    mirrors
+        .iter()
+        .flat_map(|m| &m.endpoints)
+        .map(|e| (e.url.host.as_str(), &e.settings))
+        .collect()
 }
 
 /// The `Authorization` header value for credentials containerd can send as is; `None` for an
 /// identity token, which must be exchanged first (see [`check_credentials`]).
 fn authorization(credentials: &Credentials) -> Option<String> {
     match credentials {
-        Credentials::Basic { username, password } => {
-            Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"))))
-        }
+        Credentials::Basic { username, password } => Some(format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"))
+        )),
         Credentials::BearerToken(token) => Some(format!("Bearer {token}")),
         Credentials::IdentityToken(_) => None,
     }
@@ -131,18 +168,33 @@ struct HostsToml {
 
 impl HostsToml {
     fn new(header: &str) -> Self {
-        Self { doc: HostsDoc { text: format!("{header}\n"), has_secret: false, tls_hosts: Vec::new() } }
+        Self {
+            doc: HostsDoc {
+                text: format!("{header}\n"),
+                has_secret: false,
+                tls_hosts: Vec::new(),
+            },
+        }
     }
 
     /// The top of the file: the default endpoint (`None`: `*`, whose server is the image's own
     /// registry) with its host's TLS and, for containerd, credentials.
-    fn server(&mut self, server: Option<(&EndpointUrl, &str, TlsPaths, Option<&HostSettings>)>, style: &Style<'_>) {
+    fn server(
+        &mut self,
+        server: Option<(&EndpointUrl, &str, TlsPaths, Option<&HostSettings>)>,
+        style: &Style<'_>,
+    ) {
         let Some((url, host, tls, settings)) = server else {
-            self.doc.text.push_str("server = \"\"\ncapabilities = [\"pull\", \"resolve\", \"push\"]\n\n[host]\n");
+            self.doc.text.push_str(
+                "server = \"\"\ncapabilities = [\"pull\", \"resolve\", \"push\"]\n\n[host]\n",
+            );
             return;
         };
         let (url, _) = host_url(url);
-        self.doc.text.push_str(&format!("server = {}\ncapabilities = [\"pull\", \"resolve\", \"push\"]\n", quote(&url)));
+        self.doc.text.push_str(&format!(
+            "server = {}\ncapabilities = [\"pull\", \"resolve\", \"push\"]\n",
+            quote(&url)
+        ));
         self.tls(host, &tls, "");
         if let (true, Some(auth)) = (style.auth_headers, settings.and_then(|s| s.auth.as_ref())) {
             self.header_table("header", auth, "");
@@ -150,11 +202,20 @@ impl HostsToml {
         self.doc.text.push_str("\n[host]\n");
     }
 
-    fn host(&mut self, url: &EndpointUrl, tls: &TlsPaths, settings: &HostSettings, rewrites: &[(String, String)], style: &Style<'_>) {
+    fn host(
+        &mut self,
+        url: &EndpointUrl,
+        tls: &TlsPaths,
+        settings: &HostSettings,
+        rewrites: &[(String, String)],
+        style: &Style<'_>,
+    ) {
         let url_host = url.host.clone();
         let (url, override_path) = host_url(url);
         let table = format!("host.{}", quote(&url));
-        self.doc.text.push_str(&format!("\n[{table}]\n  capabilities = [\"pull\", \"resolve\"]\n"));
+        self.doc.text.push_str(&format!(
+            "\n[{table}]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ));
         if override_path {
             self.doc.text.push_str("  override_path = true\n");
         }
@@ -163,10 +224,17 @@ impl HostsToml {
             self.header_table(&format!("{table}.header"), auth, "  ");
         }
         if style.rewrites && !rewrites.is_empty() {
-            let sorted: BTreeMap<&str, &str> = rewrites.iter().map(|(p, r)| (p.as_str(), r.as_str())).collect();
+            let sorted: BTreeMap<&str, &str> = rewrites
+                .iter()
+                .map(|(p, r)| (p.as_str(), r.as_str()))
+                .collect();
             self.doc.text.push_str(&format!("  [{table}.rewrite]\n"));
             for (pattern, replacement) in sorted {
-                self.doc.text.push_str(&format!("    {} = {}\n", quote(pattern), quote(replacement)));
+                self.doc.text.push_str(&format!(
+                    "    {} = {}\n",
+                    quote(pattern),
+                    quote(replacement)
+                ));
             }
         }
     }
@@ -176,19 +244,30 @@ impl HostsToml {
             self.doc.tls_hosts.push(host.to_owned());
         }
         if let Some(ca) = &tls.ca {
-            self.doc.text.push_str(&format!("{indent}ca = [{}]\n", quote(ca)));
+            self.doc
+                .text
+                .push_str(&format!("{indent}ca = [{}]\n", quote(ca)));
         }
         if let Some((cert, key)) = &tls.client {
-            self.doc.text.push_str(&format!("{indent}client = [[{}, {}]]\n", quote(cert), quote(key)));
+            self.doc.text.push_str(&format!(
+                "{indent}client = [[{}, {}]]\n",
+                quote(cert),
+                quote(key)
+            ));
         }
         if tls.skip_verify {
-            self.doc.text.push_str(&format!("{indent}skip_verify = true\n"));
+            self.doc
+                .text
+                .push_str(&format!("{indent}skip_verify = true\n"));
         }
     }
 
     fn header_table(&mut self, table: &str, auth: &Credentials, indent: &str) {
         if let Some(value) = authorization(auth) {
-            self.doc.text.push_str(&format!("{indent}[{table}]\n{indent}  Authorization = [{}]\n", quote(&value)));
+            self.doc.text.push_str(&format!(
+                "{indent}[{table}]\n{indent}  Authorization = [{}]\n",
+                quote(&value)
+            ));
             self.doc.has_secret = true;
         }
     }
@@ -199,8 +278,16 @@ impl HostsToml {
 }
 
 /// The containerd flavor: `<hosts_dir>/<registry>/hosts.toml`, with certificates beside it.
-pub(super) fn render_containerd(mirrors: &[&ResolvedMirror], hosts_dir: &str) -> Result<BTreeMap<String, RenderedFile>, RenderError> {
-    let style = Style { header: MANAGED_HEADER, auth_headers: true, rewrites: false, flavor: "containerd" };
+pub(super) fn render_containerd(
+    mirrors: &[&ResolvedMirror],
+    hosts_dir: &str,
+) -> Result<BTreeMap<String, RenderedFile>, RenderError> {
+    let style = Style {
+        header: MANAGED_HEADER,
+        auth_headers: true,
+        rewrites: false,
+        flavor: "containerd",
+    };
     let settings = host_settings(mirrors);
     // Certificates live in `<registry dir>/<endpoint host>/`, referred to by relative paths
     // (containerd resolves them against the hosts.toml directory).
@@ -214,7 +301,11 @@ pub(super) fn render_containerd(mirrors: &[&ResolvedMirror], hosts_dir: &str) ->
                 files.insert(format!("{base}/{host}/{name}"), file);
             }
         }
-        let file = if doc.has_secret { RenderedFile::secret(doc.text) } else { RenderedFile::public(doc.text) };
+        let file = if doc.has_secret {
+            RenderedFile::secret(doc.text)
+        } else {
+            RenderedFile::public(doc.text)
+        };
         files.insert(format!("{base}/hosts.toml"), file);
     }
     Ok(files)
@@ -225,12 +316,19 @@ pub(super) fn render_containerd(mirrors: &[&ResolvedMirror], hosts_dir: &str) ->
 fn check_credentials(mirrors: &[&ResolvedMirror], flavor: &'static str) -> Result<(), RenderError> {
     for mirror in mirrors {
         for (i, endpoint) in mirror.endpoints.iter().enumerate() {
-            if endpoint.settings.auth.as_ref().is_some_and(|auth| authorization(auth).is_none()) {
+            if endpoint
+                .settings
+                .auth
+                .as_ref()
+                .is_some_and(|auth| authorization(auth).is_none())
+            {
                 return Err(RenderError {
                     mirror: mirror.name.clone(),
                     field: format!("spec.endpoints[{i}].auth"),
                     flavor,
-                    what: "an identity token in hosts.toml (use username/password or a static token)".into(),
+                    what:
+                        "an identity token in hosts.toml (use username/password or a static token)"
+                            .into(),
                 });
             }
         }
@@ -240,10 +338,16 @@ fn check_credentials(mirrors: &[&ResolvedMirror], flavor: &'static str) -> Resul
 
 /// Relative file names of a host's TLS material.
 fn tls_file_names(host: &str, settings: Option<&HostSettings>) -> TlsPaths {
-    let Some(settings) = settings else { return TlsPaths::default() };
+    let Some(settings) = settings else {
+        return TlsPaths::default();
+    };
     TlsPaths {
         ca: settings.tls.ca.as_ref().map(|_| format!("{host}/ca.crt")),
-        client: settings.tls.client.as_ref().map(|_| (format!("{host}/client.crt"), format!("{host}/client.key"))),
+        client: settings
+            .tls
+            .client
+            .as_ref()
+            .map(|_| (format!("{host}/client.crt"), format!("{host}/client.key"))),
         skip_verify: settings.tls.insecure_skip_verify,
     }
 }

@@ -93,17 +93,27 @@ struct TlsYaml {
 
 /// Renders registries.yaml, certificate files and hosts.toml files; returns them with the
 /// restart key.
-pub(super) fn render(mirrors: &[&ResolvedMirror], layout: &Layout) -> Result<(BTreeMap<String, RenderedFile>, String), RenderError> {
+pub(super) fn render(
+    mirrors: &[&ResolvedMirror],
+    layout: &Layout,
+) -> Result<(BTreeMap<String, RenderedFile>, String), RenderError> {
     let settings = hosts_toml::host_settings(mirrors);
     let tls_paths = |host: &str| tls_paths(layout, host, settings.get(host).copied());
 
     let mut files = BTreeMap::new();
-    let mut doc = RegistriesYaml { mirrors: BTreeMap::new(), configs: BTreeMap::new() };
+    let mut doc = RegistriesYaml {
+        mirrors: BTreeMap::new(),
+        configs: BTreeMap::new(),
+    };
     for mirror in mirrors {
         let endpoint = mirror.endpoints.iter().map(|e| e.url.to_string()).collect();
         // k3s copies rewrites into hosts.toml without escaping them: a backslash or quote there
         // would leave containerd with a file it cannot parse after k3s's next start.
-        if let Some(i) = mirror.rewrites.iter().position(|(p, r)| [p, r].iter().any(|s| s.contains(['\\', '"']))) {
+        if let Some(i) = mirror
+            .rewrites
+            .iter()
+            .position(|(p, r)| [p, r].iter().any(|s| s.contains(['\\', '"'])))
+        {
             return Err(RenderError {
                 mirror: mirror.name.clone(),
                 field: format!("spec.rewrites[{i}]"),
@@ -112,14 +122,21 @@ pub(super) fn render(mirrors: &[&ResolvedMirror], layout: &Layout) -> Result<(BT
             });
         }
         let rewrite = mirror.rewrites.iter().cloned().collect();
-        doc.mirrors.insert(mirror.registry.clone(), MirrorYaml { endpoint, rewrite });
+        doc.mirrors
+            .insert(mirror.registry.clone(), MirrorYaml { endpoint, rewrite });
         for (i, endpoint) in mirror.endpoints.iter().enumerate() {
-            let auth = endpoint.settings.auth.as_ref().map(auth_yaml).transpose().map_err(|what| RenderError {
-                mirror: mirror.name.clone(),
-                field: format!("spec.endpoints[{i}].auth"),
-                flavor: layout.flavor,
-                what,
-            })?;
+            let auth = endpoint
+                .settings
+                .auth
+                .as_ref()
+                .map(auth_yaml)
+                .transpose()
+                .map_err(|what| RenderError {
+                    mirror: mirror.name.clone(),
+                    field: format!("spec.endpoints[{i}].auth"),
+                    flavor: layout.flavor,
+                    what,
+                })?;
             let paths = tls_paths(&endpoint.url.host);
             let tls = TlsYaml {
                 ca_file: paths.ca,
@@ -129,7 +146,8 @@ pub(super) fn render(mirrors: &[&ResolvedMirror], layout: &Layout) -> Result<(BT
             };
             let tls = (tls != TlsYaml::default()).then_some(tls);
             if auth.is_some() || tls.is_some() {
-                doc.configs.insert(endpoint.url.host.clone(), ConfigYaml { auth, tls });
+                doc.configs
+                    .insert(endpoint.url.host.clone(), ConfigYaml { auth, tls });
             }
         }
     }
@@ -139,22 +157,41 @@ pub(super) fn render(mirrors: &[&ResolvedMirror], layout: &Layout) -> Result<(BT
         }
     }
 
-    let credentials: BTreeMap<&String, &AuthYaml> =
-        doc.configs.iter().filter_map(|(host, c)| c.auth.as_ref().map(|a| (host, a))).collect();
+    let credentials: BTreeMap<&String, &AuthYaml> = doc
+        .configs
+        .iter()
+        .filter_map(|(host, c)| c.auth.as_ref().map(|a| (host, a)))
+        .collect();
     let restart_key = if credentials.is_empty() {
         NO_CREDENTIALS_KEY.to_owned()
     } else {
         sha256_hex(&serde_json::to_vec(&credentials).expect("credentials serialize"))
     };
     let yaml = serde_yaml::to_string(&doc).expect("registries.yaml serializes");
-    let yaml = if doc.mirrors.is_empty() && doc.configs.is_empty() { String::new() } else { yaml };
+    let yaml = if doc.mirrors.is_empty() && doc.configs.is_empty() {
+        String::new()
+    } else {
+        yaml
+    };
     let registries = format!("{MANAGED_HEADER}\n{yaml}");
-    let registries = if credentials.is_empty() { RenderedFile::public(registries) } else { RenderedFile::secret(registries) };
+    let registries = if credentials.is_empty() {
+        RenderedFile::public(registries)
+    } else {
+        RenderedFile::secret(registries)
+    };
     files.insert(format!("{}/registries.yaml", layout.config_dir), registries);
 
-    let style = Style { header: layout.hosts_header, auth_headers: false, rewrites: true, flavor: layout.flavor };
+    let style = Style {
+        header: layout.hosts_header,
+        auth_headers: false,
+        rewrites: true,
+        flavor: layout.flavor,
+    };
     for (dir, doc) in hosts_toml::hosts_files(mirrors, &style, &tls_paths)? {
-        files.insert(format!("{}/{dir}/hosts.toml", layout.hosts_dir), RenderedFile::public(doc.text));
+        files.insert(
+            format!("{}/{dir}/hosts.toml", layout.hosts_dir),
+            RenderedFile::public(doc.text),
+        );
     }
     Ok((files, restart_key))
 }
@@ -172,11 +209,17 @@ fn auth_yaml(credentials: &Credentials) -> Result<AuthYaml, String> {
 }
 
 fn tls_paths(layout: &Layout, host: &str, settings: Option<&HostSettings>) -> TlsPaths {
-    let Some(settings) = settings else { return TlsPaths::default() };
+    let Some(settings) = settings else {
+        return TlsPaths::default();
+    };
     let dir = layout.cert_dir(host);
     TlsPaths {
         ca: settings.tls.ca.as_ref().map(|_| format!("{dir}/ca.crt")),
-        client: settings.tls.client.as_ref().map(|_| (format!("{dir}/client.crt"), format!("{dir}/client.key"))),
+        client: settings
+            .tls
+            .client
+            .as_ref()
+            .map(|_| (format!("{dir}/client.crt"), format!("{dir}/client.key"))),
         skip_verify: settings.tls.insecure_skip_verify,
     }
 }

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::model::{EndpointUrl, ResolvedMirror, Scheme};
+use crate::model::{api_host, EndpointUrl, ResolvedMirror, Scheme};
 use crate::node::Flavor;
 
 /// First line of every file regmirror writes.
@@ -51,17 +51,30 @@ pub struct RenderedFile {
 // A 0600 file holds credentials or a key: Debug never shows its content.
 impl fmt::Debug for RenderedFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let content: &dyn fmt::Debug = if self.mode == SECRET_MODE { &"<redacted>" } else { &self.content };
-        f.debug_struct("RenderedFile").field("mode", &format_args!("{:04o}", self.mode)).field("content", content).finish()
+        let content: &dyn fmt::Debug = if self.mode == SECRET_MODE {
+            &"<redacted>"
+        } else {
+            &self.content
+        };
+        f.debug_struct("RenderedFile")
+            .field("mode", &format_args!("{:04o}", self.mode))
+            .field("content", content)
+            .finish()
     }
 }
 
 impl RenderedFile {
     fn public(content: String) -> Self {
-        Self { mode: PUBLIC_MODE, content }
+        Self {
+            mode: PUBLIC_MODE,
+            content,
+        }
     }
     fn secret(content: String) -> Self {
-        Self { mode: SECRET_MODE, content }
+        Self {
+            mode: SECRET_MODE,
+            content,
+        }
     }
 }
 
@@ -119,14 +132,25 @@ pub struct RenderError {
 /// Renders the files a node of `flavor` needs for `mirrors` (already assembled: no conflicts).
 pub fn render(mirrors: &[&ResolvedMirror], flavor: &Flavor) -> Result<RenderedConfig, RenderError> {
     let mut sorted = mirrors.to_vec();
-    sorted.sort_by(|a, b| a.registry.cmp(&b.registry).then_with(|| a.name.cmp(&b.name)));
+    sorted.sort_by(|a, b| {
+        a.registry
+            .cmp(&b.registry)
+            .then_with(|| a.name.cmp(&b.name))
+    });
     let (files, restart_key) = match flavor {
         Flavor::K3s => k3s::render(&sorted, &k3s::Layout::K3S)?,
         Flavor::Rke2 => k3s::render(&sorted, &k3s::Layout::RKE2)?,
-        Flavor::Containerd { hosts_dir } => (hosts_toml::render_containerd(&sorted, hosts_dir)?, String::new()),
+        Flavor::Containerd { hosts_dir } => (
+            hosts_toml::render_containerd(&sorted, hosts_dir)?,
+            String::new(),
+        ),
         Flavor::Crio => (crio::render(&sorted)?, String::new()),
     };
-    Ok(RenderedConfig { flavor: flavor.to_string(), files, restart_key })
+    Ok(RenderedConfig {
+        flavor: flavor.to_string(),
+        files,
+        restart_key,
+    })
 }
 
 /// The directory name containerd and CRI-O use for a registry: `_default` stands for `*`.
@@ -146,17 +170,16 @@ fn default_server(registry: &str) -> Option<EndpointUrl> {
         return None;
     }
     let host = api_host(registry);
-    let scheme = if is_loopback_with_port(&host) { Scheme::Http } else { Scheme::Https };
-    Some(EndpointUrl { scheme, host, path: String::new() })
-}
-
-/// The host that serves a registry's API: Docker Hub's differs from its name.
-fn api_host(host: &str) -> String {
-    if host == "docker.io" {
-        "registry-1.docker.io".into()
+    let scheme = if is_loopback_with_port(&host) {
+        Scheme::Http
     } else {
-        host.to_owned()
-    }
+        Scheme::Https
+    };
+    Some(EndpointUrl {
+        scheme,
+        host,
+        path: String::new(),
+    })
 }
 
 /// `localhost` or a loopback address, with a port other than 443.
@@ -166,7 +189,10 @@ fn is_loopback_with_port(host: &str) -> bool {
         _ => (host, None),
     };
     let name = name.trim_start_matches('[').trim_end_matches(']');
-    let loopback = name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    let loopback = name == "localhost"
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
     loopback && port.is_some_and(|p| p != "443")
 }
 

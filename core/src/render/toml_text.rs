@@ -30,7 +30,15 @@ mod tests {
 
     #[test]
     fn quoted_strings_read_back_as_written() {
-        for s in ["plain", "with \"quotes\"", r"back\slash", "tab\tnew\nline\r", "bell\u{7}", "ünïcödé", ""] {
+        for s in [
+            "plain",
+            "with \"quotes\"",
+            r"back\slash",
+            "tab\tnew\nline\r",
+            "bell\u{7}",
+            "ünïcödé",
+            "",
+        ] {
             let doc = format!("k = {}\n", quote(s));
             let parsed: toml::Table = toml::from_str(&doc).unwrap_or_else(|e| panic!("{doc}: {e}"));
             assert_eq!(parsed["k"].as_str(), Some(s));

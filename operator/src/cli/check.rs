@@ -47,23 +47,40 @@ pub struct Checked {
 /// Reads and checks the manifests named by `args`.
 pub fn check(args: &InputArgs) -> Checked {
     let loaded = manifests::load(&args.paths, &args.namespace);
-    let policy = RefPolicy { operator_namespace: args.namespace.clone(), allowed_namespaces: args.allowed_namespaces.clone() };
+    let policy = RefPolicy {
+        operator_namespace: args.namespace.clone(),
+        allowed_namespaces: args.allowed_namespaces.clone(),
+    };
     let mut checked = Checked {
-        problems: loaded.errors.iter().map(|e| Problem { origin: None, object: None, message: e.to_string() }).collect(),
+        problems: loaded
+            .errors
+            .iter()
+            .map(|e| Problem {
+                origin: None,
+                object: None,
+                message: e.to_string(),
+            })
+            .collect(),
         ..Checked::default()
     };
 
     for manifests::LoadedMirror { origin, mirror } in &loaded.mirrors {
         let name = mirror.metadata.name.clone().unwrap_or_default();
         let mut problem = |message: String| {
-            checked.problems.push(Problem { origin: Some(origin.clone()), object: Some(format!("RegistryMirror/{name}")), message })
+            checked.problems.push(Problem {
+                origin: Some(origin.clone()),
+                object: Some(format!("RegistryMirror/{name}")),
+                message,
+            })
         };
         if name.is_empty() {
             problem("metadata.name: required".into());
             continue;
         }
         if let Some(first) = checked.origins.get(&name) {
-            problem(format!("metadata.name: RegistryMirror {name:?} is also defined in {first}"));
+            problem(format!(
+                "metadata.name: RegistryMirror {name:?} is also defined in {first}"
+            ));
             continue;
         }
 
@@ -83,7 +100,10 @@ pub fn check(args: &InputArgs) -> Checked {
             Ok(_) => {}
             Err(errors) => {
                 // The same field may fail both the CEL rule and resolution: say it once.
-                for e in errors.into_iter().filter(|e| !schema_fields.contains(&e.field)) {
+                for e in errors
+                    .into_iter()
+                    .filter(|e| !schema_fields.contains(&e.field))
+                {
                     problem(e.to_string());
                 }
             }

@@ -39,16 +39,28 @@ fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
         .collect()
 }
 
-pub fn run(args: &RenderArgs, stdout: &mut dyn Write, stderr: &mut dyn Write) -> std::io::Result<i32> {
+pub fn run(
+    args: &RenderArgs,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> std::io::Result<i32> {
     let checked = check(&args.input);
     if !checked.problems.is_empty() {
         for problem in &checked.problems {
             writeln!(stderr, "{problem}")?;
         }
-        writeln!(stderr, "nothing rendered: {} problem(s) found", checked.problems.len())?;
+        writeln!(
+            stderr,
+            "nothing rendered: {} problem(s) found",
+            checked.problems.len()
+        )?;
         return Ok(1);
     }
-    let node = NodeInfo { name: args.node.clone(), labels: args.labels.clone(), flavor: args.flavor.clone() };
+    let node = NodeInfo {
+        name: args.node.clone(),
+        labels: args.labels.clone(),
+        flavor: args.flavor.clone(),
+    };
     let assembly = assemble(&checked.resolved, &node);
     for conflict in &assembly.conflicts {
         writeln!(stderr, "warning: node {}: {conflict}", node.name)?;
@@ -88,7 +100,12 @@ fn write_tree(root: &Path, config: &RenderedConfig) -> std::io::Result<()> {
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let mut out = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(file.mode).open(&target)?;
+        let mut out = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(file.mode)
+            .open(&target)?;
         out.write_all(file.content.as_bytes())?;
         std::fs::set_permissions(&target, std::fs::Permissions::from_mode(file.mode))?;
     }

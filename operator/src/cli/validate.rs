@@ -19,18 +19,30 @@ pub struct ValidateArgs {
     pub flavors: Vec<Flavor>,
 }
 
-pub fn run(args: &ValidateArgs, stdout: &mut dyn Write, stderr: &mut dyn Write) -> std::io::Result<i32> {
+pub fn run(
+    args: &ValidateArgs,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> std::io::Result<i32> {
     let mut checked = check(&args.input);
     for conflict in possible_conflicts(&checked.resolved) {
         let origin = checked.origins.get(&conflict.mirror).cloned();
-        checked.problems.push(super::Problem { origin, object: Some(format!("RegistryMirror/{}", conflict.mirror)), message: conflict.to_string() });
+        checked.problems.push(super::Problem {
+            origin,
+            object: Some(format!("RegistryMirror/{}", conflict.mirror)),
+            message: conflict.to_string(),
+        });
     }
     for flavor in &args.flavors {
         for mirror in &checked.resolved {
             if let Err(e) = render(&[mirror], flavor) {
                 let origin = checked.origins.get(&mirror.name).cloned();
                 let message = format!("{}: {} cannot express {}", e.field, e.flavor, e.what);
-                checked.problems.push(super::Problem { origin, object: Some(format!("RegistryMirror/{}", mirror.name)), message });
+                checked.problems.push(super::Problem {
+                    origin,
+                    object: Some(format!("RegistryMirror/{}", mirror.name)),
+                    message,
+                });
             }
         }
     }
