@@ -2,7 +2,7 @@
 //! processes (TLS, htpasswd basic auth, client-certificate checks), a private `containerd`, an
 //! OCI image built here and pushed with `skopeo`, and pulls with `ctr` and `skopeo`.
 //!
-//! Missing tools are a test failure, not a skip: `.ci/install-test-deps` installs them.
+//! Missing tools are a test failure, not a skip: `scripts/test` installs them.
 
 mod image;
 mod pki;

@@ -10,7 +10,7 @@ pub fn require_tool(tool: &str) {
     let found = std::env::var_os("PATH")
         .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
         .unwrap_or(false);
-    assert!(found, "{tool} is not installed: run `bash .ci/install-test-deps` (installs containerd, docker-registry, skopeo, apache2-utils)");
+    assert!(found, "{tool} is not installed: run `bash scripts/test` (it installs containerd, docker-registry, skopeo, apache2-utils)");
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.
