@@ -2,7 +2,10 @@
 //! per flavor, from resolved mirrors (resolution is measured separately).
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use regmirror_core::api::{CaRef, Endpoint, EndpointAuth, EndpointTls, KeyRef, ObjectRef, RegistryMirror, RegistryMirrorSpec};
+use regmirror_core::api::{
+    CaRef, Endpoint, EndpointAuth, EndpointTls, KeyRef, ObjectRef, RegistryMirror,
+    RegistryMirrorSpec,
+};
 use regmirror_core::assemble::assemble;
 use regmirror_core::model::ResolvedMirror;
 use regmirror_core::node::{Flavor, NodeInfo};
@@ -15,7 +18,12 @@ const NS: &str = "regmirror-system";
 /// 50 mirrors, each with two endpoints, half with credentials and a CA, on 10 mirror hosts.
 fn cluster() -> (Vec<RegistryMirror>, Sources) {
     let mut sources = Sources::new();
-    let data = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect();
+    let data = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect()
+    };
     let mirrors = (0..50)
         .map(|i| {
             let host = i % 10;
@@ -25,18 +33,42 @@ fn cluster() -> (Vec<RegistryMirror>, Sources) {
                 SourceKind::Secret,
                 NS,
                 &secret,
-                SourceObject { type_: Some("kubernetes.io/basic-auth".into()), data: data(&[("username", "u"), ("password", "p")]) },
+                SourceObject {
+                    type_: Some("kubernetes.io/basic-auth".into()),
+                    data: data(&[("username", "u"), ("password", "p")]),
+                },
             );
             let endpoint = Endpoint {
                 url: format!("https://mirror-{host}.example.com:5000/v2/proxy-{i}"),
-                auth: secured.then(|| EndpointAuth { secret_ref: ObjectRef { name: secret.clone(), namespace: None } }),
+                auth: secured.then(|| EndpointAuth {
+                    secret_ref: ObjectRef {
+                        name: secret.clone(),
+                        namespace: None,
+                    },
+                }),
                 tls: secured.then(|| EndpointTls {
-                    ca_ref: Some(CaRef { secret_ref: None, config_map_ref: Some(KeyRef { name: "ca".into(), namespace: None, key: None }) }),
+                    ca_ref: Some(CaRef {
+                        secret_ref: None,
+                        config_map_ref: Some(KeyRef {
+                            name: "ca".into(),
+                            namespace: None,
+                            key: None,
+                        }),
+                    }),
                     ..Default::default()
                 }),
             };
-            let fallback = Endpoint { url: format!("https://fallback-{host}.example.com"), auth: None, tls: None };
-            let spec = RegistryMirrorSpec { registry: format!("registry-{i}.example.org"), endpoints: vec![endpoint, fallback], rewrites: vec![], node_selector: None };
+            let fallback = Endpoint {
+                url: format!("https://fallback-{host}.example.com"),
+                auth: None,
+                tls: None,
+            };
+            let spec = RegistryMirrorSpec {
+                registry: format!("registry-{i}.example.org"),
+                endpoints: vec![endpoint, fallback],
+                rewrites: vec![],
+                node_selector: None,
+            };
             RegistryMirror::new(&format!("mirror-{i:02}"), spec)
         })
         .collect();
@@ -44,22 +76,59 @@ fn cluster() -> (Vec<RegistryMirror>, Sources) {
     let pem = include_str!("../../examples/registry-credentials.yaml");
     let start = pem.find("-----BEGIN").unwrap();
     let end = pem.find("-----END CERTIFICATE-----").unwrap() + "-----END CERTIFICATE-----".len();
-    let cert: String = pem[start..end].lines().map(str::trim).collect::<Vec<_>>().join("\n") + "\n";
-    sources.insert(SourceKind::ConfigMap, NS, "ca", SourceObject { type_: None, data: data(&[("ca.crt", &cert)]) });
+    let cert: String = pem[start..end]
+        .lines()
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n";
+    sources.insert(
+        SourceKind::ConfigMap,
+        NS,
+        "ca",
+        SourceObject {
+            type_: None,
+            data: data(&[("ca.crt", &cert)]),
+        },
+    );
     (mirrors, sources)
 }
 
 fn bench(c: &mut Criterion) {
     let (mirrors, sources) = cluster();
     let policy = RefPolicy::new(NS);
-    let resolved: Vec<ResolvedMirror> = mirrors.iter().map(|m| resolve(m, &sources, &policy).expect("valid")).collect();
-    c.bench_function("resolve 50 mirrors", |b| b.iter(|| mirrors.iter().map(|m| resolve(m, &sources, &policy).unwrap()).count()));
+    let resolved: Vec<ResolvedMirror> = mirrors
+        .iter()
+        .map(|m| resolve(m, &sources, &policy).expect("valid"))
+        .collect();
+    c.bench_function("resolve 50 mirrors", |b| {
+        b.iter(|| {
+            mirrors
+                .iter()
+                .map(|m| resolve(m, &sources, &policy).unwrap())
+                .count()
+        })
+    });
     for flavor in ["k3s", "containerd", "cri-o"] {
-        let node = NodeInfo { name: "n".into(), labels: Default::default(), flavor: flavor.parse::<Flavor>().unwrap() };
-        let files = render(&assemble(&resolved, &node).mirrors, &node.flavor).unwrap().files.len();
-        c.bench_function(&format!("assemble+render 50 mirrors, {flavor} ({files} files)"), |b| {
-            b.iter(|| render(&assemble(&resolved, &node).mirrors, &node.flavor).unwrap().digest())
-        });
+        let node = NodeInfo {
+            name: "n".into(),
+            labels: Default::default(),
+            flavor: flavor.parse::<Flavor>().unwrap(),
+        };
+        let files = render(&assemble(&resolved, &node).mirrors, &node.flavor)
+            .unwrap()
+            .files
+            .len();
+        c.bench_function(
+            &format!("assemble+render 50 mirrors, {flavor} ({files} files)"),
+            |b| {
+                b.iter(|| {
+                    render(&assemble(&resolved, &node).mirrors, &node.flavor)
+                        .unwrap()
+                        .digest()
+                })
+            },
+        );
     }
 }
 

@@ -7,8 +7,10 @@
 
 pub mod api;
 pub mod assemble;
+pub mod contract;
 pub mod model;
 pub mod node;
+pub mod plan;
 pub mod problem;
 pub mod render;
 pub mod resolve;

@@ -1,0 +1,143 @@
+//! Rollout planning: which nodes may move to their new configuration now.
+//!
+//! Pure. Changes a node picks up live are never held back. Changes that restart the runtime
+//! are limited to `maxUnavailable` nodes at once (counting nodes that are not Ready), and to
+//! one control-plane node at a time — none while another control-plane node is not Ready —
+//! because restarting two k3s servers with embedded etcd at once can lose quorum. A config
+//! that failed on a node is not spread further.
+
+use std::collections::BTreeSet;
+
+use thiserror::Error;
+
+use crate::contract::NodeState;
+use crate::render::Activation;
+
+/// One node, as the planner sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRollout {
+    pub name: String,
+    pub control_plane: bool,
+    pub ready: bool,
+    /// The config the operator last told the node to apply (`desired-config`).
+    pub desired: Option<String>,
+    /// The config the node reports running (`current-config`).
+    pub current: Option<String>,
+    pub state: Option<NodeState>,
+    /// The config the node should end up with.
+    pub target: String,
+    /// What moving from `current` to `target` takes.
+    pub activation: Activation,
+    /// A mirror this node's target includes is paused.
+    pub paused: bool,
+}
+
+impl NodeRollout {
+    /// Told to move and not done yet.
+    fn in_flight(&self) -> bool {
+        self.desired.is_some()
+            && self.desired != self.current
+            && self.state != Some(NodeState::Failed)
+    }
+}
+
+/// `maxUnavailable`: a count, or a percentage of the targeted nodes (rounded down, at least 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaxUnavailable {
+    Count(usize),
+    Percent(u8),
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("maxUnavailable {0:?} is neither a whole number nor a percentage from 1% to 100%")]
+pub struct BadMaxUnavailable(pub String);
+
+impl std::str::FromStr for MaxUnavailable {
+    type Err = BadMaxUnavailable;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || BadMaxUnavailable(s.to_owned());
+        match s.strip_suffix('%') {
+            Some(p) => match p.parse::<u8>() {
+                Ok(p) if (1..=100).contains(&p) => Ok(MaxUnavailable::Percent(p)),
+                _ => Err(bad()),
+            },
+            None => s
+                .parse::<usize>()
+                .map(MaxUnavailable::Count)
+                .map_err(|_| bad()),
+        }
+    }
+}
+
+impl MaxUnavailable {
+    /// The number of nodes it allows out of `total`.
+    pub fn of(self, total: usize) -> usize {
+        match self {
+            MaxUnavailable::Count(n) => n.max(1),
+            MaxUnavailable::Percent(p) => (total * p as usize / 100).max(1),
+        }
+    }
+}
+
+/// What to do now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Nodes whose `desired-config` is to be set to their target, in name order.
+    pub advance: Vec<String>,
+    /// Target configs held back because a node failed on them.
+    pub halted: BTreeSet<String>,
+    /// Nodes waiting for restart budget.
+    pub waiting: Vec<String>,
+}
+
+/// Decides which nodes advance now.
+pub fn plan(nodes: &[NodeRollout], max_unavailable: MaxUnavailable) -> Plan {
+    let mut sorted: Vec<&NodeRollout> = nodes.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+
+    let halted: BTreeSet<String> = sorted
+        .iter()
+        .filter(|n| n.state == Some(NodeState::Failed))
+        .filter_map(|n| n.desired.clone())
+        .collect();
+    let restarting = |n: &&NodeRollout| n.in_flight() && n.activation == Activation::Restart;
+    let mut unavailable = sorted.iter().filter(|n| !n.ready || restarting(n)).count();
+    let budget = max_unavailable.of(sorted.len());
+    let busy_control_plane: Vec<&str> = sorted
+        .iter()
+        .filter(|n| n.control_plane && (!n.ready || restarting(n)))
+        .map(|n| n.name.as_str())
+        .collect();
+    let mut control_plane_advanced = false;
+
+    let mut plan = Plan {
+        halted: halted.clone(),
+        ..Plan::default()
+    };
+    for node in sorted {
+        let settled = node.desired.as_deref() == Some(node.target.as_str());
+        if settled
+            || node.paused
+            || halted.contains(&node.target)
+            || node.state == Some(NodeState::Unsupported)
+        {
+            continue;
+        }
+        if node.activation != Activation::Restart {
+            plan.advance.push(node.name.clone());
+            continue;
+        }
+        // A node that is already down costs no extra budget to restart.
+        let cost = usize::from(node.ready);
+        let other_control_plane_busy =
+            control_plane_advanced || busy_control_plane.iter().any(|n| *n != node.name);
+        if unavailable + cost > budget || (node.control_plane && other_control_plane_busy) {
+            plan.waiting.push(node.name.clone());
+            continue;
+        }
+        unavailable += cost;
+        control_plane_advanced |= node.control_plane;
+        plan.advance.push(node.name.clone());
+    }
+    plan
+}

@@ -1,0 +1,163 @@
+//! The rollout planner's guarantees, on hand-made clusters and on generated ones.
+
+use proptest::prelude::*;
+use regmirror_core::contract::NodeState;
+use regmirror_core::plan::{plan, MaxUnavailable, NodeRollout};
+use regmirror_core::render::Activation;
+
+fn node(name: &str, control_plane: bool, activation: Activation) -> NodeRollout {
+    NodeRollout {
+        name: name.into(),
+        control_plane,
+        ready: true,
+        desired: Some("old".into()),
+        current: Some("old".into()),
+        state: Some(NodeState::Applied),
+        target: "new".into(),
+        activation,
+        paused: false,
+    }
+}
+
+#[test]
+fn max_unavailable_parses_counts_and_percentages() {
+    assert_eq!("2".parse(), Ok(MaxUnavailable::Count(2)));
+    assert_eq!("25%".parse(), Ok(MaxUnavailable::Percent(25)));
+    assert!("0%".parse::<MaxUnavailable>().is_err());
+    assert!("150%".parse::<MaxUnavailable>().is_err());
+    assert!("two".parse::<MaxUnavailable>().is_err());
+    assert_eq!(MaxUnavailable::Percent(25).of(10), 2);
+    assert_eq!(
+        MaxUnavailable::Percent(10).of(3),
+        1,
+        "at least one node may move"
+    );
+}
+
+#[test]
+fn hot_changes_are_not_held_back_by_the_restart_budget() {
+    let nodes: Vec<_> = (0..10)
+        .map(|i| node(&format!("n{i}"), false, Activation::Hot))
+        .collect();
+    assert_eq!(plan(&nodes, MaxUnavailable::Count(1)).advance.len(), 10);
+}
+
+#[test]
+fn restarts_respect_the_budget_and_one_control_plane_node_at_a_time() {
+    let mut nodes: Vec<_> = (0..3)
+        .map(|i| node(&format!("cp{i}"), true, Activation::Restart))
+        .collect();
+    nodes.extend((0..6).map(|i| node(&format!("w{i}"), false, Activation::Restart)));
+    let p = plan(&nodes, MaxUnavailable::Count(3));
+    assert_eq!(p.advance, ["cp0", "w0", "w1"]);
+    assert_eq!(p.waiting.len(), 6);
+}
+
+#[test]
+fn no_control_plane_restart_while_another_control_plane_node_is_not_ready() {
+    let mut nodes = vec![
+        node("cp0", true, Activation::Restart),
+        node("cp1", true, Activation::Restart),
+    ];
+    nodes[1].ready = false;
+    let p = plan(&nodes, MaxUnavailable::Count(5));
+    assert!(!p.advance.contains(&"cp0".to_string()), "{p:?}");
+    // The node that is down may itself take its new config: it costs nothing more.
+    assert!(p.advance.contains(&"cp1".to_string()), "{p:?}");
+}
+
+#[test]
+fn a_failed_config_is_not_spread_and_a_paused_mirror_freezes() {
+    let mut nodes: Vec<_> = (0..4)
+        .map(|i| node(&format!("n{i}"), false, Activation::Hot))
+        .collect();
+    nodes[0].desired = Some("new".into());
+    nodes[0].state = Some(NodeState::Failed);
+    let p = plan(&nodes, MaxUnavailable::Count(1));
+    assert!(p.advance.is_empty(), "{p:?}");
+    assert!(p.halted.contains("new"));
+
+    let mut nodes: Vec<_> = (0..2)
+        .map(|i| node(&format!("n{i}"), false, Activation::Hot))
+        .collect();
+    nodes[1].paused = true;
+    assert_eq!(plan(&nodes, MaxUnavailable::Count(1)).advance, ["n0"]);
+}
+
+fn cluster() -> impl Strategy<Value = Vec<NodeRollout>> {
+    prop::collection::vec(
+        (
+            any::<bool>(),
+            prop::bool::weighted(0.85),
+            prop::sample::select(vec![
+                Activation::Hot,
+                Activation::Reload,
+                Activation::Restart,
+            ]),
+            0u8..3,
+        ),
+        1..30,
+    )
+    .prop_map(|specs| {
+        specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, (cp, ready, activation, phase))| {
+                let mut n = node(&format!("n{i:02}"), cp && i < 5, activation);
+                n.ready = ready;
+                match phase {
+                    0 => {}                                                                 // not started
+                    1 => n.desired = Some("new".into()), // in flight
+                    _ => (n.desired, n.current) = (Some("new".into()), Some("new".into())), // done
+                }
+                n
+            })
+            .collect()
+    })
+}
+
+fn restarting_or_down(nodes: &[NodeRollout]) -> usize {
+    nodes
+        .iter()
+        .filter(|n| !n.ready || (n.desired != n.current && n.activation == Activation::Restart))
+        .count()
+}
+
+proptest! {
+    #[test]
+    fn the_restart_budget_is_never_exceeded(nodes in cluster(), budget in 1usize..6) {
+        let before = restarting_or_down(&nodes);
+        let p = plan(&nodes, MaxUnavailable::Count(budget));
+        let mut after = nodes.clone();
+        for n in after.iter_mut().filter(|n| p.advance.contains(&n.name)) {
+            n.desired = Some(n.target.clone());
+        }
+        prop_assert!(restarting_or_down(&after) <= budget.max(before), "{} > {budget} (was {before})", restarting_or_down(&after));
+    }
+
+    #[test]
+    fn control_plane_nodes_never_restart_together(nodes in cluster()) {
+        let p = plan(&nodes, MaxUnavailable::Count(100));
+        let busy = |n: &NodeRollout| n.control_plane && (!n.ready || (n.desired != n.current && n.activation == Activation::Restart));
+        let newly: Vec<&NodeRollout> = nodes.iter().filter(|n| p.advance.contains(&n.name) && n.control_plane && n.activation == Activation::Restart).collect();
+        prop_assert!(newly.len() <= 1);
+        if let Some(new) = newly.first() {
+            prop_assert!(!nodes.iter().any(|n| n.name != new.name && busy(n)));
+        }
+    }
+
+    #[test]
+    fn every_node_converges_when_every_apply_succeeds(mut nodes in cluster(), budget in 1usize..4) {
+        for n in nodes.iter_mut() { n.ready = true; }
+        for _round in 0..=nodes.len() {
+            let p = plan(&nodes, MaxUnavailable::Count(budget));
+            for n in nodes.iter_mut() {
+                if p.advance.contains(&n.name) { n.desired = Some(n.target.clone()); }
+                // The agent applies whatever it was told, successfully.
+                n.current = n.desired.clone();
+                n.state = Some(NodeState::Applied);
+            }
+        }
+        prop_assert!(nodes.iter().all(|n| n.current.as_deref() == Some("new")), "{nodes:?}");
+    }
+}
