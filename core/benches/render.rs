@@ -106,7 +106,7 @@ fn bench(c: &mut Criterion) {
             mirrors
                 .iter()
                 .map(|m| resolve(m, &sources, &policy).unwrap())
-                .count()
+                .collect::<Vec<_>>()
         })
     });
     for flavor in ["k3s", "containerd", "cri-o"] {

@@ -1,0 +1,8 @@
+//! regmirror's node agent.
+//!
+//! `hostfs` puts a rendered configuration onto the host through a journal, so that a crash at
+//! any point leaves the old files or the new ones, never a mix; it owns only the files it wrote,
+//! backs up a hand-written file once before replacing it, and keeps the last good configuration
+//! for rollback.
+
+pub mod hostfs;
