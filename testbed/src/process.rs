@@ -48,43 +48,31 @@ impl Process {
         }
     }
 
-    /// Waits until `addr` accepts TCP connections.
+    /// Waits until `port` on 127.0.0.1 accepts TCP connections.
     pub fn wait_for_port(&mut self, port: u16, log: &Path) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "{} exited with {status}:\n{}",
-                    self.name,
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not listen on {port}:\n{}",
-                self.name,
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        self.wait_until(&format!("listen on {port}"), log, || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
     }
 
     /// Waits until `path` exists (a socket).
     pub fn wait_for_path(&mut self, path: &Path, log: &Path) {
+        self.wait_until(&format!("create {}", path.display()), log, || path.exists());
+    }
+
+    /// Polls `ready` for up to 20 s; fails with the process's log if it exits or times out.
+    fn wait_until(&mut self, what: &str, log: &Path, ready: impl Fn() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !path.exists() {
+        let log_text = || std::fs::read_to_string(log).unwrap_or_default();
+        while !ready() {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "{} exited with {status}:\n{}",
-                    self.name,
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
+                panic!("{} exited with {status}:\n{}", self.name, log_text());
             }
             assert!(
                 Instant::now() < deadline,
-                "{} did not create {}",
+                "{} did not {what}:\n{}",
                 self.name,
-                path.display()
+                log_text()
             );
             std::thread::sleep(Duration::from_millis(25));
         }

@@ -291,7 +291,7 @@ pub(super) fn render_containerd(
     let settings = host_settings(mirrors);
     // Certificates live in `<registry dir>/<endpoint host>/`, referred to by relative paths
     // (containerd resolves them against the hosts.toml directory).
-    let tls_paths = |host: &str| tls_file_names(host, settings.get(host).copied());
+    let tls_paths = |host: &str| TlsPaths::in_dir(host, settings.get(host).copied());
     check_credentials(mirrors, "containerd")?;
     let mut files = BTreeMap::new();
     for (dir, doc) in hosts_files(mirrors, &style, &tls_paths)? {
@@ -336,19 +336,21 @@ fn check_credentials(mirrors: &[&ResolvedMirror], flavor: &'static str) -> Resul
     Ok(())
 }
 
-/// Relative file names of a host's TLS material.
-fn tls_file_names(host: &str, settings: Option<&HostSettings>) -> TlsPaths {
-    let Some(settings) = settings else {
-        return TlsPaths::default();
-    };
-    TlsPaths {
-        ca: settings.tls.ca.as_ref().map(|_| format!("{host}/ca.crt")),
-        client: settings
-            .tls
-            .client
-            .as_ref()
-            .map(|_| (format!("{host}/client.crt"), format!("{host}/client.key"))),
-        skip_verify: settings.tls.insecure_skip_verify,
+impl TlsPaths {
+    /// Where the TLS files of a host with `settings` are, when they live in `dir`.
+    pub(super) fn in_dir(dir: &str, settings: Option<&HostSettings>) -> TlsPaths {
+        let Some(settings) = settings else {
+            return TlsPaths::default();
+        };
+        TlsPaths {
+            ca: settings.tls.ca.as_ref().map(|_| format!("{dir}/ca.crt")),
+            client: settings
+                .tls
+                .client
+                .as_ref()
+                .map(|_| (format!("{dir}/client.crt"), format!("{dir}/client.key"))),
+            skip_verify: settings.tls.insecure_skip_verify,
+        }
     }
 }
 

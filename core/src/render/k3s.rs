@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::hosts_toml::{self, Style, TlsPaths};
 use super::{sha256_hex, RenderError, RenderedFile, MANAGED_HEADER};
-use crate::model::{Credentials, HostSettings, ResolvedMirror};
+use crate::model::{Credentials, ResolvedMirror};
 
 /// The restart key of a configuration without credentials.
 pub(super) const NO_CREDENTIALS_KEY: &str = "";
@@ -98,7 +98,8 @@ pub(super) fn render(
     layout: &Layout,
 ) -> Result<(BTreeMap<String, RenderedFile>, String), RenderError> {
     let settings = hosts_toml::host_settings(mirrors);
-    let tls_paths = |host: &str| tls_paths(layout, host, settings.get(host).copied());
+    let tls_paths =
+        |host: &str| TlsPaths::in_dir(&layout.cert_dir(host), settings.get(host).copied());
 
     let mut files = BTreeMap::new();
     let mut doc = RegistriesYaml {
@@ -205,21 +206,5 @@ fn auth_yaml(credentials: &Credentials) -> Result<AuthYaml, String> {
         Credentials::BearerToken(_) => {
             Err("a static bearer token (registries.yaml takes username/password, auth or identity_token)".into())
         }
-    }
-}
-
-fn tls_paths(layout: &Layout, host: &str, settings: Option<&HostSettings>) -> TlsPaths {
-    let Some(settings) = settings else {
-        return TlsPaths::default();
-    };
-    let dir = layout.cert_dir(host);
-    TlsPaths {
-        ca: settings.tls.ca.as_ref().map(|_| format!("{dir}/ca.crt")),
-        client: settings
-            .tls
-            .client
-            .as_ref()
-            .map(|_| (format!("{dir}/client.crt"), format!("{dir}/client.key"))),
-        skip_verify: settings.tls.insecure_skip_verify,
     }
 }
