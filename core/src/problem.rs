@@ -82,7 +82,4 @@ pub enum Reason {
     /// Two endpoints of one RegistryMirror name the same host with different settings.
     #[error("host {host:?} is also endpoint {other} with different credentials or TLS settings; a node can hold only one per host")]
     HostSettingsDiffer { host: String, other: usize },
-    /// The node's flavor cannot express this field.
-    #[error("{flavor} cannot express {what}")]
-    Unsupported { flavor: &'static str, what: String },
 }
