@@ -39,17 +39,19 @@ pub struct RegistryMirrorSpec {
     #[x_kube(validation = Rule::new(
         "self == '*' || self.matches('^([a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?)(\\\\.[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?)*(:[0-9]{1,5})?$')"
     ).message("registry must be a host name with an optional port (docker.io, registry.example.com:5000), or '*'"))]
+    // Bounded so that the API server can estimate the CEL rules' cost.
+    #[schemars(length(min = 1, max = 260))]
     pub registry: String,
 
     /// Endpoints tried in order before the registry itself, which always stays the last resort.
     #[x_kube(validation = Rule::new("size(self) >= 1").message("endpoints must list at least one endpoint"))]
-    #[x_kube(validation = Rule::new("size(self) <= 16").message("endpoints may list at most 16 endpoints"))]
+    #[schemars(length(max = 16))]
     pub endpoints: Vec<Endpoint>,
 
     /// Image-name rewrites applied when pulling from an endpoint (k3s and RKE2 only; never
     /// applied to the registry itself).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[x_kube(validation = Rule::new("size(self) <= 32").message("rewrites may list at most 32 rules"))]
+    #[schemars(length(max = 32))]
     pub rewrites: Vec<Rewrite>,
 
     /// Which nodes get this configuration; empty or absent selects every node.
@@ -66,7 +68,7 @@ pub struct Endpoint {
     #[x_kube(validation = Rule::new(
         "!self.contains('://') || self.startsWith('https://') || self.startsWith('http://')"
     ).message("url scheme must be https:// or http://"))]
-    #[x_kube(validation = Rule::new("size(self) >= 1 && size(self) <= 2048").message("url must be 1 to 2048 characters"))]
+    #[schemars(length(min = 1, max = 2048))]
     pub url: String,
 
     /// Credentials for this endpoint.
@@ -164,9 +166,10 @@ impl KeyRef {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rewrite {
     /// Regular expression (Go RE2 syntax) matched against the repository path.
-    #[x_kube(validation = Rule::new("size(self) >= 1").message("pattern must not be empty"))]
+    #[schemars(length(min = 1, max = 1024))]
     pub pattern: String,
     /// What the matched repository path becomes.
+    #[schemars(length(max = 1024))]
     pub replacement: String,
 }
 

@@ -42,6 +42,18 @@ pub fn resolve(
             )),
         ));
     }
+    // The schema's bounds (maxItems), for input that did not come through the API server.
+    for (field, len, max) in [
+        ("spec.endpoints", spec.endpoints.len(), 16),
+        ("spec.rewrites", spec.rewrites.len(), 32),
+    ] {
+        if len > max {
+            errors.push(FieldError::new(
+                field,
+                Reason::Schema(format!("lists {len} items; at most {max} are allowed")),
+            ));
+        }
+    }
     if spec.endpoints.is_empty() {
         errors.push(FieldError::new(
             "spec.endpoints",
