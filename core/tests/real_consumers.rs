@@ -339,3 +339,34 @@ fn skopeo_presents_the_client_certificate_from_certs_d() {
     let (skopeo, _) = world.crio(vec![endpoint]);
     assert_pulled(skopeo.inspect(&world.image, None));
 }
+
+#[test]
+fn containerd_uses_a_wildcard_mirror_for_every_registry() {
+    let world = World::new(secure());
+    let spec = RegistryMirrorSpec {
+        registry: "*".into(),
+        endpoints: vec![world.endpoint(true, Some("mirror-pull"))],
+        rewrites: vec![],
+        node_selector: None,
+    };
+    let resolved = resolve(
+        &RegistryMirror::new("every-registry", spec),
+        &world.sources,
+        &RefPolicy::new(NS),
+    )
+    .unwrap();
+    let hosts_dir = world.dir.path().join("certs.d-wildcard");
+    let config = render(
+        &[&resolved],
+        &Flavor::Containerd {
+            hosts_dir: hosts_dir.display().to_string(),
+        },
+    )
+    .unwrap();
+    assert!(config
+        .files
+        .keys()
+        .any(|p| p.ends_with("/_default/hosts.toml")));
+    write(&config, |path| PathBuf::from(path));
+    assert_pulled(containerd(&world).pull(&hosts_dir, &world.image));
+}
