@@ -3,8 +3,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use regmirror_core::api::{
-    CaRef, Endpoint, EndpointAuth, EndpointTls, KeyRef, ObjectRef, RegistryMirror,
-    RegistryMirrorSpec,
+    CaRef, Endpoint, EndpointAuth, EndpointTls, RegistryMirror, RegistryMirrorSpec,
 };
 use regmirror_core::assemble::assemble;
 use regmirror_core::model::ResolvedMirror;
@@ -40,23 +39,8 @@ fn cluster() -> (Vec<RegistryMirror>, Sources) {
             );
             let endpoint = Endpoint {
                 url: format!("https://mirror-{host}.example.com:5000/v2/proxy-{i}"),
-                auth: secured.then(|| EndpointAuth {
-                    secret_ref: ObjectRef {
-                        name: secret.clone(),
-                        namespace: None,
-                    },
-                }),
-                tls: secured.then(|| EndpointTls {
-                    ca_ref: Some(CaRef {
-                        secret_ref: None,
-                        config_map_ref: Some(KeyRef {
-                            name: "ca".into(),
-                            namespace: None,
-                            key: None,
-                        }),
-                    }),
-                    ..Default::default()
-                }),
+                auth: secured.then(|| EndpointAuth::from_secret(secret.clone())),
+                tls: secured.then(|| EndpointTls::with_ca(CaRef::from_config_map("ca"))),
             };
             let fallback = Endpoint {
                 url: format!("https://fallback-{host}.example.com"),

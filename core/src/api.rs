@@ -153,6 +153,49 @@ pub struct KeyRef {
     pub key: Option<String>,
 }
 
+impl ObjectRef {
+    /// A reference by name into the operator's namespace.
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            namespace: None,
+        }
+    }
+}
+
+impl EndpointAuth {
+    /// Credentials from the Secret `name` in the operator's namespace.
+    pub fn from_secret(name: impl Into<String>) -> Self {
+        Self {
+            secret_ref: ObjectRef::named(name),
+        }
+    }
+}
+
+impl CaRef {
+    /// The `ca.crt` key of the ConfigMap `name` in the operator's namespace.
+    pub fn from_config_map(name: impl Into<String>) -> Self {
+        Self {
+            secret_ref: None,
+            config_map_ref: Some(KeyRef {
+                name: name.into(),
+                namespace: None,
+                key: None,
+            }),
+        }
+    }
+}
+
+impl EndpointTls {
+    /// Verify the endpoint against `ca`, nothing else.
+    pub fn with_ca(ca: CaRef) -> Self {
+        Self {
+            ca_ref: Some(ca),
+            ..Default::default()
+        }
+    }
+}
+
 impl KeyRef {
     /// The key to read, with its documented default.
     pub fn key_or_default(&self) -> &str {

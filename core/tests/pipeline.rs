@@ -32,12 +32,7 @@ fn mirror(name: &str, registry: &str, urls: &[&str], auth: Option<&str>) -> Regi
         .iter()
         .map(|url| Endpoint {
             url: url.to_string(),
-            auth: auth.map(|n| EndpointAuth {
-                secret_ref: ObjectRef {
-                    name: n.into(),
-                    namespace: None,
-                },
-            }),
+            auth: auth.map(EndpointAuth::from_secret),
             tls: None,
         })
         .collect();

@@ -8,8 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use regmirror_core::api::{
-    CaRef, Endpoint, EndpointAuth, EndpointTls, KeyRef, ObjectRef, RegistryMirror,
-    RegistryMirrorSpec,
+    CaRef, Endpoint, EndpointAuth, EndpointTls, ObjectRef, RegistryMirror, RegistryMirrorSpec,
 };
 use regmirror_core::model::ResolvedMirror;
 use regmirror_core::node::Flavor;
@@ -101,23 +100,8 @@ impl World {
     fn endpoint(&self, ca: bool, credentials: Option<&str>) -> Endpoint {
         Endpoint {
             url: self.registry.url(),
-            auth: credentials.map(|name| EndpointAuth {
-                secret_ref: ObjectRef {
-                    name: name.into(),
-                    namespace: None,
-                },
-            }),
-            tls: ca.then(|| EndpointTls {
-                ca_ref: Some(CaRef {
-                    secret_ref: None,
-                    config_map_ref: Some(KeyRef {
-                        name: "registry-ca".into(),
-                        namespace: None,
-                        key: None,
-                    }),
-                }),
-                ..Default::default()
-            }),
+            auth: credentials.map(EndpointAuth::from_secret),
+            tls: ca.then(|| EndpointTls::with_ca(CaRef::from_config_map("registry-ca"))),
         }
     }
 
@@ -269,10 +253,8 @@ fn containerd_presents_the_client_certificate_for_mutual_tls() {
     );
 
     let mut endpoint = world.endpoint(true, None);
-    endpoint.tls.as_mut().unwrap().client_cert_secret_ref = Some(ObjectRef {
-        name: "node-client-tls".into(),
-        namespace: None,
-    });
+    endpoint.tls.as_mut().unwrap().client_cert_secret_ref =
+        Some(ObjectRef::named("node-client-tls"));
     let with_cert = world.containerd_hosts_dir(vec![endpoint]);
     assert_pulled(containerd.pull(&with_cert, &world.image));
 }
@@ -332,10 +314,8 @@ fn skopeo_presents_the_client_certificate_from_certs_d() {
         client_certs: true,
     });
     let mut endpoint = world.endpoint(true, None);
-    endpoint.tls.as_mut().unwrap().client_cert_secret_ref = Some(ObjectRef {
-        name: "node-client-tls".into(),
-        namespace: None,
-    });
+    endpoint.tls.as_mut().unwrap().client_cert_secret_ref =
+        Some(ObjectRef::named("node-client-tls"));
     let (skopeo, _) = world.crio(vec![endpoint]);
     assert_pulled(skopeo.inspect(&world.image, None));
 }

@@ -230,8 +230,7 @@ fn walk(dir: &Path) -> Vec<String> {
 
 mod with_real_containerd {
     use regmirror_core::api::{
-        CaRef, Endpoint, EndpointAuth, EndpointTls, KeyRef, ObjectRef, RegistryMirror,
-        RegistryMirrorSpec,
+        CaRef, Endpoint, EndpointAuth, EndpointTls, RegistryMirror, RegistryMirrorSpec,
     };
     use regmirror_core::node::Flavor;
     use regmirror_core::render::render;
@@ -292,23 +291,8 @@ mod with_real_containerd {
         let render_for = |url: String| {
             let endpoint = Endpoint {
                 url,
-                auth: Some(EndpointAuth {
-                    secret_ref: ObjectRef {
-                        name: "pull".into(),
-                        namespace: None,
-                    },
-                }),
-                tls: Some(EndpointTls {
-                    ca_ref: Some(CaRef {
-                        secret_ref: None,
-                        config_map_ref: Some(KeyRef {
-                            name: "ca".into(),
-                            namespace: None,
-                            key: None,
-                        }),
-                    }),
-                    ..Default::default()
-                }),
+                auth: Some(EndpointAuth::from_secret("pull")),
+                tls: Some(EndpointTls::with_ca(CaRef::from_config_map("ca"))),
             };
             let spec = RegistryMirrorSpec {
                 registry: upstream.clone(),

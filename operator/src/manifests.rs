@@ -4,10 +4,12 @@
 //! Every object remembers where it came from, and every problem names the file, the object
 //! and the field.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::ByteString;
 use regmirror_core::api::RegistryMirror;
 use regmirror_core::sources::{SourceKind, SourceObject, Sources};
 use serde::de::DeserializeOwned;
@@ -160,20 +162,8 @@ fn read_documents(file: &Path, text: &str, default_namespace: &str, manifests: &
             }
             ("v1", "Secret") => match typed::<Secret>(value.clone()) {
                 Ok(secret) => {
-                    let mut data: std::collections::BTreeMap<String, Vec<u8>> = secret
-                        .data
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|(k, v)| (k, v.0))
-                        .collect();
                     // stringData wins over data, as on the API server.
-                    data.extend(
-                        secret
-                            .string_data
-                            .unwrap_or_default()
-                            .into_iter()
-                            .map(|(k, v)| (k, v.into_bytes())),
-                    );
+                    let data = decoded(secret.data, secret.string_data);
                     let type_ = Some(secret.type_.unwrap_or_else(|| "Opaque".into()));
                     let namespace = secret
                         .metadata
@@ -191,19 +181,7 @@ fn read_documents(file: &Path, text: &str, default_namespace: &str, manifests: &
             },
             ("v1", "ConfigMap") => match typed::<ConfigMap>(value.clone()) {
                 Ok(config_map) => {
-                    let mut data: std::collections::BTreeMap<String, Vec<u8>> = config_map
-                        .binary_data
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|(k, v)| (k, v.0))
-                        .collect();
-                    data.extend(
-                        config_map
-                            .data
-                            .unwrap_or_default()
-                            .into_iter()
-                            .map(|(k, v)| (k, v.into_bytes())),
-                    );
+                    let data = decoded(config_map.binary_data, config_map.data);
                     let namespace = config_map
                         .metadata
                         .namespace
@@ -226,6 +204,25 @@ fn read_documents(file: &Path, text: &str, default_namespace: &str, manifests: &
             _ => {} // Any other kind: not ours to read.
         }
     }
+}
+
+/// One key → bytes map from an object's binary and text maps (Secret `data` + `stringData`,
+/// ConfigMap `binaryData` + `data`); a text entry wins over a binary one of the same key.
+fn decoded(
+    binary: Option<BTreeMap<String, ByteString>>,
+    text: Option<BTreeMap<String, String>>,
+) -> BTreeMap<String, Vec<u8>> {
+    let mut data: BTreeMap<String, Vec<u8>> = binary
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.0))
+        .collect();
+    data.extend(
+        text.unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.into_bytes())),
+    );
+    data
 }
 
 /// Deserializes with the path of the offending field in the message.
