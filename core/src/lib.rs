@@ -8,6 +8,7 @@
 pub mod api;
 pub mod assemble;
 pub mod contract;
+pub mod decide;
 pub mod model;
 pub mod node;
 pub mod plan;

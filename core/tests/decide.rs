@@ -1,0 +1,501 @@
+//! The operator's whole-cluster decision: grouping, config lifecycle, holds, status — and that
+//! a cluster where every agent succeeds converges without breaking the rollout's limits.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use proptest::prelude::*;
+use regmirror_core::api::{Endpoint, EndpointAuth, ObjectRef, RegistryMirror, RegistryMirrorSpec};
+use regmirror_core::contract::{NodeState, PAUSED};
+use regmirror_core::decide::{
+    decide, ClusterView, Decision, NodeView, Subject, NO_CONFIG_PLACEHOLDER,
+};
+use regmirror_core::node::Flavor;
+use regmirror_core::plan::MaxUnavailable;
+use regmirror_core::render::{activation, Activation, RenderedConfig};
+use regmirror_core::sources::{RefPolicy, SourceKind, SourceObject, Sources};
+
+const NS: &str = "regmirror-system";
+const NOW: &str = "2026-11-23T00:00:00Z";
+
+/// A cluster the tests can move forward: the operator decides, the "API server" applies the
+/// decision, the "agents" apply what they are told.
+struct Cluster {
+    mirrors: Vec<RegistryMirror>,
+    sources: Sources,
+    nodes: Vec<NodeView>,
+    stored: BTreeMap<String, RenderedConfig>,
+    agent_role: Option<Vec<String>>,
+    max_unavailable: MaxUnavailable,
+}
+
+impl Cluster {
+    fn new(nodes: Vec<NodeView>) -> Self {
+        let mut sources = Sources::new();
+        sources.insert(SourceKind::Secret, NS, "pull", basic_auth("alice", "one"));
+        Cluster {
+            mirrors: vec![],
+            sources,
+            nodes,
+            stored: BTreeMap::new(),
+            agent_role: None,
+            max_unavailable: MaxUnavailable::Count(1),
+        }
+    }
+
+    fn decide(&self) -> Decision {
+        decide(&ClusterView {
+            mirrors: &self.mirrors,
+            sources: &self.sources,
+            policy: &RefPolicy::new(NS),
+            nodes: &self.nodes,
+            stored: &self.stored,
+            agent_role: self.agent_role.as_deref(),
+            max_unavailable: self.max_unavailable,
+            now: NOW,
+        })
+    }
+
+    /// What the API server would hold after the operator's writes.
+    fn apply(&mut self, d: &Decision) {
+        self.stored.extend(d.create.clone());
+        for (node, config) in &d.advance {
+            self.node_mut(node).desired = Some(config.clone());
+        }
+        for (name, status) in &d.statuses {
+            let m = self
+                .mirrors
+                .iter_mut()
+                .find(|m| m.metadata.name.as_deref() == Some(name));
+            m.unwrap().status = Some(status.clone());
+        }
+        if let Some(names) = &d.agent_role {
+            self.agent_role = Some(names.clone());
+        }
+        for name in &d.delete {
+            self.stored.remove(name);
+        }
+    }
+
+    /// Every agent that was told something new applies it successfully.
+    fn agents_succeed(&mut self) {
+        for node in &mut self.nodes {
+            if node.desired.is_some() && node.desired != node.current {
+                node.current = node.desired.clone();
+                node.state = Some(NodeState::Applied);
+            }
+        }
+    }
+
+    fn node_mut(&mut self, name: &str) -> &mut NodeView {
+        self.nodes.iter_mut().find(|n| n.name == name).unwrap()
+    }
+
+    fn status(&self, mirror: &str) -> &regmirror_core::api::RegistryMirrorStatus {
+        let m = self
+            .mirrors
+            .iter()
+            .find(|m| m.metadata.name.as_deref() == Some(mirror));
+        m.unwrap().status.as_ref().unwrap()
+    }
+
+    fn condition(&self, mirror: &str, type_: &str) -> (String, String, String) {
+        let c = self
+            .status(mirror)
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .unwrap();
+        (c.status.clone(), c.reason.clone(), c.message.clone())
+    }
+}
+
+fn basic_auth(user: &str, password: &str) -> SourceObject {
+    SourceObject {
+        type_: Some("kubernetes.io/basic-auth".into()),
+        data: [("username", user), ("password", password)]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.as_bytes().to_vec()))
+            .collect(),
+    }
+}
+
+fn node(name: &str, flavor: Flavor, labels: &[(&str, &str)]) -> NodeView {
+    NodeView {
+        name: name.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        control_plane: false,
+        ready: true,
+        flavor: Some(flavor),
+        ..NodeView::default()
+    }
+}
+
+fn mirror(name: &str, registry: &str, url: &str, auth: Option<ObjectRef>) -> RegistryMirror {
+    let mut m = RegistryMirror::new(
+        name,
+        RegistryMirrorSpec {
+            registry: registry.into(),
+            endpoints: vec![Endpoint {
+                url: url.into(),
+                auth: auth.map(|secret_ref| EndpointAuth { secret_ref }),
+                tls: None,
+            }],
+            rewrites: vec![],
+            node_selector: None,
+        },
+    );
+    m.metadata.generation = Some(1);
+    m
+}
+
+fn region(value: &str) -> Option<LabelSelector> {
+    Some(LabelSelector {
+        match_labels: Some([("region".to_owned(), value.to_owned())].into()),
+        match_expressions: None,
+    })
+}
+
+/// Decides and applies until nothing is left to do, with every agent succeeding.
+fn converge(cluster: &mut Cluster) -> usize {
+    for round in 0..100 {
+        let d = cluster.decide();
+        if d.writes() == 0 {
+            return round;
+        }
+        cluster.apply(&d);
+        cluster.agents_succeed();
+    }
+    panic!("no convergence in 100 rounds");
+}
+
+#[test]
+fn nodes_with_equal_needs_share_one_stored_config() {
+    let mut c = Cluster::new(vec![
+        node("a1", Flavor::K3s, &[("region", "eu")]),
+        node("a2", Flavor::K3s, &[("region", "eu")]),
+        node("b1", Flavor::K3s, &[("region", "us")]),
+        node("c1", Flavor::Crio, &[("region", "eu")]),
+    ]);
+    let mut eu = mirror("eu", "docker.io", "https://eu.mirror.example:5000", None);
+    eu.spec.node_selector = region("eu");
+    c.mirrors = vec![eu];
+    let d = c.decide();
+    // b1 gets nothing and never had anything: left alone.
+    assert_eq!(
+        d.advance
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>(),
+        ["a1", "a2", "c1"]
+    );
+    assert_eq!(
+        d.create.len(),
+        2,
+        "one config for the k3s group, one for the CRI-O node"
+    );
+    assert_eq!(d.advance[0].1, d.advance[1].1);
+    assert_ne!(d.advance[0].1, d.advance[2].1);
+    let role = d.agent_role.clone().unwrap();
+    assert_eq!(
+        role,
+        d.create.keys().cloned().collect::<Vec<_>>(),
+        "agents may read exactly the live configs"
+    );
+    assert_eq!(d.statuses["eu"].nodes.targeted, 3);
+    assert_eq!(d.statuses["eu"].nodes.pending, 3);
+    assert_eq!(
+        d.notices
+            .iter()
+            .filter(|n| matches!(n.subject, Subject::Node(_)))
+            .count(),
+        3
+    );
+}
+
+#[test]
+fn a_settled_cluster_decides_nothing() {
+    let mut c = Cluster::new(vec![
+        node("a", Flavor::K3s, &[]),
+        node(
+            "b",
+            Flavor::Containerd {
+                hosts_dir: "/etc/containerd/certs.d".into(),
+            },
+            &[],
+        ),
+    ]);
+    c.mirrors = vec![mirror(
+        "hub",
+        "docker.io",
+        "https://mirror.example:5000",
+        Some(ObjectRef::named("pull")),
+    )];
+    converge(&mut c);
+    let d = c.decide();
+    assert_eq!(d.writes(), 0, "{d:#?}");
+    assert!(d.notices.is_empty());
+    assert_eq!(c.condition("hub", "Ready").0, "True");
+    assert_eq!(c.status("hub").nodes.updated, 2);
+    assert_eq!(c.status("hub").observed_generation, Some(1));
+}
+
+#[test]
+fn a_rotated_password_moves_every_node_and_retires_the_old_config() {
+    let mut c = Cluster::new(
+        (0..4)
+            .map(|i| node(&format!("n{i}"), Flavor::K3s, &[]))
+            .collect(),
+    );
+    c.mirrors = vec![mirror(
+        "hub",
+        "docker.io",
+        "https://mirror.example:5000",
+        Some(ObjectRef::named("pull")),
+    )];
+    converge(&mut c);
+    let old = c.nodes[0].current.clone().unwrap();
+
+    c.sources
+        .insert(SourceKind::Secret, NS, "pull", basic_auth("alice", "two"));
+    let d = c.decide();
+    // Credentials on k3s need a restart: one node at a time.
+    assert_eq!(d.advance.len(), 1);
+    assert_eq!(d.create.len(), 1);
+    let new = d.advance[0].1.clone();
+    assert_eq!(
+        activation(c.stored.get(&old), &d.create[&new]),
+        Activation::Restart
+    );
+    assert!(d.delete.is_empty(), "the old config is still in use");
+    assert_eq!(
+        d.statuses["hub"].conditions[1].status, "True",
+        "Progressing"
+    );
+
+    let rounds = converge(&mut c);
+    assert!(rounds >= 4, "restarts went one by one ({rounds} rounds)");
+    assert!(c.nodes.iter().all(|n| n.current.as_ref() == Some(&new)));
+    assert_eq!(
+        c.stored.keys().collect::<Vec<_>>(),
+        [&new],
+        "the old config is gone"
+    );
+    assert_eq!(c.agent_role, Some(vec![new]));
+}
+
+#[test]
+fn an_invalid_mirror_changes_no_node_and_says_which_field() {
+    let mut c = Cluster::new(vec![node("a", Flavor::K3s, &[])]);
+    c.mirrors = vec![mirror(
+        "hub",
+        "docker.io",
+        "https://mirror.example:5000",
+        Some(ObjectRef::named("pull")),
+    )];
+    converge(&mut c);
+    let before = c.nodes[0].desired.clone();
+
+    // A reference into a namespace the operator may not read, and a missing Secret.
+    c.mirrors[0].spec.endpoints[0].auth = Some(EndpointAuth {
+        secret_ref: ObjectRef {
+            name: "pull".into(),
+            namespace: Some("kube-system".into()),
+        },
+    });
+    c.mirrors.push(mirror(
+        "quay",
+        "quay.io",
+        "https://quay-mirror.example",
+        Some(ObjectRef::named("missing")),
+    ));
+    let d = c.decide();
+    assert!(
+        d.advance.is_empty() && d.create.is_empty() && d.delete.is_empty(),
+        "{d:#?}"
+    );
+    c.apply(&d);
+    let (status, reason, message) = c.condition("hub", "Degraded");
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "InvalidSpec"));
+    assert!(message.starts_with("spec.endpoints[0].auth.secretRef: Secret kube-system/pull is in a namespace regmirror may not read"), "{message}");
+    let (_, _, message) = c.condition("quay", "Degraded");
+    assert!(
+        message.contains("Secret regmirror-system/missing not found"),
+        "{message}"
+    );
+    assert_eq!(c.condition("hub", "Ready").0, "False");
+    assert!(d
+        .notices
+        .iter()
+        .any(|n| n.warning && n.subject == Subject::Mirror("hub".into())));
+    assert_eq!(c.nodes[0].desired, before);
+}
+
+#[test]
+fn a_failing_node_halts_its_config_and_is_reported() {
+    let mut c = Cluster::new(
+        (0..3)
+            .map(|i| node(&format!("n{i}"), Flavor::K3s, &[]))
+            .collect(),
+    );
+    c.max_unavailable = MaxUnavailable::Count(3);
+    c.mirrors = vec![mirror(
+        "hub",
+        "docker.io",
+        "https://mirror.example:5000",
+        None,
+    )];
+    converge(&mut c);
+    c.mirrors[0].spec.endpoints[0].url = "https://other.example:5000".into();
+    let d = c.decide();
+    assert_eq!(d.advance.len(), 3, "a hot change is not held back");
+    c.apply(&d);
+    // n0 fails (its agent rolled back); the others have not reported yet.
+    let n0 = c.node_mut("n0");
+    n0.state = Some(NodeState::Failed);
+    n0.message = Some("runtime not active after restart".into());
+    let d = c.decide();
+    assert!(d.advance.is_empty());
+    c.apply(&d);
+    let (status, reason, message) = c.condition("hub", "Degraded");
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "NodesFailed"));
+    assert!(
+        message.contains("n0: runtime not active after restart"),
+        "{message}"
+    );
+    assert_eq!(c.status("hub").failures[0].node, "n0");
+    assert_eq!(c.status("hub").nodes.failed, 1);
+}
+
+#[test]
+fn a_paused_mirror_freezes_its_nodes() {
+    let mut c = Cluster::new(vec![node("a", Flavor::K3s, &[])]);
+    c.mirrors = vec![mirror(
+        "hub",
+        "docker.io",
+        "https://mirror.example:5000",
+        None,
+    )];
+    converge(&mut c);
+    c.mirrors[0].metadata.annotations = Some([(PAUSED.to_owned(), "true".to_owned())].into());
+    c.mirrors[0].spec.endpoints[0].url = "https://other.example:5000".into();
+    let d = c.decide();
+    assert!(d.advance.is_empty());
+    c.apply(&d);
+    assert_eq!(c.condition("hub", "Progressing").1, "Paused");
+}
+
+#[test]
+fn the_losing_mirror_of_a_conflict_is_degraded_and_left_off() {
+    let mut c = Cluster::new(vec![node("a", Flavor::K3s, &[])]);
+    c.mirrors = vec![
+        mirror("a-hub", "docker.io", "https://one.example:5000", None),
+        mirror("b-hub", "docker.io", "https://two.example:5000", None),
+    ];
+    converge(&mut c);
+    let (status, reason, message) = c.condition("b-hub", "Degraded");
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "Conflict"));
+    assert!(message.contains("a-hub"), "{message}");
+    assert_eq!(c.condition("a-hub", "Ready").0, "True");
+    let config = &c.stored[c.nodes[0].current.as_ref().unwrap()];
+    let all: String = config.files.values().map(|f| f.content.clone()).collect();
+    assert!(all.contains("one.example") && !all.contains("two.example"));
+}
+
+#[test]
+fn deleting_the_last_mirror_empties_the_nodes_and_never_grants_every_secret() {
+    let mut c = Cluster::new(vec![node(
+        "a",
+        Flavor::Containerd {
+            hosts_dir: "/etc/containerd/certs.d".into(),
+        },
+        &[],
+    )]);
+    c.mirrors = vec![mirror(
+        "hub",
+        "docker.io",
+        "https://mirror.example:5000",
+        None,
+    )];
+    converge(&mut c);
+    c.mirrors.clear();
+    converge(&mut c);
+    let empty = &c.stored[c.nodes[0].current.as_ref().unwrap()];
+    assert!(
+        empty.files.is_empty(),
+        "the node is told to hold none of our files"
+    );
+
+    let mut bare = Cluster::new(vec![node("a", Flavor::K3s, &[])]);
+    let d = bare.decide();
+    assert_eq!(d.agent_role, Some(vec![NO_CONFIG_PLACEHOLDER.to_owned()]));
+    bare.apply(&d);
+    assert_eq!(bare.decide().writes(), 0);
+}
+
+#[test]
+fn nodes_without_an_agent_report_are_pending_not_touched() {
+    let mut c = Cluster::new(vec![NodeView {
+        name: "new".into(),
+        ready: true,
+        ..NodeView::default()
+    }]);
+    c.mirrors = vec![mirror(
+        "hub",
+        "docker.io",
+        "https://mirror.example:5000",
+        None,
+    )];
+    let d = c.decide();
+    assert!(d.advance.is_empty());
+    assert_eq!(d.statuses["hub"].nodes.pending, 1);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Whatever the cluster, when every agent succeeds every node converges to its target,
+    /// restarts never exceed the budget, and control-plane nodes never restart together.
+    #[test]
+    fn every_node_converges_within_the_limits(
+        shape in proptest::collection::vec((any::<bool>(), any::<bool>(), 0u8..3), 1..12),
+        budget in 1usize..4,
+    ) {
+        let flavors = [Flavor::K3s, Flavor::Rke2, Flavor::Crio];
+        let nodes = shape.iter().enumerate().map(|(i, (cp, eu, f))| {
+            let mut n = node(&format!("n{i:02}"), flavors[*f as usize].clone(), &[("region", if *eu { "eu" } else { "us" })]);
+            n.control_plane = *cp;
+            n
+        }).collect();
+        let mut c = Cluster::new(nodes);
+        c.max_unavailable = MaxUnavailable::Count(budget);
+        let mut eu = mirror("eu", "docker.io", "https://eu.example:5000", Some(ObjectRef::named("pull")));
+        eu.spec.node_selector = region("eu");
+        c.mirrors = vec![eu, mirror("quay", "quay.io", "https://quay.example", None)];
+        converge(&mut c);
+        c.sources.insert(SourceKind::Secret, NS, "pull", basic_auth("alice", "rotated"));
+
+        for _ in 0..100 {
+            let d = c.decide();
+            if d.writes() == 0 { break; }
+            let restarting: Vec<&NodeView> = d.advance.iter()
+                .map(|(n, cfg)| (c.nodes.iter().find(|x| &x.name == n).unwrap(), cfg))
+                .filter(|(n, cfg)| activation(n.current.as_ref().and_then(|x| c.stored.get(x)), &d.create.get(*cfg).or_else(|| c.stored.get(*cfg)).unwrap().clone()) == Activation::Restart)
+                .map(|(n, _)| n)
+                .collect();
+            prop_assert!(restarting.len() <= budget);
+            prop_assert!(restarting.iter().filter(|n| n.control_plane).count() <= 1);
+            c.apply(&d);
+            c.agents_succeed();
+        }
+        prop_assert_eq!(c.decide().writes(), 0);
+        for mirror in ["eu", "quay"] {
+            let s = c.status(mirror);
+            prop_assert_eq!(s.nodes.updated, s.nodes.targeted);
+            prop_assert_eq!(&c.condition(mirror, "Ready").0, "True");
+        }
+    }
+}
