@@ -414,11 +414,8 @@ fn conditions(
     first_failure: Option<&NodeFailure>,
 ) -> Vec<ConditionRow> {
     let progress = format!("{} of {} nodes updated", counts.updated, counts.targeted);
-    let (ready, progressing, degraded): (
-        (&str, &str, String),
-        (&str, &str, String),
-        (&str, &str, String),
-    ) = if let Some(problem) = problem {
+    type Row = (&'static str, &'static str, String);
+    let (ready, progressing, degraded): (Row, Row, Row) = if let Some(problem) = problem {
         let (reason, message) = match problem {
             Problem::Invalid(m) => (
                 "InvalidSpec",
