@@ -1,7 +1,9 @@
 //! The regmirror operator and its offline CLI.
 //!
-//! `cli` holds the commands people run without a cluster (`render`, `validate`, `crdgen`);
-//! `manifests` reads the YAML they take.
+//! `controller` is the operator proper (`regmirror controller`); `cli` holds the commands,
+//! including those people run without a cluster (`render`, `validate`, `crdgen`);
+//! `manifests` reads the YAML those take.
 
 pub mod cli;
+pub mod controller;
 pub mod manifests;

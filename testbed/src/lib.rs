@@ -3,7 +3,11 @@
 //! OCI image built here and pushed with `skopeo`, and pulls with `ctr` and `skopeo`.
 //!
 //! Missing tools are a test failure, not a skip: `scripts/test` installs them.
+//!
+//! And, since no API server can run here, [`api`]: kube's mocked service with a request log,
+//! so tests assert the exact requests a component sends.
 
+pub mod api;
 mod image;
 mod pki;
 mod process;

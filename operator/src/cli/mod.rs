@@ -1,7 +1,8 @@
-//! The offline commands: `render`, `validate` and `crdgen`. They need no cluster: they read
-//! the same YAML a user would `kubectl apply`.
+//! The commands. `controller` runs the operator in a cluster; `render`, `validate` and
+//! `crdgen` need no cluster: they read the same YAML a user would `kubectl apply`.
 
 mod check;
+pub mod controller;
 pub mod crdgen;
 pub mod render;
 pub mod validate;
@@ -25,6 +26,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the operator (in the cluster, as the Helm chart's Deployment does).
+    Controller(controller::ControllerArgs),
     /// Print (or write) the exact files one node gets, from RegistryMirror + Secret YAML.
     Render(render::RenderArgs),
     /// Check RegistryMirror YAML as the operator would; exit 1 naming each problem.
@@ -52,6 +55,15 @@ pub fn run(cli: Cli) -> i32 {
     let mut stdout = std::io::stdout().lock();
     let mut stderr = std::io::stderr().lock();
     let result = match cli.command {
+        Command::Controller(args) => {
+            return match controller::run(args) {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::error!(error = %e, "regmirror controller stopped");
+                    1
+                }
+            }
+        }
         Command::Render(args) => render::run(&args, &mut stdout, &mut stderr),
         Command::Validate(args) => validate::run(&args, &mut stdout, &mut stderr),
         Command::Crdgen(args) => crdgen::run(&args, &mut stdout),

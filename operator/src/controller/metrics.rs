@@ -1,0 +1,96 @@
+//! The operator's Prometheus metrics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use regmirror_core::decide::Decision;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabel {
+    pub kind: String,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub reconciles: Counter,
+    pub errors: Counter,
+    pub duration: Histogram,
+    pub writes: Family<WriteLabel, Counter>,
+    pub nodes: Family<StateLabel, Gauge>,
+    pub leader: Gauge,
+}
+
+impl Metrics {
+    /// The metrics, registered under `regmirror_`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Metrics {
+            // 1 ms .. ~16 s
+            duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            reconciles: Counter::default(),
+            errors: Counter::default(),
+            writes: Family::default(),
+            nodes: Family::default(),
+            leader: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("regmirror");
+        r.register(
+            "reconciles",
+            "Reconcile passes run",
+            metrics.reconciles.clone(),
+        );
+        r.register(
+            "reconcile_errors",
+            "Reconcile passes that failed",
+            metrics.errors.clone(),
+        );
+        r.register(
+            "reconcile_duration_seconds",
+            "Time a reconcile pass takes, writes included",
+            metrics.duration.clone(),
+        );
+        r.register("writes", "API writes by kind", metrics.writes.clone());
+        r.register(
+            "nodes",
+            "Nodes by the state their agent reports",
+            metrics.nodes.clone(),
+        );
+        r.register(
+            "leader",
+            "1 while this replica leads",
+            metrics.leader.clone(),
+        );
+        metrics
+    }
+
+    /// Counts what a pass decided.
+    pub fn observe(&self, decision: &Decision) {
+        let count = |kind: &str, n: usize| {
+            if n > 0 {
+                self.writes
+                    .get_or_create(&WriteLabel { kind: kind.into() })
+                    .inc_by(n as u64);
+            }
+        };
+        count("config_create", decision.create.len());
+        count("config_delete", decision.delete.len());
+        count("node_annotate", decision.advance.len());
+        count("status", decision.statuses.len());
+        count("agent_role", usize::from(decision.agent_role.is_some()));
+        self.nodes.clear();
+        for (state, n) in &decision.nodes_by_state {
+            self.nodes
+                .get_or_create(&StateLabel {
+                    state: (*state).into(),
+                })
+                .set(*n as i64);
+        }
+    }
+}

@@ -1,0 +1,466 @@
+//! The controller: keep caches of everything that decides a node's configuration, and on every
+//! change run one whole-cluster pass — decide (pure, in `regmirror_core::decide`), then write.
+//!
+//! All replicas keep warm caches; only the one holding the Lease writes. A pass that fails is
+//! retried; since a decision is made from scratch each time, retrying is always safe.
+
+mod metrics;
+pub mod snapshot;
+mod writer;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::{stream, Stream, StreamExt};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference, Secret};
+use k8s_openapi::api::rbac::v1::Role;
+use kube::api::Api;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::Resource;
+use prometheus_client::registry::Registry;
+use regmirror_core::api::RegistryMirror;
+use regmirror_core::decide::{decide, ClusterView, Decision, NodeView, Subject};
+use regmirror_core::plan::MaxUnavailable;
+use regmirror_core::render::RenderedConfig;
+use regmirror_core::sources::{RefPolicy, SourceKind, Sources};
+use regmirror_runtime::endpoints::{self, BindError, Health};
+use regmirror_runtime::lease::LeaseLock;
+use regmirror_runtime::shutdown;
+use thiserror::Error;
+use tokio::time::{sleep, Instant};
+
+pub use metrics::Metrics;
+pub use writer::{WriteError, Writer, CONFIG_SECRET_TYPE, FIELD_MANAGER};
+
+/// How the operator runs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The operator's namespace: configs live here, references default here.
+    pub namespace: String,
+    /// Further namespaces whose Secrets and ConfigMaps may be referenced.
+    pub allowed_namespaces: Vec<String>,
+    pub max_unavailable: MaxUnavailable,
+    /// The Role through which agents read configs.
+    pub agent_role: String,
+    pub lease_name: String,
+    /// This replica's name in the Lease (its pod name).
+    pub identity: String,
+    pub listen: SocketAddr,
+}
+
+impl Settings {
+    fn policy(&self) -> RefPolicy {
+        RefPolicy {
+            operator_namespace: self.namespace.clone(),
+            allowed_namespaces: self.allowed_namespaces.clone(),
+        }
+    }
+
+    /// Every namespace whose Secrets and ConfigMaps the operator reads.
+    fn watched_namespaces(&self) -> Vec<String> {
+        let mut all = vec![self.namespace.clone()];
+        all.extend(self.allowed_namespaces.iter().cloned());
+        all.sort();
+        all.dedup();
+        all
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ControllerError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("leader election on Lease {lease}: {source}")]
+    Lease { lease: String, source: kube::Error },
+    #[error("lost Lease {0} to another replica; exiting so that only one replica writes")]
+    LostLease(String),
+    #[error("a watch stopped before its cache was filled")]
+    CacheNeverReady,
+}
+
+const LEASE_DURATION: Duration = Duration::from_secs(15);
+/// Changes arriving together (a Helm install, a node pool joining) make one pass.
+const DEBOUNCE: Duration = Duration::from_millis(250);
+/// A pass now and then even without changes: picks up anything a watch missed.
+const RESYNC: Duration = Duration::from_secs(300);
+const RETRY: Duration = Duration::from_secs(5);
+
+/// Runs the controller until SIGTERM.
+pub async fn run(client: kube::Client, settings: Settings) -> Result<(), ControllerError> {
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let health = Health::new(registry);
+    tokio::spawn(endpoints::serve(settings.listen, health.clone()).await?);
+
+    let (caches, changes) = Caches::watch(&client, &settings);
+    let mut changes = Box::pin(changes);
+    caches.wait_until_ready().await?;
+    health.set_ready(true);
+    tracing::info!("caches filled; waiting for leadership");
+
+    let writer = Writer {
+        client: client.clone(),
+        namespace: settings.namespace.clone(),
+        agent_role: settings.agent_role.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "regmirror".into(),
+                instance: Some(settings.identity.clone()),
+            },
+        ),
+    };
+    let mut lease = LeaseLock::new(
+        Api::<Lease>::namespaced(client.clone(), &settings.namespace),
+        &settings.lease_name,
+        &settings.identity,
+        LEASE_DURATION,
+    );
+    let lease_error = |source| ControllerError::Lease {
+        lease: settings.lease_name.clone(),
+        source,
+    };
+    let stop = shutdown::requested();
+    tokio::pin!(stop);
+
+    // Follow until we lead.
+    loop {
+        tokio::select! {
+            _ = &mut stop => return Ok(()),
+            _ = sleep(lease.renew_interval()) => {}
+        }
+        if lease.try_acquire_or_renew().await.map_err(lease_error)? {
+            break;
+        }
+    }
+    tracing::info!(identity = %settings.identity, "leading; reconciling");
+    metrics.leader.set(1);
+
+    let mut renewed = Instant::now();
+    let mut next_pass = Instant::now();
+    let result = loop {
+        tokio::select! {
+            _ = &mut stop => break Ok(()),
+            Some(()) = changes.next() => {
+                next_pass = next_pass.min(Instant::now() + DEBOUNCE);
+                continue;
+            }
+            _ = tokio::time::sleep_until(renewed + lease.renew_interval()) => {
+                match lease.try_acquire_or_renew().await {
+                    Ok(true) => renewed = Instant::now(),
+                    Ok(false) => break Err(ControllerError::LostLease(settings.lease_name.clone())),
+                    Err(e) if renewed.elapsed() < LEASE_DURATION => {
+                        tracing::warn!(error = %e, "renewing the lease failed; retrying");
+                    }
+                    Err(e) => break Err(lease_error(e)),
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(next_pass) => {}
+        }
+        let snapshot = caches.snapshot(&settings);
+        next_pass = match reconcile(&snapshot, &settings, &writer, &metrics).await {
+            Ok(_) => Instant::now() + RESYNC,
+            Err(_) => Instant::now() + RETRY,
+        };
+    };
+    metrics.leader.set(0);
+    if let Err(e) = lease.release().await {
+        tracing::warn!(error = %e, "releasing the lease failed; another replica takes over when it expires");
+    }
+    result
+}
+
+/// One pass: decide on `snapshot`, then write the decision.
+pub async fn reconcile(
+    snapshot: &Snapshot,
+    settings: &Settings,
+    writer: &Writer,
+    metrics: &Metrics,
+) -> Result<Decision, WriteError> {
+    let started = Instant::now();
+    let policy = settings.policy();
+    let now = k8s_openapi::jiff::Timestamp::now()
+        .round(k8s_openapi::jiff::Unit::Second)
+        .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now())
+        .to_string();
+    let decision = decide(&ClusterView {
+        mirrors: &snapshot.mirrors,
+        sources: &snapshot.sources,
+        policy: &policy,
+        nodes: &snapshot.nodes,
+        stored: &snapshot.stored,
+        agent_role: snapshot.agent_role.as_deref(),
+        max_unavailable: settings.max_unavailable,
+        now: &now,
+    });
+    metrics.reconciles.inc();
+    metrics.observe(&decision);
+    let written = writer
+        .write(&decision, |subject| snapshot.reference(subject))
+        .await;
+    metrics.duration.observe(started.elapsed().as_secs_f64());
+    match written {
+        Ok(()) => {
+            if decision.writes() > 0 {
+                tracing::info!(
+                    configs_created = decision.create.len(),
+                    nodes_advanced = decision.advance.len(),
+                    statuses = decision.statuses.len(),
+                    configs_deleted = decision.delete.len(),
+                    "reconciled"
+                );
+            }
+            Ok(decision)
+        }
+        Err(e) => {
+            metrics.errors.inc();
+            tracing::error!(error = %e, "reconcile failed; retrying");
+            Err(e)
+        }
+    }
+}
+
+/// Everything a pass reads, copied out of the caches.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub mirrors: Vec<RegistryMirror>,
+    pub sources: Sources,
+    pub nodes: Vec<NodeView>,
+    pub stored: BTreeMap<String, RenderedConfig>,
+    pub agent_role: Option<Vec<String>>,
+    /// UIDs of Nodes and RegistryMirrors, for Events.
+    pub uids: HashMap<(&'static str, String), String>,
+}
+
+impl Snapshot {
+    /// A snapshot of these objects. `secrets` and `config_maps` are those of the watched
+    /// namespaces; the operator's own configs are found among the secrets.
+    pub fn from_objects<'a>(
+        mirrors: impl IntoIterator<Item = &'a RegistryMirror>,
+        nodes: impl IntoIterator<Item = &'a Node>,
+        secrets: impl IntoIterator<Item = &'a Secret>,
+        config_maps: impl IntoIterator<Item = &'a ConfigMap>,
+        agent_role: Option<&Role>,
+        namespace: &str,
+    ) -> Self {
+        let mut snapshot = Snapshot::default();
+        for mirror in mirrors {
+            snapshot.remember_uid("RegistryMirror", &mirror.meta().name, &mirror.meta().uid);
+            snapshot.mirrors.push(mirror.clone());
+        }
+        for node in nodes {
+            snapshot.remember_uid("Node", &node.metadata.name, &node.metadata.uid);
+            snapshot.nodes.push(snapshot::node_view(node));
+        }
+        let mut configs = Vec::new();
+        for secret in secrets {
+            let (Some(ns), Some(name)) = (&secret.metadata.namespace, &secret.metadata.name) else {
+                continue;
+            };
+            if snapshot::is_config(secret) && ns == namespace {
+                configs.push(secret);
+            } else {
+                let source = snapshot::secret_source(secret);
+                snapshot
+                    .sources
+                    .insert(SourceKind::Secret, ns, name, source);
+            }
+        }
+        snapshot.stored = snapshot::stored_configs(configs);
+        for cm in config_maps {
+            if let (Some(ns), Some(name)) = (&cm.metadata.namespace, &cm.metadata.name) {
+                let source = snapshot::config_map_source(cm);
+                snapshot
+                    .sources
+                    .insert(SourceKind::ConfigMap, ns, name, source);
+            }
+        }
+        snapshot.agent_role = agent_role.map(snapshot::role_resource_names);
+        snapshot
+            .mirrors
+            .sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        snapshot
+    }
+
+    fn remember_uid(&mut self, kind: &'static str, name: &Option<String>, uid: &Option<String>) {
+        if let (Some(name), Some(uid)) = (name, uid) {
+            self.uids.insert((kind, name.clone()), uid.clone());
+        }
+    }
+
+    /// The object an Event is about.
+    pub fn reference(&self, subject: &Subject) -> ObjectReference {
+        let (api_version, kind, name) = match subject {
+            Subject::Node(name) => ("v1".to_owned(), "Node", name),
+            Subject::Mirror(name) => (
+                RegistryMirror::api_version(&()).into_owned(),
+                "RegistryMirror",
+                name,
+            ),
+        };
+        ObjectReference {
+            api_version: Some(api_version),
+            kind: Some(kind.to_owned()),
+            name: Some(name.clone()),
+            uid: self.uids.get(&(kind, name.clone())).cloned(),
+            ..ObjectReference::default()
+        }
+    }
+}
+
+/// The operator's caches, filled and kept current by watches.
+pub struct Caches {
+    mirrors: Store<RegistryMirror>,
+    nodes: Store<Node>,
+    secrets: Vec<Store<Secret>>,
+    config_maps: Vec<Store<ConfigMap>>,
+    roles: Store<Role>,
+    namespace: String,
+    agent_role: String,
+}
+
+impl Caches {
+    /// Starts the watches. The stream yields once per change; it must be polled for the
+    /// caches to fill.
+    pub fn watch(
+        client: &kube::Client,
+        settings: &Settings,
+    ) -> (Caches, impl Stream<Item = ()> + Send + 'static) {
+        let mut changes: Vec<stream::BoxStream<'static, ()>> = Vec::new();
+        let (mirrors, w) = reflector::store();
+        changes.push(reflect(
+            Api::all(client.clone()),
+            watcher::Config::default(),
+            w,
+            |_| {},
+        ));
+        let (nodes, w) = reflector::store();
+        changes.push(reflect(
+            Api::all(client.clone()),
+            watcher::Config::default(),
+            w,
+            snapshot::slim_node,
+        ));
+
+        let mut secrets = Vec::new();
+        let mut config_maps = Vec::new();
+        for ns in settings.watched_namespaces() {
+            // Helm keeps release history in Secrets of this type: big, and none of ours.
+            let not_helm = watcher::Config::default().fields("type!=helm.sh/release.v1");
+            let (store, w) = reflector::store();
+            changes.push(reflect(
+                Api::namespaced(client.clone(), &ns),
+                not_helm,
+                w,
+                |s: &mut Secret| {
+                    s.metadata.managed_fields = None;
+                },
+            ));
+            secrets.push(store);
+            let (store, w) = reflector::store();
+            changes.push(reflect(
+                Api::namespaced(client.clone(), &ns),
+                watcher::Config::default(),
+                w,
+                |c: &mut ConfigMap| {
+                    c.metadata.managed_fields = None;
+                },
+            ));
+            config_maps.push(store);
+        }
+        let only_agent_role =
+            watcher::Config::default().fields(&format!("metadata.name={}", settings.agent_role));
+        let (roles, w) = reflector::store();
+        changes.push(reflect(
+            Api::namespaced(client.clone(), &settings.namespace),
+            only_agent_role,
+            w,
+            |_| {},
+        ));
+
+        let caches = Caches {
+            mirrors,
+            nodes,
+            secrets,
+            config_maps,
+            roles,
+            namespace: settings.namespace.clone(),
+            agent_role: settings.agent_role.clone(),
+        };
+        (caches, stream::select_all(changes))
+    }
+
+    async fn wait_until_ready(&self) -> Result<(), ControllerError> {
+        let never = |_| ControllerError::CacheNeverReady;
+        self.mirrors.wait_until_ready().await.map_err(never)?;
+        self.nodes.wait_until_ready().await.map_err(never)?;
+        self.roles.wait_until_ready().await.map_err(never)?;
+        for s in &self.secrets {
+            s.wait_until_ready().await.map_err(never)?;
+        }
+        for c in &self.config_maps {
+            c.wait_until_ready().await.map_err(never)?;
+        }
+        Ok(())
+    }
+
+    /// What the caches hold now.
+    pub fn snapshot(&self, settings: &Settings) -> Snapshot {
+        let mirrors = self.mirrors.state();
+        let nodes = self.nodes.state();
+        let secrets: Vec<_> = self.secrets.iter().flat_map(Store::state).collect();
+        let config_maps: Vec<_> = self.config_maps.iter().flat_map(Store::state).collect();
+        let role = self
+            .roles
+            .state()
+            .into_iter()
+            .find(|r| r.metadata.name.as_deref() == Some(self.agent_role.as_str()));
+        debug_assert_eq!(self.namespace, settings.namespace);
+        Snapshot::from_objects(
+            mirrors.iter().map(|m| &**m),
+            nodes.iter().map(|n| &**n),
+            secrets.iter().map(|s| &**s),
+            config_maps.iter().map(|c| &**c),
+            role.as_deref(),
+            &self.namespace,
+        )
+    }
+}
+
+/// A watch that keeps `writer`'s store current, trimming each object with `trim` first, and
+/// yields `()` per change. Watch errors are logged and retried with backoff.
+fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: reflector::store::Writer<K>,
+    trim: impl FnMut(&mut K) + Send + 'static,
+) -> stream::BoxStream<'static, ()>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    watcher(api, config)
+        .default_backoff()
+        .modify(trim)
+        .reflect(writer)
+        .filter_map(|event| async move {
+            match event {
+                Ok(_) => Some(()),
+                Err(e) => {
+                    tracing::warn!(kind = %K::kind(&()), error = %e, "watch failed; retrying");
+                    None
+                }
+            }
+        })
+        .boxed()
+}

@@ -1,0 +1,131 @@
+//! Kubernetes objects, as the pure decision reads them. Plain conversions, no I/O.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
+use k8s_openapi::api::rbac::v1::Role;
+use regmirror_core::contract::{
+    self, NodeState, CONFIG_KEY, CURRENT_CONFIG, DESIRED_CONFIG, FLAVOR, MESSAGE, STATE,
+};
+use regmirror_core::decide::NodeView;
+use regmirror_core::render::RenderedConfig;
+use regmirror_core::sources::SourceObject;
+
+/// Labels by which a node says it runs the control plane (`master` on older k3s/RKE2).
+const CONTROL_PLANE_LABELS: [&str; 2] = [
+    "node-role.kubernetes.io/control-plane",
+    "node-role.kubernetes.io/master",
+];
+
+/// A Node as the planner sees it: labels, role, readiness and the agent's annotations.
+pub fn node_view(node: &Node) -> NodeView {
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    let annotations = node.metadata.annotations.as_ref();
+    let annotation = |key: &str| annotations.and_then(|a| a.get(key)).cloned();
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .is_some_and(|c| c.status == "True");
+    NodeView {
+        name: node.metadata.name.clone().unwrap_or_default(),
+        control_plane: CONTROL_PLANE_LABELS.iter().any(|l| labels.contains_key(*l)),
+        labels,
+        ready,
+        flavor: annotation(FLAVOR).and_then(|f| f.parse().ok()),
+        desired: annotation(DESIRED_CONFIG),
+        current: annotation(CURRENT_CONFIG),
+        state: annotation(STATE).and_then(|s| NodeState::parse(&s)),
+        message: annotation(MESSAGE),
+    }
+}
+
+/// Keeps of a Node only what [`node_view`] reads, so the operator's cache of a large cluster
+/// stays small: managed fields, images, addresses and the rest are dropped as they arrive.
+pub fn slim_node(node: &mut Node) {
+    node.metadata.managed_fields = None;
+    if let Some(annotations) = node.metadata.annotations.as_mut() {
+        annotations.retain(|k, _| k.starts_with("regmirror.io/"));
+    }
+    node.spec = None;
+    if let Some(status) = node.status.as_mut() {
+        let ready = status
+            .conditions
+            .take()
+            .map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect());
+        *status = Default::default();
+        status.conditions = ready;
+    }
+}
+
+/// A Secret's type and data.
+pub fn secret_source(secret: &Secret) -> SourceObject {
+    SourceObject {
+        type_: secret.type_.clone(),
+        data: secret
+            .data
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.0.clone()))
+            .collect(),
+    }
+}
+
+/// A ConfigMap's data and binary data.
+pub fn config_map_source(config_map: &ConfigMap) -> SourceObject {
+    let text = config_map
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.clone().into_bytes()));
+    let binary = config_map
+        .binary_data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.0.clone()));
+    SourceObject {
+        type_: None,
+        data: text.chain(binary).collect(),
+    }
+}
+
+/// Whether a Secret is one of the operator's rendered configs.
+pub fn is_config(secret: &Secret) -> bool {
+    secret
+        .metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(contract::CONFIG_LABEL))
+}
+
+/// The rendered configs among `secrets`, by name. One that does not decode is left out (and
+/// logged): it is not the operator's to delete or to point nodes at.
+pub fn stored_configs<'s>(
+    secrets: impl IntoIterator<Item = &'s Secret>,
+) -> BTreeMap<String, RenderedConfig> {
+    secrets
+        .into_iter()
+        .filter(|s| is_config(s))
+        .filter_map(|s| {
+            let name = s.metadata.name.clone()?;
+            let bytes = s.data.as_ref()?.get(CONFIG_KEY)?;
+            match serde_json::from_slice(&bytes.0) {
+                Ok(config) => Some((name, config)),
+                Err(e) => {
+                    tracing::warn!(secret = %name, error = %e, "config Secret does not decode; leaving it alone");
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// The Secret names the agents' Role grants `get` on.
+pub fn role_resource_names(role: &Role) -> Vec<String> {
+    role.rules
+        .iter()
+        .flatten()
+        .flat_map(|r| r.resource_names.iter().flatten().cloned())
+        .collect()
+}
