@@ -5,4 +5,5 @@
 //! backs up a hand-written file once before replacing it, and keeps the last good configuration
 //! for rollback.
 
+pub mod detect;
 pub mod hostfs;

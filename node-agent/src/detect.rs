@@ -1,0 +1,294 @@
+//! Which runtime flavor this host runs, read from the host's files through the root mount.
+//!
+//! k3s and RKE2 are recognised by their systemd units (the unit name also says server or
+//! agent, which is the service to restart); CRI-O by its unit or config; plain containerd by
+//! its config, whose CRI `config_path` says where hosts.toml files are read from. A k3s or
+//! RKE2 node running an external runtime (`container-runtime-endpoint` in its config file or
+//! unit) ignores registries.yaml: that is reported, never "applied".
+
+use std::path::{Path, PathBuf};
+
+use regmirror_core::node::{Flavor, DEFAULT_CONTAINERD_HOSTS_DIR};
+
+/// Where unit files live on the usual distributions, relative to the root.
+const UNIT_DIRS: [&str; 4] = [
+    "etc/systemd/system",
+    "usr/local/lib/systemd/system",
+    "usr/lib/systemd/system",
+    "lib/systemd/system",
+];
+
+/// What the agent found on its host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Detected {
+    /// A runtime regmirror can configure.
+    Supported(Host),
+    /// A runtime regmirror cannot configure on this node, and why.
+    Unsupported(String),
+}
+
+/// A configurable host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    pub flavor: Flavor,
+    /// The systemd unit that runs the runtime (restarted or reloaded when a change needs it).
+    pub unit: String,
+    /// Something the operator of the node should know (shown with the node's state).
+    pub warning: Option<String>,
+}
+
+/// Looks at the host under `root`.
+pub fn detect(root: &Path) -> Detected {
+    for (flavor, name, units) in [
+        (Flavor::K3s, "k3s", ["k3s.service", "k3s-agent.service"]),
+        (
+            Flavor::Rke2,
+            "rke2",
+            ["rke2-server.service", "rke2-agent.service"],
+        ),
+    ] {
+        let Some((unit, unit_file)) = units
+            .iter()
+            .find_map(|u| find_unit(root, u).map(|f| (*u, f)))
+        else {
+            continue;
+        };
+        if let Some(place) = external_runtime(root, name, &unit_file) {
+            return Detected::Unsupported(format!(
+                "{name} runs with an external container runtime (container-runtime-endpoint in {place}); it ignores registries.yaml, so configure that runtime instead (flavor containerd or cri-o)"
+            ));
+        }
+        return Detected::Supported(Host {
+            flavor,
+            unit: unit.to_owned(),
+            warning: None,
+        });
+    }
+    if find_unit(root, "crio.service").is_some() || root.join("etc/crio/crio.conf").is_file() {
+        return Detected::Supported(Host {
+            flavor: Flavor::Crio,
+            unit: "crio.service".into(),
+            warning: None,
+        });
+    }
+    let containerd_config = root.join("etc/containerd/config.toml");
+    if containerd_config.is_file() || find_unit(root, "containerd.service").is_some() {
+        let (hosts_dir, warning) = match containerd_config_path(&containerd_config) {
+            Some(dir) => (dir, None),
+            None => (
+                DEFAULT_CONTAINERD_HOSTS_DIR.to_owned(),
+                Some(format!(
+                    "/etc/containerd/config.toml does not set the CRI registry config_path; containerd reads no hosts.toml until it does (set config_path = \"{DEFAULT_CONTAINERD_HOSTS_DIR}\" and restart containerd once)"
+                )),
+            ),
+        };
+        return Detected::Supported(Host {
+            flavor: Flavor::Containerd { hosts_dir },
+            unit: "containerd.service".into(),
+            warning,
+        });
+    }
+    Detected::Unsupported(
+        "no supported container runtime found (k3s, RKE2, containerd or CRI-O); set the agent's flavor explicitly if the host has one".into(),
+    )
+}
+
+/// The unit a flavor given explicitly runs as, when the host does not say.
+pub fn default_unit(flavor: &Flavor, root: &Path) -> String {
+    let candidates: &[&str] = match flavor {
+        Flavor::K3s => &["k3s.service", "k3s-agent.service"],
+        Flavor::Rke2 => &["rke2-server.service", "rke2-agent.service"],
+        Flavor::Containerd { .. } => &["containerd.service"],
+        Flavor::Crio => &["crio.service"],
+    };
+    candidates
+        .iter()
+        .find(|u| find_unit(root, u).is_some())
+        .unwrap_or(&candidates[0])
+        .to_string()
+}
+
+fn find_unit(root: &Path, unit: &str) -> Option<PathBuf> {
+    UNIT_DIRS
+        .iter()
+        .map(|d| root.join(d).join(unit))
+        .find(|p| p.is_file())
+}
+
+/// Where an external runtime endpoint is configured for k3s/RKE2, if anywhere: the config
+/// file, its drop-ins, or the unit's command line.
+fn external_runtime(root: &Path, name: &str, unit_file: &Path) -> Option<String> {
+    let config_dir = root.join("etc/rancher").join(name);
+    let mut configs = vec![config_dir.join("config.yaml")];
+    if let Ok(entries) = std::fs::read_dir(config_dir.join("config.yaml.d")) {
+        let mut dropins: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        dropins.sort();
+        configs.extend(dropins);
+    }
+    for config in configs {
+        let Ok(text) = std::fs::read_to_string(&config) else {
+            continue;
+        };
+        let yaml: serde_yaml::Value = serde_yaml::from_str(&text).unwrap_or_default();
+        let set = yaml
+            .get("container-runtime-endpoint")
+            .and_then(|v| v.as_str())
+            .is_some_and(|v| !v.trim().is_empty());
+        if set {
+            let shown = config.strip_prefix(root).unwrap_or(&config);
+            return Some(format!("/{}", shown.display()));
+        }
+    }
+    let unit_text = std::fs::read_to_string(unit_file).unwrap_or_default();
+    if unit_text.contains("--container-runtime-endpoint") {
+        let shown = unit_file.strip_prefix(root).unwrap_or(unit_file);
+        return Some(format!("/{}", shown.display()));
+    }
+    None
+}
+
+/// containerd's CRI registry `config_path`: config version 2 and 3 keep it in different tables.
+fn containerd_config_path(config: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(config).ok()?;
+    let value: toml::Table = toml::from_str(&text).ok()?;
+    let plugins = value.get("plugins")?;
+    ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images"]
+        .iter()
+        .find_map(|p| {
+            plugins
+                .get(p)?
+                .get("registry")?
+                .get("config_path")?
+                .as_str()
+        })
+        .map(|s| {
+            s.split(':')
+                .next()
+                .unwrap_or(s)
+                .trim_end_matches('/')
+                .to_owned()
+        })
+        .filter(|s| s.starts_with('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        for (path, content) in files {
+            let p = root.path().join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, content).unwrap();
+        }
+        root
+    }
+
+    fn supported(d: Detected) -> Host {
+        match d {
+            Detected::Supported(h) => h,
+            Detected::Unsupported(why) => panic!("unsupported: {why}"),
+        }
+    }
+
+    #[test]
+    fn k3s_and_rke2_servers_and_agents() {
+        let unit = "[Service]\nExecStart=/usr/local/bin/k3s server\n";
+        for (path, flavor, service) in [
+            ("etc/systemd/system/k3s.service", Flavor::K3s, "k3s.service"),
+            (
+                "etc/systemd/system/k3s-agent.service",
+                Flavor::K3s,
+                "k3s-agent.service",
+            ),
+            (
+                "usr/local/lib/systemd/system/rke2-server.service",
+                Flavor::Rke2,
+                "rke2-server.service",
+            ),
+            (
+                "usr/lib/systemd/system/rke2-agent.service",
+                Flavor::Rke2,
+                "rke2-agent.service",
+            ),
+        ] {
+            let root = host(&[(path, unit)]);
+            let h = supported(detect(root.path()));
+            assert_eq!((h.flavor, h.unit.as_str()), (flavor, service), "{path}");
+        }
+    }
+
+    #[test]
+    fn k3s_with_an_external_runtime_is_reported_not_applied() {
+        let root = host(&[
+            (
+                "etc/systemd/system/k3s-agent.service",
+                "ExecStart=/usr/local/bin/k3s agent\n",
+            ),
+            (
+                "etc/rancher/k3s/config.yaml.d/10-runtime.yaml",
+                "container-runtime-endpoint: unix:///run/containerd/containerd.sock\n",
+            ),
+        ]);
+        let Detected::Unsupported(why) = detect(root.path()) else {
+            panic!()
+        };
+        assert!(
+            why.contains("/etc/rancher/k3s/config.yaml.d/10-runtime.yaml"),
+            "{why}"
+        );
+        assert!(why.contains("ignores registries.yaml"), "{why}");
+
+        let root = host(&[(
+            "etc/systemd/system/k3s.service",
+            "ExecStart=/usr/local/bin/k3s \\\n    server \\\n    '--container-runtime-endpoint' '/run/crio/crio.sock'\n",
+        )]);
+        let Detected::Unsupported(why) = detect(root.path()) else {
+            panic!()
+        };
+        assert!(why.contains("/etc/systemd/system/k3s.service"), "{why}");
+    }
+
+    #[test]
+    fn containerd_config_path_from_version_2_and_3_configs() {
+        let v2 = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n";
+        let h = supported(detect(host(&[("etc/containerd/config.toml", v2)]).path()));
+        assert_eq!(
+            h.flavor,
+            Flavor::Containerd {
+                hosts_dir: "/etc/containerd/certs.d".into()
+            }
+        );
+        assert_eq!(h.warning, None);
+
+        let v3 = "version = 3\n[plugins.'io.containerd.cri.v1.images'.registry]\n  config_path = '/opt/registry/hosts/'\n";
+        let h = supported(detect(host(&[("etc/containerd/config.toml", v3)]).path()));
+        assert_eq!(
+            h.flavor,
+            Flavor::Containerd {
+                hosts_dir: "/opt/registry/hosts".into()
+            }
+        );
+
+        let h = supported(detect(
+            host(&[("etc/containerd/config.toml", "version = 2\n")]).path(),
+        ));
+        assert!(h
+            .warning
+            .unwrap()
+            .contains("does not set the CRI registry config_path"));
+    }
+
+    #[test]
+    fn crio_and_nothing_at_all() {
+        let h = supported(detect(host(&[("etc/crio/crio.conf", "[crio]\n")]).path()));
+        assert_eq!((h.flavor, h.unit.as_str()), (Flavor::Crio, "crio.service"));
+        // Empty directories the DaemonSet's mounts create are no evidence of anything.
+        let root = host(&[]);
+        for dir in ["etc/rancher/k3s", "etc/crio", "etc/containerd"] {
+            std::fs::create_dir_all(root.path().join(dir)).unwrap();
+        }
+        assert!(matches!(detect(root.path()), Detected::Unsupported(_)));
+    }
+}
