@@ -7,119 +7,21 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
-use regmirror_core::api::{
-    CaRef, Endpoint, EndpointAuth, EndpointTls, ObjectRef, RegistryMirror, RegistryMirrorSpec,
-};
-use regmirror_core::model::ResolvedMirror;
+use regmirror_core::api::{Endpoint, ObjectRef, RegistryMirror, RegistryMirrorSpec};
 use regmirror_core::node::Flavor;
 use regmirror_core::render::{render, RenderedConfig};
 use regmirror_core::resolve::resolve;
-use regmirror_core::sources::{RefPolicy, SourceKind, SourceObject, Sources};
-use regmirror_testbed::{
-    dead_port, oci_layout, push, Containerd, Pki, Registry, RegistryOptions, Skopeo,
-};
+use regmirror_core::sources::RefPolicy;
+use regmirror_testbed::world::{assert_failed_with, assert_pulled, containerd, secure, World, NS};
+use regmirror_testbed::{dead_port, RegistryOptions, Skopeo};
 
-const NS: &str = "regmirror-system";
-const USER: &str = "puller";
-const PASSWORD: &str = "s3cret-pa55";
-
-/// A registry with TLS and basic auth holding `library/hello:v1`, and the Secrets that
-/// describe how to reach it.
-struct World {
-    dir: tempfile::TempDir,
-    registry: Registry,
-    sources: Sources,
-    /// The image as nodes name it: on an upstream that does not answer.
-    image: String,
+/// What only these tests do with the world: render and install for one consumer.
+trait Install {
+    fn containerd_hosts_dir(&self, endpoints: Vec<Endpoint>) -> PathBuf;
+    fn crio(&self, endpoints: Vec<Endpoint>) -> (Skopeo, Option<PathBuf>);
 }
 
-impl World {
-    fn new(options: RegistryOptions) -> World {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = Pki::create(&dir.path().join("pki"));
-        let registry = Registry::start(&dir.path().join("registry"), &pki, options);
-        let layout = dir.path().join("image");
-        oci_layout(&layout, "v1", "hello from regmirror");
-        push(
-            &layout,
-            "v1",
-            &registry,
-            "library/hello",
-            &pki.dir,
-            &dir.path().join("push"),
-        );
-
-        let mut sources = Sources::new();
-        let text = |pairs: &[(&str, String)]| {
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone().into_bytes()))
-                .collect()
-        };
-        let basic = SourceObject {
-            type_: Some("kubernetes.io/basic-auth".into()),
-            data: text(&[("username", USER.into()), ("password", PASSWORD.into())]),
-        };
-        let wrong = SourceObject {
-            type_: Some("kubernetes.io/basic-auth".into()),
-            data: text(&[("username", USER.into()), ("password", "wrong".into())]),
-        };
-        sources.insert(SourceKind::Secret, NS, "mirror-pull", basic);
-        sources.insert(SourceKind::Secret, NS, "wrong-pull", wrong);
-        sources.insert(
-            SourceKind::ConfigMap,
-            NS,
-            "registry-ca",
-            SourceObject {
-                type_: None,
-                data: text(&[("ca.crt", pki.pem("ca.crt"))]),
-            },
-        );
-        let tls = SourceObject {
-            type_: Some("kubernetes.io/tls".into()),
-            data: text(&[
-                ("tls.crt", pki.pem("client.crt")),
-                ("tls.key", pki.pem("client.key")),
-            ]),
-        };
-        sources.insert(SourceKind::Secret, NS, "node-client-tls", tls);
-        let image = format!("127.0.0.1:{}/library/hello:v1", dead_port());
-        World {
-            dir,
-            registry,
-            sources,
-            image,
-        }
-    }
-
-    fn upstream(&self) -> &str {
-        self.image.split('/').next().unwrap()
-    }
-
-    /// An endpoint at the test registry, with the CA and credentials as asked.
-    fn endpoint(&self, ca: bool, credentials: Option<&str>) -> Endpoint {
-        Endpoint {
-            url: self.registry.url(),
-            auth: credentials.map(EndpointAuth::from_secret),
-            tls: ca.then(|| EndpointTls::with_ca(CaRef::from_config_map("registry-ca"))),
-        }
-    }
-
-    fn resolved(&self, endpoints: Vec<Endpoint>) -> ResolvedMirror {
-        let spec = RegistryMirrorSpec {
-            registry: self.upstream().into(),
-            endpoints,
-            rewrites: vec![],
-            node_selector: None,
-        };
-        resolve(
-            &RegistryMirror::new("test-mirror", spec),
-            &self.sources,
-            &RefPolicy::new(NS),
-        )
-        .expect("valid mirror")
-    }
-
+impl Install for World {
     /// Renders for plain containerd with its hosts dir inside the test directory.
     fn containerd_hosts_dir(&self, endpoints: Vec<Endpoint>) -> PathBuf {
         let hosts_dir = self.dir.path().join(format!("certs.d-{}", dead_port()));
@@ -159,35 +61,6 @@ fn write(config: &RenderedConfig, place: impl Fn(&str) -> PathBuf) {
         std::fs::write(&target, &file.content).unwrap();
         std::fs::set_permissions(&target, std::fs::Permissions::from_mode(file.mode)).unwrap();
     }
-}
-
-fn secure() -> RegistryOptions {
-    RegistryOptions {
-        tls: true,
-        basic_auth: Some((USER.into(), PASSWORD.into())),
-        client_certs: false,
-    }
-}
-
-fn containerd(world: &World) -> Containerd {
-    Containerd::start(&world.dir.path().join("containerd"))
-}
-
-fn assert_pulled(pull: regmirror_testbed::Pull) {
-    assert!(pull.ok, "pull failed:\n{}", pull.output);
-}
-
-fn assert_failed_with(pull: regmirror_testbed::Pull, reason: &str) {
-    assert!(
-        !pull.ok,
-        "pull succeeded but should have failed with {reason:?}:\n{}",
-        pull.output
-    );
-    assert!(
-        pull.output.contains(reason),
-        "pull failed, but not with {reason:?}:\n{}",
-        pull.output
-    );
 }
 
 #[test]

@@ -5,5 +5,8 @@
 //! backs up a hand-written file once before replacing it, and keeps the last good configuration
 //! for rollback.
 
+pub mod agent;
 pub mod detect;
 pub mod hostfs;
+pub mod restart;
+pub mod verify;

@@ -13,6 +13,7 @@ mod pki;
 mod process;
 mod registry;
 mod runtime;
+pub mod world;
 
 pub use image::{oci_layout, push};
 pub use pki::Pki;

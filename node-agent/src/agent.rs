@@ -1,0 +1,203 @@
+//! What the agent does with one configuration, on the host: write it, make the runtime pick it
+//! up, check that it works — and if it does not, put the last good configuration back.
+//!
+//! No Kubernetes here: the caller fetched the configuration and will report the outcome.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use regmirror_core::contract::{config_secret_name, NodeState};
+use regmirror_core::render::{activation, Activation, RenderedConfig};
+
+use crate::detect::Host;
+use crate::hostfs::HostFs;
+use crate::restart::Activator;
+use crate::verify;
+
+/// How long each check may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// For one endpoint to answer.
+    pub probe: Duration,
+    /// For the runtime (and the node) to be back after a restart or reload.
+    pub ready: Duration,
+}
+
+/// The result of applying a configuration, for the node's annotations and Events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub state: NodeState,
+    /// The configuration on the host afterwards (by its Secret name).
+    pub current: Option<String>,
+    /// What happened, for people.
+    pub message: String,
+    /// The runtime was restarted or reloaded.
+    pub activated: Option<Activation>,
+    pub rolled_back: bool,
+}
+
+/// The agent on one host.
+pub struct Agent {
+    pub host: HostFs,
+    pub root: PathBuf,
+    pub runtime: Host,
+    pub activator: Activator,
+    pub timeouts: Timeouts,
+}
+
+impl Agent {
+    pub fn new(root: &Path, runtime: Host, activator: Activator, timeouts: Timeouts) -> Self {
+        Agent {
+            host: HostFs::new(root),
+            root: root.to_owned(),
+            runtime,
+            activator,
+            timeouts,
+        }
+    }
+
+    /// The name of the configuration on the host now.
+    pub fn current(&self) -> Option<String> {
+        match self.host.current() {
+            Ok(config) => config.as_ref().map(config_secret_name),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the current configuration's record");
+                None
+            }
+        }
+    }
+
+    /// Applies `config` (the Secret `name`). `node_ready` waits, up to the given time, for the
+    /// node to be Ready again after a restart.
+    pub async fn apply<R, F>(&self, name: &str, config: &RenderedConfig, node_ready: R) -> Outcome
+    where
+        R: Fn(Duration) -> F,
+        F: Future<Output = Result<(), String>>,
+    {
+        let previous = self.host.current().ok().flatten();
+        let previous_name = previous.as_ref().map(config_secret_name);
+        let failed = |message: String, current: Option<String>, rolled_back| Outcome {
+            state: NodeState::Failed,
+            current,
+            message,
+            activated: None,
+            rolled_back,
+        };
+        let flavor = self.runtime.flavor.to_string();
+        if config.flavor != flavor {
+            return failed(
+                format!(
+                    "{name} was rendered for {}, but this node runs {flavor}",
+                    config.flavor
+                ),
+                previous_name,
+                false,
+            );
+        }
+
+        let step = activation(previous.as_ref(), config);
+        let report = match self.host.apply(config) {
+            Ok(report) => report,
+            Err(e) => {
+                // The journal keeps the host whole; finish or undo what was started.
+                let _ = self.host.recover();
+                return failed(format!("writing {name}: {e}"), self.current(), false);
+            }
+        };
+        tracing::info!(config = %name, written = report.written.len(), removed = report.removed.len(), activation = ?step, "configuration written");
+
+        match self.activate_and_verify(config, step, &node_ready).await {
+            Ok(()) => {
+                if let Err(e) = self.host.mark_good() {
+                    tracing::warn!(error = %e, "cannot record the configuration as good");
+                }
+                let mut message = match step {
+                    Activation::Hot => format!("{name} applied without a restart"),
+                    Activation::Reload => format!("{name} applied; {} reloaded", self.runtime.unit),
+                    Activation::Restart => {
+                        format!("{name} applied; {} restarted", self.runtime.unit)
+                    }
+                };
+                if !report.backed_up.is_empty() {
+                    message.push_str(&format!(
+                        "; hand-written files backed up under /{}/backup: {}",
+                        crate::hostfs::STATE_DIR,
+                        report.backed_up.join(", ")
+                    ));
+                }
+                if let Some(warning) = &self.runtime.warning {
+                    message.push_str(&format!("; warning: {warning}"));
+                }
+                Outcome {
+                    state: NodeState::Applied,
+                    current: Some(name.to_owned()),
+                    message,
+                    activated: (step != Activation::Hot).then_some(step),
+                    rolled_back: false,
+                }
+            }
+            Err(reason) => {
+                tracing::warn!(config = %name, %reason, "configuration failed; rolling back");
+                let restored = self.roll_back(config, &node_ready).await;
+                let message = match &restored {
+                    Ok(Some(good)) => format!("{name} failed: {reason}; restored {good}"),
+                    Ok(None) => format!("{name} failed: {reason}; removed it (no earlier good configuration)"),
+                    Err(e) => format!("{name} failed: {reason}; restoring the previous configuration failed too: {e}"),
+                };
+                failed(message, self.current(), true)
+            }
+        }
+    }
+
+    async fn activate_and_verify<R, F>(
+        &self,
+        config: &RenderedConfig,
+        step: Activation,
+        node_ready: &R,
+    ) -> Result<(), String>
+    where
+        R: Fn(Duration) -> F,
+        F: Future<Output = Result<(), String>>,
+    {
+        self.activator
+            .activate(step, self.timeouts.ready)
+            .await
+            .map_err(|e| e.to_string())?;
+        if step != Activation::Hot {
+            node_ready(self.timeouts.ready).await?;
+        }
+        verify::verify(config, &self.root, self.timeouts.probe)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Puts the last good configuration back (or none, if there never was one) and activates
+    /// it. Returns its name.
+    async fn roll_back<R, F>(
+        &self,
+        failed: &RenderedConfig,
+        node_ready: &R,
+    ) -> Result<Option<String>, String>
+    where
+        R: Fn(Duration) -> F,
+        F: Future<Output = Result<(), String>>,
+    {
+        let good = self.host.last_good().map_err(|e| e.to_string())?;
+        let target = good.clone().unwrap_or_else(|| RenderedConfig {
+            flavor: failed.flavor.clone(),
+            files: Default::default(),
+            restart_key: String::new(),
+        });
+        self.host.apply(&target).map_err(|e| e.to_string())?;
+        let step = activation(Some(failed), &target);
+        self.activator
+            .activate(step, self.timeouts.ready)
+            .await
+            .map_err(|e| e.to_string())?;
+        if step != Activation::Hot {
+            node_ready(self.timeouts.ready).await?;
+        }
+        Ok(good.as_ref().map(config_secret_name))
+    }
+}
