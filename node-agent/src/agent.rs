@@ -108,7 +108,7 @@ impl Agent {
         tracing::info!(config = %name, written = report.written.len(), removed = report.removed.len(), activation = ?step, "configuration written");
 
         match self.activate_and_verify(config, step, &node_ready).await {
-            Ok(()) => {
+            Ok(warnings) => {
                 if let Err(e) = self.host.mark_good() {
                     tracing::warn!(error = %e, "cannot record the configuration as good");
                 }
@@ -126,7 +126,7 @@ impl Agent {
                         report.backed_up.join(", ")
                     ));
                 }
-                if let Some(warning) = &self.runtime.warning {
+                for warning in self.runtime.warning.iter().chain(&warnings) {
                     message.push_str(&format!("; warning: {warning}"));
                 }
                 Outcome {
@@ -155,7 +155,7 @@ impl Agent {
         config: &RenderedConfig,
         step: Activation,
         node_ready: &R,
-    ) -> Result<(), String>
+    ) -> Result<Vec<String>, String>
     where
         R: Fn(Duration) -> F,
         F: Future<Output = Result<(), String>>,

@@ -7,9 +7,14 @@
 //! show up as failed pulls later. The agent finds them now, so that it can roll back and
 //! report, and the operator can stop the rollout.
 //!
-//! Only endpoints regmirror configured are probed: the `[host."…"]` mirrors, and the
-//! `server` when the file gives it TLS settings or headers. The registry's public default
-//! endpoint is not, so air-gapped nodes verify fine. Without a configured CA the certificate
+//! A registry's configuration is broken when a TLS file it names cannot be used, or when none
+//! of its endpoints answers; one endpoint down among others that answer is what fallback is
+//! for, and only a warning.
+//!
+//! Only the `[host."…"]` mirrors are probed, never a file's `server`: that is the registry's
+//! default endpoint (public, or reached in ways the agent cannot see — k3s even derives its
+//! scheme from the name), so air-gapped nodes verify fine. A registry configured only with
+//! credentials or TLS for itself therefore goes unprobed. Without a configured CA the certificate
 //! chain is not judged here (the host's own trust store, which the agent cannot see, decides).
 
 use std::path::{Path, PathBuf};
@@ -42,6 +47,16 @@ pub enum VerifyError {
     Unreachable { endpoint: String, detail: String },
     #[error("{endpoint}: answered {status} to GET /v2/, not the registry API")]
     NotARegistry { endpoint: String, status: u16 },
+    #[error("no endpoint in {file} answers: {}", reasons.join("; "))]
+    NoEndpointAnswers { file: String, reasons: Vec<String> },
+}
+
+/// The endpoints one hosts.toml file configures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostsFile {
+    /// Its path on the host.
+    pub path: String,
+    pub endpoints: Vec<Endpoint>,
 }
 
 /// One endpoint as a hosts.toml file configures it.
@@ -57,9 +72,10 @@ pub struct Endpoint {
 }
 
 /// The endpoints `config`'s hosts.toml files configure, with their paths made absolute.
-pub fn endpoints(config: &RenderedConfig) -> Result<Vec<Endpoint>, VerifyError> {
-    let mut all = Vec::new();
+pub fn endpoints(config: &RenderedConfig) -> Result<Vec<HostsFile>, VerifyError> {
+    let mut files = Vec::new();
     for (path, file) in &config.files {
+        let mut all = Vec::new();
         if !path.ends_with("/hosts.toml") {
             continue;
         }
@@ -69,14 +85,6 @@ pub fn endpoints(config: &RenderedConfig) -> Result<Vec<Endpoint>, VerifyError> 
         };
         let doc: toml::Table = toml::from_str(&file.content).map_err(|e| bad(e.to_string()))?;
         let dir = Path::new(path).parent().unwrap_or(Path::new("/"));
-        let configured = ["ca", "client", "skip_verify", "header"]
-            .iter()
-            .any(|k| doc.contains_key(*k));
-        if let Some(server) = doc.get("server").and_then(|s| s.as_str()) {
-            if configured && !server.is_empty() {
-                all.push(endpoint(server, &doc, dir).map_err(bad)?);
-            }
-        }
         if let Some(hosts) = doc.get("host").and_then(|h| h.as_table()) {
             for (url, table) in hosts {
                 if let Some(table) = table.as_table() {
@@ -84,10 +92,14 @@ pub fn endpoints(config: &RenderedConfig) -> Result<Vec<Endpoint>, VerifyError> 
                 }
             }
         }
+        if !all.is_empty() {
+            files.push(HostsFile {
+                path: path.clone(),
+                endpoints: all,
+            });
+        }
     }
-    all.sort_by(|a, b| a.url.cmp(&b.url));
-    all.dedup();
-    Ok(all)
+    Ok(files)
 }
 
 fn endpoint(url: &str, table: &toml::Table, dir: &Path) -> Result<Endpoint, String> {
@@ -132,16 +144,32 @@ fn endpoint(url: &str, table: &toml::Table, dir: &Path) -> Result<Endpoint, Stri
     })
 }
 
-/// Probes every endpoint of `config` (files read under `root`); all must answer.
+/// Probes the endpoints of `config` (files read under `root`). Returns warnings about
+/// endpoints that do not answer while another one for the same registry does.
 pub async fn verify(
     config: &RenderedConfig,
     root: &Path,
     timeout: Duration,
-) -> Result<(), VerifyError> {
-    for endpoint in endpoints(config)? {
-        probe(&endpoint, root, timeout).await?;
+) -> Result<Vec<String>, VerifyError> {
+    let mut warnings = Vec::new();
+    for file in endpoints(config)? {
+        let mut reasons = Vec::new();
+        for endpoint in &file.endpoints {
+            match probe(endpoint, root, timeout).await {
+                Ok(()) => {}
+                Err(e @ VerifyError::BadTlsFile { .. }) => return Err(e),
+                Err(e) => reasons.push(e.to_string()),
+            }
+        }
+        if reasons.len() == file.endpoints.len() {
+            return Err(VerifyError::NoEndpointAnswers {
+                file: file.path,
+                reasons,
+            });
+        }
+        warnings.extend(reasons);
     }
-    Ok(())
+    Ok(warnings)
 }
 
 /// Asks one endpoint for `GET <path>/`, the registry API root: 200 or 401 means a registry
