@@ -232,7 +232,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     request: &str,
 ) -> std::io::Result<u16> {
     stream.write_all(request.as_bytes()).await?;
-    let mut head = vec![0u8; 64];
+    let mut head = [0u8; 64];
     let mut read = 0;
     while read < 12 {
         let n = stream.read(&mut head[read..]).await?;
