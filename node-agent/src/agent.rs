@@ -102,7 +102,11 @@ impl Agent {
             Err(e) => {
                 // The journal keeps the host whole; finish or undo what was started.
                 let _ = self.host.recover();
-                return failed(format!("writing {name}: {e}"), self.current(), false);
+                return failed(
+                    format!("{name}: writing failed: {e}"),
+                    self.current(),
+                    false,
+                );
             }
         };
         tracing::info!(config = %name, written = report.written.len(), removed = report.removed.len(), activation = ?step, "configuration written");

@@ -8,5 +8,8 @@
 pub mod agent;
 pub mod detect;
 pub mod hostfs;
+pub mod metrics;
+pub mod report;
 pub mod restart;
 pub mod verify;
+pub mod watch;

@@ -1,13 +1,18 @@
-//! `regmirror-agent`: host-side operations on a rendered configuration. `apply` reads a
-//! configuration (the `config.json` of a config Secret) and puts it onto the host through
-//! the journal; `rollback` returns to the last verified configuration; `recover` finishes or
-//! discards an apply a crash interrupted.
+//! `regmirror-agent`: `run` is the DaemonSet's agent. The other commands are for a person on
+//! the node: `apply` reads a configuration (the `config.json` of a config Secret) and puts it
+//! onto the host through the journal; `rollback` returns to the last verified configuration;
+//! `recover` finishes or discards an apply a crash interrupted.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use regmirror_core::node::Flavor;
 use regmirror_core::render::RenderedConfig;
+use regmirror_node_agent::agent::Timeouts;
 use regmirror_node_agent::hostfs::HostFs;
+use regmirror_node_agent::watch::{self, Settings};
 
 #[derive(Parser)]
 #[command(name = "regmirror-agent", version, about)]
@@ -21,6 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Watch this node and apply what the operator names for it (the DaemonSet's command).
+    Run(RunArgs),
     /// Put a rendered configuration (JSON) onto the host.
     Apply {
         /// The configuration: a file holding a config Secret's `config.json`.
@@ -35,10 +42,66 @@ enum Command {
     Recover,
 }
 
+#[derive(clap::Args)]
+struct RunArgs {
+    /// This node's name (from the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// The operator's namespace, where the rendered configs are.
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: String,
+    /// `auto` detects it; or k3s, rke2, containerd, containerd:<hosts dir>, cri-o.
+    #[arg(long, env = "REGMIRROR_FLAVOR", default_value = "auto")]
+    flavor: String,
+    /// Run this (with `sh -c`) instead of restarting or reloading through systemd.
+    #[arg(long, env = "REGMIRROR_RESTART_COMMAND")]
+    restart_command: Option<String>,
+    /// Seconds the runtime and the node get to be back after a restart.
+    #[arg(long, env = "REGMIRROR_READY_TIMEOUT", default_value_t = 300)]
+    ready_timeout: u64,
+    /// Where /metrics, /healthz and /readyz are served.
+    #[arg(long, default_value = "0.0.0.0:8081")]
+    listen: SocketAddr,
+}
+
+fn run(root: PathBuf, args: RunArgs) -> Result<(), String> {
+    regmirror_runtime::logging::init();
+    let flavor = match args.flavor.as_str() {
+        "auto" | "" => None,
+        other => Some(other.parse::<Flavor>().map_err(|e| e.to_string())?),
+    };
+    let settings = Settings {
+        node_name: args.node_name,
+        namespace: args.namespace,
+        root,
+        flavor,
+        restart_command: args.restart_command.filter(|c| !c.trim().is_empty()),
+        timeouts: Timeouts {
+            probe: Duration::from_secs(10),
+            ready: Duration::from_secs(args.ready_timeout),
+        },
+        settle: Duration::from_secs(10),
+        listen: args.listen,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(async {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| format!("cannot build a Kubernetes client: {e}"))?;
+        watch::run(client, settings)
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
 fn main() {
     let cli = Cli::parse();
     let host = HostFs::new(&cli.root);
     let result = match cli.command {
+        Command::Run(args) => run(cli.root.clone(), args),
         Command::Apply { config, mark_good } => std::fs::read(&config)
             .map_err(|e| format!("{}: {e}", config.display()))
             .and_then(|bytes| {

@@ -1,0 +1,97 @@
+//! Telling the cluster what happened on this node: the agent's annotations on its own Node
+//! (which the operator reads) and Events on the Node (which people read).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use regmirror_core::contract::{CURRENT_CONFIG, FLAVOR, MESSAGE, STATE};
+use serde_json::json;
+
+/// Writes to the agent's own Node only.
+pub struct NodeReporter {
+    nodes: Api<Node>,
+    recorder: Recorder,
+    node: String,
+}
+
+impl NodeReporter {
+    pub fn new(client: kube::Client, node: &str) -> Self {
+        NodeReporter {
+            nodes: Api::all(client.clone()),
+            recorder: Recorder::new(
+                client,
+                Reporter {
+                    controller: "regmirror-agent".into(),
+                    instance: Some(node.to_owned()),
+                },
+            ),
+            node: node.to_owned(),
+        }
+    }
+
+    /// Sets the agent's annotations to `wanted`, writing only if `node` has them otherwise.
+    pub async fn annotate(
+        &self,
+        node: &Node,
+        wanted: &BTreeMap<&'static str, String>,
+    ) -> Result<(), kube::Error> {
+        let have = node.metadata.annotations.clone().unwrap_or_default();
+        let changed: BTreeMap<&str, &String> = wanted
+            .iter()
+            .filter(|(k, v)| have.get(**k) != Some(*v))
+            .map(|(k, v)| (*k, v))
+            .collect();
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let patch = json!({"metadata": {"annotations": changed}});
+        self.nodes
+            .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        Ok(())
+    }
+
+    /// Records an Event on the Node. A failure to record is logged, not fatal.
+    pub async fn event(&self, node: &Node, warning: bool, reason: &str, note: &str) {
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.to_owned(),
+            note: Some(note.to_owned()),
+            action: "Apply".to_owned(),
+            secondary: None,
+        };
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(self.node.clone()),
+            uid: node.metadata.uid.clone(),
+            ..ObjectReference::default()
+        };
+        if let Err(e) = self.recorder.publish(&event, &reference).await {
+            tracing::warn!(error = %e, reason, "recording an Event failed");
+        }
+    }
+}
+
+/// The agent's annotations for a state.
+pub fn annotations(
+    flavor: Option<&str>,
+    current: Option<&str>,
+    state: &str,
+    message: &str,
+) -> BTreeMap<&'static str, String> {
+    let mut wanted = BTreeMap::from([(STATE, state.to_owned()), (MESSAGE, message.to_owned())]);
+    if let Some(flavor) = flavor {
+        wanted.insert(FLAVOR, flavor.to_owned());
+    }
+    if let Some(current) = current {
+        wanted.insert(CURRENT_CONFIG, current.to_owned());
+    }
+    wanted
+}

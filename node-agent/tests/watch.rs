@@ -1,0 +1,287 @@
+//! The agent's Kubernetes side against kube's mocked service: the exact requests for applying
+//! a named configuration, for a configuration that already failed here, and for a host
+//! regmirror cannot configure.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Api;
+use prometheus_client::registry::Registry;
+use regmirror_core::contract::{
+    config_secret_name, CONFIG_KEY, CURRENT_CONFIG, DESIRED_CONFIG, FLAVOR, MESSAGE, STATE,
+};
+use regmirror_core::node::Flavor;
+use regmirror_core::render::render;
+use regmirror_node_agent::agent::{Agent, Timeouts};
+use regmirror_node_agent::detect::Host;
+use regmirror_node_agent::metrics::Metrics;
+use regmirror_node_agent::report::NodeReporter;
+use regmirror_node_agent::restart::Activator;
+use regmirror_node_agent::watch::{Setup, Worker};
+use regmirror_testbed::api::{mock_client, Recorded};
+use regmirror_testbed::world::World;
+use regmirror_testbed::RegistryOptions;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+const NS: &str = "regmirror-system";
+const NODE: &str = "/api/v1/nodes/edge-1?";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events?";
+
+fn node(annotations: &[(&str, &str)]) -> Node {
+    Node {
+        metadata: ObjectMeta {
+            name: Some("edge-1".into()),
+            uid: Some("uid-edge-1".into()),
+            annotations: Some(
+                annotations
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+fn worker(
+    setup: Setup,
+    secrets: BTreeMap<String, Value>,
+) -> (Worker, regmirror_testbed::api::RequestLog) {
+    let (client, log) = mock_client(move |r: &Recorded| {
+        let name = r
+            .path
+            .split('?')
+            .next()
+            .unwrap()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .to_owned();
+        if r.method == "GET" {
+            return match secrets.get(&name) {
+                Some(s) => (200, s.clone()),
+                None => (
+                    404,
+                    regmirror_testbed::api::status_error(404, "NotFound", "not found"),
+                ),
+            };
+        }
+        let mut body = r.body.clone();
+        if r.path.starts_with("/api/v1/nodes/") {
+            body["apiVersion"] = json!("v1");
+            body["kind"] = json!("Node");
+            body["metadata"]["name"] = json!("edge-1");
+        }
+        (200, body)
+    });
+    let worker = Worker {
+        reporter: NodeReporter::new(client.clone(), "edge-1"),
+        secrets: Api::namespaced(client, NS),
+        setup,
+        metrics: Metrics::register(&mut Registry::default()),
+        settle: Duration::ZERO,
+    };
+    (worker, log)
+}
+
+fn containerd_agent(root: &std::path::Path) -> Agent {
+    let runtime = Host {
+        flavor: Flavor::Containerd {
+            hosts_dir: "/etc/containerd/certs.d".into(),
+        },
+        unit: "containerd.service".into(),
+        warning: None,
+    };
+    let timeouts = Timeouts {
+        probe: Duration::from_secs(5),
+        ready: Duration::from_secs(5),
+    };
+    Agent::new(
+        root,
+        runtime,
+        Activator::Command {
+            command: "exit 1".into(),
+        },
+        timeouts,
+    )
+}
+
+fn lines(requests: &[Recorded]) -> Vec<String> {
+    requests
+        .iter()
+        .map(|r| match r.path.contains("/events") {
+            true => format!(
+                "{} {} {}",
+                r.line(),
+                r.body["type"].as_str().unwrap(),
+                r.body["reason"].as_str().unwrap()
+            ),
+            false => r.line(),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_named_config_is_fetched_applied_and_reported() {
+    let world = World::new(RegistryOptions {
+        tls: false,
+        basic_auth: None,
+        client_certs: false,
+    });
+    let root = tempfile::tempdir().unwrap();
+    let agent = containerd_agent(root.path());
+    let config = render(
+        &[&world.resolved(vec![world.endpoint(false, None)])],
+        &agent.runtime.flavor,
+    )
+    .unwrap();
+    let name = config_secret_name(&config);
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name, "namespace": NS},
+        "data": {CONFIG_KEY: base64(&serde_json::to_vec(&config).unwrap())},
+    });
+    let (worker, log) = worker(
+        Setup::Ready(agent),
+        BTreeMap::from([(name.clone(), secret)]),
+    );
+    let node = node(&[(DESIRED_CONFIG, &name)]);
+    let (_tx, latest) = watch::channel(Some(Arc::new(node.clone())));
+
+    worker.step(&node, &latest).await;
+    let requests = log.take();
+    assert_eq!(
+        lines(&requests),
+        [
+            format!("PATCH {NODE}"),
+            format!("GET /api/v1/namespaces/{NS}/secrets/{name}"),
+            format!("PATCH {NODE}"),
+            format!("POST {EVENTS} Normal Applied"),
+        ]
+    );
+    assert_eq!(
+        requests[0].body,
+        json!({"metadata": {"annotations": {FLAVOR: "containerd", MESSAGE: format!("applying {name}"), STATE: "Applying"}}})
+    );
+    assert_eq!(
+        requests[2].body,
+        json!({"metadata": {"annotations": {
+            CURRENT_CONFIG: name, FLAVOR: "containerd",
+            MESSAGE: format!("{name} applied without a restart"), STATE: "Applied",
+        }}})
+    );
+    assert_eq!(requests[3].body["regarding"]["uid"], json!("uid-edge-1"));
+    let hosts_toml = root.path().join(format!(
+        "etc/containerd/certs.d/{}/hosts.toml",
+        world.upstream()
+    ));
+    assert!(std::fs::read_to_string(hosts_toml)
+        .unwrap()
+        .contains(&world.registry.host()));
+
+    // The node now says what the host has: nothing more to do.
+    let settled = node_with(&name, &requests[2].body);
+    worker.step(&settled, &latest).await;
+    assert_eq!(lines(&log.take()), Vec::<String>::new());
+}
+
+fn node_with(desired: &str, patch: &Value) -> Node {
+    let mut annotations: Vec<(String, String)> = patch["metadata"]["annotations"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+        .collect();
+    annotations.push((DESIRED_CONFIG.into(), desired.into()));
+    let pairs: Vec<(&str, &str)> = annotations
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    node(&pairs)
+}
+
+#[tokio::test]
+async fn a_config_that_failed_here_is_not_tried_again() {
+    let root = tempfile::tempdir().unwrap();
+    let (worker, log) = worker(Setup::Ready(containerd_agent(root.path())), BTreeMap::new());
+    let failed = node(&[
+        (DESIRED_CONFIG, "regmirror-config-aaaa"),
+        (FLAVOR, "containerd"),
+        (STATE, "Failed"),
+        (
+            MESSAGE,
+            "regmirror-config-aaaa failed: no endpoint answers; removed it",
+        ),
+    ]);
+    let (_tx, latest) = watch::channel(Some(Arc::new(failed.clone())));
+    worker.step(&failed, &latest).await;
+    assert_eq!(lines(&log.take()), Vec::<String>::new());
+
+    // A different config is tried, and a missing Secret is a failure that names it.
+    let next = node(&[
+        (DESIRED_CONFIG, "regmirror-config-bbbb"),
+        (FLAVOR, "containerd"),
+        (STATE, "Failed"),
+        (
+            MESSAGE,
+            "regmirror-config-aaaa failed: no endpoint answers; removed it",
+        ),
+    ]);
+    worker.step(&next, &latest).await;
+    let requests = log.take();
+    assert_eq!(
+        lines(&requests),
+        [
+            format!("PATCH {NODE}"),
+            format!("GET /api/v1/namespaces/{NS}/secrets/regmirror-config-bbbb"),
+            format!("PATCH {NODE}"),
+            format!("POST {EVENTS} Warning ApplyFailed"),
+        ]
+    );
+    let message = requests[2].body["metadata"]["annotations"][MESSAGE]
+        .as_str()
+        .unwrap();
+    assert!(
+        message.starts_with("regmirror-config-bbbb: cannot read the config Secret"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn an_unsupported_host_is_reported_once() {
+    let why = "k3s runs with an external container runtime (container-runtime-endpoint in /etc/rancher/k3s/config.yaml); it ignores registries.yaml";
+    let (worker, log) = worker(Setup::Unsupported(why.into()), BTreeMap::new());
+    let fresh = node(&[(DESIRED_CONFIG, "regmirror-config-aaaa")]);
+    let (_tx, latest) = watch::channel(Some(Arc::new(fresh.clone())));
+    worker.step(&fresh, &latest).await;
+    let requests = log.take();
+    assert_eq!(
+        lines(&requests),
+        [
+            format!("PATCH {NODE}"),
+            format!("POST {EVENTS} Warning Unsupported")
+        ]
+    );
+    assert_eq!(
+        requests[0].body,
+        json!({"metadata": {"annotations": {MESSAGE: why, STATE: "Unsupported"}}})
+    );
+
+    let reported = node(&[
+        (DESIRED_CONFIG, "regmirror-config-aaaa"),
+        (STATE, "Unsupported"),
+        (MESSAGE, why),
+    ]);
+    worker.step(&reported, &latest).await;
+    assert_eq!(lines(&log.take()), Vec::<String>::new());
+}
+
+fn base64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
