@@ -4,20 +4,20 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus, Secret};
-use k8s_openapi::api::rbac::v1::{PolicyRule, Role};
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
 use kube::runtime::events::{Recorder, Reporter};
 use prometheus_client::registry::Registry;
-use regmirror::controller::{reconcile, Metrics, Settings, Snapshot, Writer};
+use regmirror::controller::{reconcile as reconcile_pass, Metrics, Settings, Snapshot, Writer};
 use regmirror_core::api::{Endpoint, EndpointAuth, ObjectRef, RegistryMirror, RegistryMirrorSpec};
 use regmirror_core::contract::{
-    CONFIG_KEY, CONFIG_LABEL, CURRENT_CONFIG, DESIRED_CONFIG, FLAVOR, MESSAGE, STATE,
+    CONFIG_KEY, CONFIG_LABEL, CURRENT_CONFIG, DESIRED_CONFIG, MESSAGE, STATE,
 };
 use regmirror_core::decide::Decision;
 use regmirror_core::plan::MaxUnavailable;
 use regmirror_testbed::api::{mock_client, Recorded};
+use regmirror_testbed::cluster::{ready_node, Cluster};
 use serde_json::{json, Value};
 
 const NS: &str = "regmirror-system";
@@ -35,173 +35,88 @@ fn settings() -> Settings {
     }
 }
 
-/// The cluster as the API server holds it.
-#[derive(Clone)]
-struct Cluster {
-    mirrors: Vec<RegistryMirror>,
-    nodes: Vec<Node>,
-    secrets: Vec<Secret>,
-    role: Option<Role>,
-}
-
-impl Cluster {
-    /// Two k3s agent nodes with regmirror's agent running, a pull Secret, one mirror using it.
-    fn new() -> Self {
-        let mut mirror = RegistryMirror::new(
-            "docker-hub",
-            RegistryMirrorSpec {
-                registry: "docker.io".into(),
-                endpoints: vec![Endpoint {
-                    url: "https://mirror.internal.example:5000".into(),
-                    auth: Some(EndpointAuth::from_secret("mirror-pull")),
-                    tls: None,
-                }],
-                rewrites: vec![],
-                node_selector: None,
-            },
-        );
-        mirror.metadata.generation = Some(1);
-        mirror.metadata.uid = Some("uid-docker-hub".into());
-        Cluster {
-            mirrors: vec![mirror],
-            nodes: vec![node("edge-1"), node("edge-2")],
-            secrets: vec![pull_secret("one")],
-            role: None,
-        }
-    }
-
-    fn snapshot(&self) -> Snapshot {
-        Snapshot::from_objects(
-            &self.mirrors,
-            &self.nodes,
-            &self.secrets,
-            [],
-            self.role.as_ref(),
-            NS,
-        )
-    }
-
-    /// Runs one pass against a mocked API server; returns the decision and every request.
-    async fn reconcile(&self) -> (Decision, Vec<Recorded>) {
-        let (client, log) = mock_client(answer);
-        let writer = Writer {
-            client: client.clone(),
-            namespace: NS.into(),
-            agent_role: ROLE.into(),
-            recorder: Recorder::new(
-                client,
-                Reporter {
-                    controller: "regmirror".into(),
-                    instance: None,
-                },
-            ),
-        };
-        let metrics = Metrics::register(&mut Registry::default());
-        let decision = reconcile(&self.snapshot(), &settings(), &writer, &metrics)
-            .await
-            .unwrap();
-        (decision, log.take())
-    }
-
-    /// The cluster after the API server took `decision` and every agent applied its config.
-    fn settled(&self, decision: &Decision) -> Cluster {
-        let mut next = self.clone();
-        for (name, config) in &decision.create {
-            let mut s = Secret {
-                metadata: ObjectMeta {
-                    name: Some(name.clone()),
-                    namespace: Some(NS.into()),
-                    ..Default::default()
-                },
-                data: Some(BTreeMap::from([(
-                    CONFIG_KEY.into(),
-                    ByteString(serde_json::to_vec(config).unwrap()),
-                )])),
-                ..Default::default()
-            };
-            s.metadata.labels = Some(BTreeMap::from([(CONFIG_LABEL.into(), "true".into())]));
-            next.secrets.push(s);
-        }
-        next.secrets
-            .retain(|s| !decision.delete.contains(s.metadata.name.as_ref().unwrap()));
-        for (node, config) in &decision.advance {
-            let n = next
-                .nodes
-                .iter_mut()
-                .find(|n| n.metadata.name.as_deref() == Some(node))
-                .unwrap();
-            let a = n.metadata.annotations.get_or_insert_with(Default::default);
-            a.insert(DESIRED_CONFIG.into(), config.clone());
-            a.insert(CURRENT_CONFIG.into(), config.clone());
-            a.insert(STATE.into(), "Applied".into());
-        }
-        for (mirror, status) in &decision.statuses {
-            let m = next
-                .mirrors
-                .iter_mut()
-                .find(|m| m.metadata.name.as_deref() == Some(mirror))
-                .unwrap();
-            m.status = Some(status.clone());
-        }
-        if let Some(names) = &decision.agent_role {
-            next.role = Some(Role {
-                metadata: ObjectMeta {
-                    name: Some(ROLE.into()),
-                    namespace: Some(NS.into()),
-                    ..Default::default()
-                },
-                rules: Some(vec![PolicyRule {
-                    api_groups: Some(vec![String::new()]),
-                    resources: Some(vec!["secrets".into()]),
-                    verbs: vec!["get".into()],
-                    resource_names: Some(names.clone()),
-                    ..Default::default()
-                }]),
-            });
-        }
-        next
-    }
-
-    /// Runs passes until nothing is written, agents always succeeding.
-    async fn converged(mut self) -> Cluster {
-        for _ in 0..10 {
-            let (decision, _) = self.reconcile().await;
-            if decision.writes() == 0 {
-                return self;
-            }
-            self = self.settled(&decision);
-        }
-        panic!("no convergence");
-    }
-
-    fn node_annotation(&self, node: &str, key: &str) -> String {
-        let n = self
-            .nodes
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(node))
-            .unwrap();
-        n.metadata.annotations.as_ref().unwrap()[key].clone()
-    }
-}
-
-fn node(name: &str) -> Node {
-    Node {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            uid: Some(format!("uid-{name}")),
-            annotations: Some(BTreeMap::from([(FLAVOR.into(), "k3s".into())])),
-            ..Default::default()
+/// Two k3s agent nodes with regmirror's agent running, a pull Secret, one mirror using it.
+fn cluster() -> Cluster {
+    let mut mirror = RegistryMirror::new(
+        "docker-hub",
+        RegistryMirrorSpec {
+            registry: "docker.io".into(),
+            endpoints: vec![Endpoint {
+                url: "https://mirror.internal.example:5000".into(),
+                auth: Some(EndpointAuth::from_secret("mirror-pull")),
+                tls: None,
+            }],
+            rewrites: vec![],
+            node_selector: None,
         },
-        status: Some(NodeStatus {
-            conditions: Some(vec![NodeCondition {
-                type_: "Ready".into(),
-                status: "True".into(),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        }),
-        ..Default::default()
+    );
+    mirror.metadata.generation = Some(1);
+    mirror.metadata.uid = Some("uid-docker-hub".into());
+    Cluster {
+        mirrors: vec![mirror],
+        nodes: vec![ready_node("edge-1", "k3s"), ready_node("edge-2", "k3s")],
+        secrets: vec![pull_secret("one")],
+        namespace: NS.into(),
+        ..Cluster::default()
     }
+}
+
+/// Runs one pass against a mocked API server; returns the decision and every request.
+async fn reconcile(cluster: &Cluster) -> (Decision, Vec<Recorded>) {
+    let (client, log) = mock_client(answer);
+    let writer = Writer {
+        client: client.clone(),
+        namespace: NS.into(),
+        agent_role: ROLE.into(),
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "regmirror".into(),
+                instance: None,
+            },
+        ),
+    };
+    let metrics = Metrics::register(&mut Registry::default());
+    let snapshot = Snapshot::from_objects(
+        &cluster.mirrors,
+        &cluster.nodes,
+        &cluster.secrets,
+        &cluster.config_maps,
+        cluster.role.as_ref(),
+        NS,
+    );
+    let decision = reconcile_pass(&snapshot, &settings(), &writer, &metrics)
+        .await
+        .unwrap();
+    (decision, log.take())
+}
+
+/// The cluster after the API server took `decision` and every agent applied its config.
+fn settled(cluster: &Cluster, decision: &Decision) -> Cluster {
+    let mut next = cluster.clone();
+    next.settle(decision, ROLE);
+    next
+}
+
+/// Runs passes until nothing is written, agents always succeeding.
+async fn converged(mut cluster: Cluster) -> Cluster {
+    for _ in 0..10 {
+        let (decision, _) = reconcile(&cluster).await;
+        if decision.writes() == 0 {
+            return cluster;
+        }
+        cluster.settle(&decision, ROLE);
+    }
+    panic!("no convergence");
+}
+
+fn node_annotation(cluster: &Cluster, node: &str, key: &str) -> String {
+    let n = cluster
+        .nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(node))
+        .unwrap();
+    n.metadata.annotations.as_ref().unwrap()[key].clone()
 }
 
 fn pull_secret(password: &str) -> Secret {
@@ -275,8 +190,8 @@ const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
 
 #[tokio::test]
 async fn first_rollout_stores_the_config_grants_it_and_points_a_node_at_it() {
-    let cluster = Cluster::new();
-    let (decision, requests) = cluster.reconcile().await;
+    let cluster = cluster();
+    let (decision, requests) = reconcile(&cluster).await;
     let config = decision.create.keys().next().unwrap().clone();
     assert!(config.starts_with("regmirror-config-"));
     assert_eq!(
@@ -352,8 +267,8 @@ async fn first_rollout_stores_the_config_grants_it_and_points_a_node_at_it() {
 
 #[tokio::test]
 async fn nothing_changed_means_no_request_at_all() {
-    let cluster = Cluster::new().converged().await;
-    let (decision, requests) = cluster.reconcile().await;
+    let cluster = converged(cluster()).await;
+    let (decision, requests) = reconcile(&cluster).await;
     assert_eq!(decision.writes(), 0);
     assert_eq!(lines(&requests), Vec::<String>::new());
     let status = cluster.mirrors[0].status.as_ref().unwrap();
@@ -365,10 +280,10 @@ async fn nothing_changed_means_no_request_at_all() {
 
 #[tokio::test]
 async fn a_rotated_password_restarts_one_node_at_a_time() {
-    let mut cluster = Cluster::new().converged().await;
-    let old = cluster.node_annotation("edge-1", CURRENT_CONFIG);
+    let mut cluster = converged(cluster()).await;
+    let old = node_annotation(&cluster, "edge-1", CURRENT_CONFIG);
     cluster.secrets[0] = pull_secret("two");
-    let (decision, requests) = cluster.reconcile().await;
+    let (decision, requests) = reconcile(&cluster).await;
     let new = decision.create.keys().next().unwrap().clone();
     assert_ne!(new, old);
     assert_eq!(
@@ -391,12 +306,12 @@ async fn a_rotated_password_restarts_one_node_at_a_time() {
     );
 
     // edge-1 done: edge-2 moves; then the old config goes.
-    let cluster = cluster.settled(&decision);
-    let (decision, requests) = cluster.reconcile().await;
+    let cluster = settled(&cluster, &decision);
+    let (decision, requests) = reconcile(&cluster).await;
     assert_eq!(decision.advance, [("edge-2".to_owned(), new.clone())]);
     assert!(lines(&requests).contains(&"PATCH /api/v1/nodes/edge-2?".to_owned()));
-    let cluster = cluster.settled(&decision);
-    let (_, requests) = cluster.reconcile().await;
+    let cluster = settled(&cluster, &decision);
+    let (_, requests) = reconcile(&cluster).await;
     assert_eq!(
         lines(&requests),
         [
@@ -411,7 +326,7 @@ async fn a_rotated_password_restarts_one_node_at_a_time() {
 
 #[tokio::test]
 async fn a_reference_into_another_namespace_is_refused_and_no_node_changes() {
-    let mut cluster = Cluster::new().converged().await;
+    let mut cluster = converged(cluster()).await;
     cluster.mirrors[0].spec.endpoints[0].auth = Some(EndpointAuth {
         secret_ref: ObjectRef {
             name: "mirror-pull".into(),
@@ -419,7 +334,7 @@ async fn a_reference_into_another_namespace_is_refused_and_no_node_changes() {
         },
     });
     cluster.mirrors[0].metadata.generation = Some(2);
-    let (_, requests) = cluster.reconcile().await;
+    let (_, requests) = reconcile(&cluster).await;
     assert_eq!(
         lines(&requests),
         [
@@ -445,12 +360,12 @@ async fn a_reference_into_another_namespace_is_refused_and_no_node_changes() {
 
 #[tokio::test]
 async fn a_node_reporting_failure_halts_the_rollout_and_is_reported() {
-    let mut cluster = Cluster::new().converged().await;
+    let mut cluster = converged(cluster()).await;
     cluster.secrets[0] = pull_secret("two");
-    let (decision, _) = cluster.reconcile().await;
-    let mut cluster = cluster.settled(&decision);
+    let (decision, _) = reconcile(&cluster).await;
+    let mut cluster = settled(&cluster, &decision);
     // edge-1's agent could not bring k3s back with the new config and rolled back.
-    let old = cluster.node_annotation("edge-2", CURRENT_CONFIG);
+    let old = node_annotation(&cluster, "edge-2", CURRENT_CONFIG);
     let edge1 = cluster
         .nodes
         .iter_mut()
@@ -464,7 +379,7 @@ async fn a_node_reporting_failure_halts_the_rollout_and_is_reported() {
         "k3s-agent not active 300s after restart; restored the previous configuration".into(),
     );
 
-    let (decision, requests) = cluster.reconcile().await;
+    let (decision, requests) = reconcile(&cluster).await;
     assert!(
         decision.advance.is_empty(),
         "edge-2 does not get the config that failed"

@@ -8,6 +8,7 @@
 //! so tests assert the exact requests a component sends.
 
 pub mod api;
+pub mod cluster;
 mod image;
 mod pki;
 mod process;
