@@ -228,6 +228,7 @@ fn target_nodes(
 ) -> Vec<NodeTarget> {
     type Group = (String, Vec<String>);
     let mut rendered: HashMap<Group, Option<(String, RenderedConfig)>> = HashMap::new();
+    let mut parts: HashMap<(String, String), String> = HashMap::new();
     let mut conflicts: BTreeMap<String, Conflict> = BTreeMap::new();
     let mut targets = Vec::new();
     for (index, node) in view.nodes.iter().enumerate() {
@@ -249,7 +250,18 @@ fn target_nodes(
         let group = rendered
             .entry((flavor.to_string(), names.clone()))
             .or_insert_with(|| match render(&assembly.mirrors, flavor) {
-                Ok(config) => Some((config_secret_name(&config), config)),
+                Ok(mut config) => {
+                    for mirror in &assembly.mirrors {
+                        let part = parts
+                            .entry((flavor.to_string(), mirror.name.clone()))
+                            .or_insert_with(|| {
+                                render(&[*mirror], flavor)
+                                    .map_or_else(|_| String::new(), |c| c.digest())
+                            });
+                        config.parts.insert(mirror.name.clone(), part.clone());
+                    }
+                    Some((config_secret_name(&config), config))
+                }
                 Err(e) => {
                     problems
                         .entry(e.mirror.clone())
@@ -348,8 +360,17 @@ fn write_statuses(
                         .unwrap_or_else(|| "the node agent reported no reason".into()),
                 });
             } else if target.is_some_and(|t| {
-                node.current.as_ref() == Some(&t.config_name)
-                    && node.state == Some(NodeState::Applied)
+                // Updated for this mirror: the node runs a config holding this mirror's
+                // latest rendering, whatever else changed in the target since.
+                let running = node.current.as_ref().and_then(|c| {
+                    if *c == t.config_name {
+                        Some(&t.config)
+                    } else {
+                        view.stored.get(c)
+                    }
+                });
+                node.state == Some(NodeState::Applied)
+                    && running.and_then(|c| c.parts.get(&name)) == t.config.parts.get(&name)
             }) {
                 counts.updated += 1;
             } else {

@@ -499,3 +499,26 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_change_to_one_mirror_leaves_the_status_of_the_others_alone() {
+    let mut c = Cluster::new(
+        (0..3)
+            .map(|i| node(&format!("n{i}"), Flavor::K3s, &[]))
+            .collect(),
+    );
+    c.max_unavailable = MaxUnavailable::Count(3);
+    c.mirrors = vec![
+        mirror("hub", "docker.io", "https://hub.example:5000", None),
+        mirror("quay", "quay.io", "https://quay.example:5000", None),
+    ];
+    converge(&mut c);
+    c.mirrors[0].spec.endpoints[0].url = "https://hub.example:5000/v2/elsewhere".into();
+    let d = c.decide();
+    assert_eq!(d.advance.len(), 3, "all nodes get the new config");
+    assert_eq!(
+        d.statuses.keys().collect::<Vec<_>>(),
+        ["hub"],
+        "quay runs its latest everywhere still"
+    );
+}

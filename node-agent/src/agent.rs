@@ -192,6 +192,7 @@ impl Agent {
             flavor: failed.flavor.clone(),
             files: Default::default(),
             restart_key: String::new(),
+            parts: Default::default(),
         });
         self.host.apply(&target).map_err(|e| e.to_string())?;
         let step = activation(Some(failed), &target);

@@ -39,6 +39,11 @@ pub struct RenderedConfig {
     /// Digest of the part of the configuration the runtime reads only when it starts. Two
     /// configurations with equal keys can replace each other without a restart.
     pub restart_key: String,
+    /// Per RegistryMirror in it: the digest of that mirror rendered alone for this flavor.
+    /// Lets the operator tell which mirrors a node runs the latest of, when several share a
+    /// config. Filled by the operator; empty from `render`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub parts: BTreeMap<String, String>,
 }
 
 /// One file: its mode and content.
@@ -150,6 +155,7 @@ pub fn render(mirrors: &[&ResolvedMirror], flavor: &Flavor) -> Result<RenderedCo
         flavor: flavor.to_string(),
         files,
         restart_key,
+        parts: BTreeMap::new(),
     })
 }
 
