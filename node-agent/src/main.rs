@@ -59,6 +59,9 @@ struct RunArgs {
     /// Seconds the runtime and the node get to be back after a restart.
     #[arg(long, env = "REGMIRROR_READY_TIMEOUT", default_value_t = 300)]
     ready_timeout: u64,
+    /// Check that mirror endpoints answer before keeping a configuration.
+    #[arg(long, env = "REGMIRROR_VERIFY_ENDPOINTS", default_value_t = true, action = clap::ArgAction::Set)]
+    verify_endpoints: bool,
     /// Where /metrics, /healthz and /readyz are served.
     #[arg(long, default_value = "0.0.0.0:8081")]
     listen: SocketAddr,
@@ -77,8 +80,8 @@ fn run(root: PathBuf, args: RunArgs) -> Result<(), String> {
         flavor,
         restart_command: args.restart_command.filter(|c| !c.trim().is_empty()),
         timeouts: Timeouts {
-            probe: Duration::from_secs(10),
             ready: Duration::from_secs(args.ready_timeout),
+            probe: args.verify_endpoints.then_some(Duration::from_secs(10)),
         },
         settle: Duration::from_secs(10),
         listen: args.listen,

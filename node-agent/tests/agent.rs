@@ -19,7 +19,7 @@ use regmirror_testbed::{dead_port, Containerd};
 const HOSTS_DIR: &str = "/etc/containerd/certs.d";
 
 const TIMEOUTS: Timeouts = Timeouts {
-    probe: Duration::from_secs(5),
+    probe: Some(Duration::from_secs(5)),
     ready: Duration::from_secs(20),
 };
 
@@ -231,6 +231,7 @@ fn empty(flavor: &str) -> RenderedConfig {
         flavor: flavor.into(),
         files: Default::default(),
         restart_key: String::new(),
+        parts: Default::default(),
     }
 }
 

@@ -25,6 +25,7 @@ fn config(files: &[(&str, &str, u32)]) -> RenderedConfig {
             })
             .collect(),
         restart_key: String::new(),
+        parts: Default::default(),
     }
 }
 

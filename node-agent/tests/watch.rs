@@ -98,7 +98,7 @@ fn containerd_agent(root: &std::path::Path) -> Agent {
         warning: None,
     };
     let timeouts = Timeouts {
-        probe: Duration::from_secs(5),
+        probe: Some(Duration::from_secs(5)),
         ready: Duration::from_secs(5),
     };
     Agent::new(

@@ -31,7 +31,11 @@ async fn health_readiness_and_metrics_answer() {
     tokio::spawn(serve(addr, health.clone()).await.unwrap());
 
     assert_eq!(get(addr, "/healthz").await.0, 200);
-    assert_eq!(get(addr, "/readyz").await.0, 503, "not ready before the caches are filled");
+    assert_eq!(
+        get(addr, "/readyz").await.0,
+        503,
+        "not ready before the caches are filled"
+    );
     health.set_ready(true);
     assert_eq!(get(addr, "/readyz").await.0, 200);
     let (code, metrics) = get(addr, "/metrics").await;
@@ -44,6 +48,13 @@ async fn health_readiness_and_metrics_answer() {
 async fn a_taken_port_is_a_clear_error() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let err = serve(addr, Health::new(Registry::default())).await.err().unwrap();
-    assert!(err.to_string().starts_with(&format!("cannot listen on {addr}")), "{err}");
+    let err = serve(addr, Health::new(Registry::default()))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .starts_with(&format!("cannot listen on {addr}")),
+        "{err}"
+    );
 }
