@@ -44,7 +44,7 @@ impl Cluster {
                     registry: format!("registry-{m:03}.example.com"),
                     endpoints: vec![Endpoint {
                         url: format!("https://mirror-{m:03}.internal.example.com:5000"),
-                        auth: Some(EndpointAuth::from_secret(&format!("pull-{m:03}"))),
+                        auth: Some(EndpointAuth::from_secret(format!("pull-{m:03}"))),
                         tls: None,
                     }],
                     rewrites: vec![],
