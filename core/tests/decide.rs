@@ -120,6 +120,12 @@ fn basic_auth(user: &str, password: &str) -> SourceObject {
     }
 }
 
+fn containerd() -> Flavor {
+    Flavor::Containerd {
+        hosts_dir: "/etc/containerd/certs.d".into(),
+    }
+}
+
 fn node(name: &str, flavor: Flavor, labels: &[(&str, &str)]) -> NodeView {
     NodeView {
         name: name.into(),
@@ -407,13 +413,7 @@ fn the_losing_mirror_of_a_conflict_is_degraded_and_left_off() {
 
 #[test]
 fn deleting_the_last_mirror_empties_the_nodes_and_never_grants_every_secret() {
-    let mut c = Cluster::new(vec![node(
-        "a",
-        Flavor::Containerd {
-            hosts_dir: "/etc/containerd/certs.d".into(),
-        },
-        &[],
-    )]);
+    let mut c = Cluster::new(vec![node("a", containerd(), &[])]);
     c.mirrors = vec![mirror(
         "hub",
         "docker.io",

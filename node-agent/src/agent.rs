@@ -164,13 +164,7 @@ impl Agent {
         R: Fn(Duration) -> F,
         F: Future<Output = Result<(), String>>,
     {
-        self.activator
-            .activate(step, self.timeouts.ready)
-            .await
-            .map_err(|e| e.to_string())?;
-        if step != Activation::Hot {
-            node_ready(self.timeouts.ready).await?;
-        }
+        self.activate(step, node_ready).await?;
         match self.timeouts.probe {
             Some(timeout) => verify::verify(config, &self.root, timeout)
                 .await
@@ -198,7 +192,17 @@ impl Agent {
             parts: Default::default(),
         });
         self.host.apply(&target).map_err(|e| e.to_string())?;
-        let step = activation(Some(failed), &target);
+        self.activate(activation(Some(failed), &target), node_ready)
+            .await?;
+        Ok(good.as_ref().map(config_secret_name))
+    }
+
+    /// Restarts or reloads the runtime as `step` takes, then waits for the node to be Ready.
+    async fn activate<R, F>(&self, step: Activation, node_ready: &R) -> Result<(), String>
+    where
+        R: Fn(Duration) -> F,
+        F: Future<Output = Result<(), String>>,
+    {
         self.activator
             .activate(step, self.timeouts.ready)
             .await
@@ -206,6 +210,6 @@ impl Agent {
         if step != Activation::Hot {
             node_ready(self.timeouts.ready).await?;
         }
-        Ok(good.as_ref().map(config_secret_name))
+        Ok(())
     }
 }

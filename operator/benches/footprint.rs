@@ -15,7 +15,7 @@ use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher::Event;
 use regmirror::controller::{snapshot, Snapshot};
 use regmirror_core::api::RegistryMirror;
-use regmirror_core::decide::{decide, ClusterView, Decision};
+use regmirror_core::decide::Decision;
 use regmirror_core::plan::MaxUnavailable;
 use regmirror_core::sources::RefPolicy;
 use regmirror_testbed::cluster::Cluster;
@@ -29,24 +29,15 @@ fn rss_kib() -> u64 {
 }
 
 fn decide_on(cluster: &Cluster, max_unavailable: MaxUnavailable) -> Decision {
-    let snapshot = Snapshot::from_objects(
+    Snapshot::from_objects(
         &cluster.mirrors,
         &cluster.nodes,
         &cluster.secrets,
         &cluster.config_maps,
         cluster.role.as_ref(),
         NS,
-    );
-    decide(&ClusterView {
-        mirrors: &snapshot.mirrors,
-        sources: &snapshot.sources,
-        policy: &RefPolicy::new(NS),
-        nodes: &snapshot.nodes,
-        stored: &snapshot.stored,
-        agent_role: snapshot.agent_role.as_deref(),
-        max_unavailable,
-        now: "2026-11-23T00:00:00Z",
-    })
+    )
+    .decide(&RefPolicy::new(NS), max_unavailable, "2026-11-23T00:00:00Z")
 }
 
 fn fill<K>(writer: &mut Writer<K>, objects: Vec<K>)

@@ -7,56 +7,34 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use regmirror::controller::Snapshot;
-use regmirror_core::decide::{decide, ClusterView};
+use regmirror_core::decide::Decision;
 use regmirror_core::plan::MaxUnavailable;
 use regmirror_core::sources::RefPolicy;
 use regmirror_testbed::cluster::Cluster;
 
 const NS: &str = "regmirror-system";
 
-fn pass(cluster: &Cluster) -> usize {
-    let snapshot = Snapshot::from_objects(
+/// One pass as the controller makes it: snapshot the caches, decide.
+fn decide_on(cluster: &Cluster, max_unavailable: MaxUnavailable) -> Decision {
+    Snapshot::from_objects(
         &cluster.mirrors,
         &cluster.nodes,
         &cluster.secrets,
         &cluster.config_maps,
         cluster.role.as_ref(),
         NS,
-    );
-    let decision = decide(&ClusterView {
-        mirrors: &snapshot.mirrors,
-        sources: &snapshot.sources,
-        policy: &RefPolicy::new(NS),
-        nodes: &snapshot.nodes,
-        stored: &snapshot.stored,
-        agent_role: snapshot.agent_role.as_deref(),
-        max_unavailable: MaxUnavailable::Percent(10),
-        now: "2026-11-23T00:00:00Z",
-    });
-    decision.writes()
+    )
+    .decide(&RefPolicy::new(NS), max_unavailable, "2026-11-23T00:00:00Z")
+}
+
+fn pass(cluster: &Cluster) -> usize {
+    decide_on(cluster, MaxUnavailable::Percent(10)).writes()
 }
 
 fn settled_cluster() -> Cluster {
     let mut cluster = Cluster::synthetic(5_000, 50, 20, NS);
     for _ in 0..50 {
-        let snapshot = Snapshot::from_objects(
-            &cluster.mirrors,
-            &cluster.nodes,
-            &cluster.secrets,
-            &cluster.config_maps,
-            cluster.role.as_ref(),
-            NS,
-        );
-        let decision = decide(&ClusterView {
-            mirrors: &snapshot.mirrors,
-            sources: &snapshot.sources,
-            policy: &RefPolicy::new(NS),
-            nodes: &snapshot.nodes,
-            stored: &snapshot.stored,
-            agent_role: snapshot.agent_role.as_deref(),
-            max_unavailable: MaxUnavailable::Percent(100),
-            now: "2026-11-23T00:00:00Z",
-        });
+        let decision = decide_on(&cluster, MaxUnavailable::Percent(100));
         if decision.writes() == 0 {
             return cluster;
         }

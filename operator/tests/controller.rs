@@ -185,6 +185,17 @@ fn lines(requests: &[Recorded]) -> Vec<String> {
         .collect()
 }
 
+/// A new config stored, granted to the agents, given to edge-1 (one restart at a time).
+fn new_config_for_edge_1() -> [String; 5] {
+    [
+        format!("POST /api/v1/namespaces/{NS}/secrets?"),
+        format!("PATCH /apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/roles/{ROLE}{APPLY}"),
+        "PATCH /api/v1/nodes/edge-1?".to_owned(),
+        format!("PATCH /apis/regmirror.io/v1alpha1/registrymirrors/docker-hub/status{APPLY}"),
+        format!("POST {EVENTS}? Normal ConfigScheduled edge-1"),
+    ]
+}
+
 const APPLY: &str = "?&force=true&fieldManager=regmirror";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
 
@@ -196,13 +207,7 @@ async fn first_rollout_stores_the_config_grants_it_and_points_a_node_at_it() {
     assert!(config.starts_with("regmirror-config-"));
     assert_eq!(
         lines(&requests),
-        [
-            format!("POST /api/v1/namespaces/{NS}/secrets?"),
-            format!("PATCH /apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/roles/{ROLE}{APPLY}"),
-            "PATCH /api/v1/nodes/edge-1?".to_owned(),
-            format!("PATCH /apis/regmirror.io/v1alpha1/registrymirrors/docker-hub/status{APPLY}"),
-            format!("POST {EVENTS}? Normal ConfigScheduled edge-1"),
-        ],
+        new_config_for_edge_1(),
         "credentials in registries.yaml take a k3s restart: edge-2 waits for edge-1 (maxUnavailable 1)"
     );
 
@@ -288,13 +293,7 @@ async fn a_rotated_password_restarts_one_node_at_a_time() {
     assert_ne!(new, old);
     assert_eq!(
         lines(&requests),
-        [
-            format!("POST /api/v1/namespaces/{NS}/secrets?"),
-            format!("PATCH /apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/roles/{ROLE}{APPLY}"),
-            "PATCH /api/v1/nodes/edge-1?".to_owned(),
-            format!("PATCH /apis/regmirror.io/v1alpha1/registrymirrors/docker-hub/status{APPLY}"),
-            format!("POST {EVENTS}? Normal ConfigScheduled edge-1"),
-        ],
+        new_config_for_edge_1(),
         "k3s reads credentials only at start: edge-2 waits for edge-1"
     );
     let mut granted = vec![new.clone(), old.clone()];

@@ -183,21 +183,11 @@ pub async fn reconcile(
     metrics: &Metrics,
 ) -> Result<Decision, WriteError> {
     let started = Instant::now();
-    let policy = settings.policy();
     let now = k8s_openapi::jiff::Timestamp::now()
         .round(k8s_openapi::jiff::Unit::Second)
         .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now())
         .to_string();
-    let decision = decide(&ClusterView {
-        mirrors: &snapshot.mirrors,
-        sources: &snapshot.sources,
-        policy: &policy,
-        nodes: &snapshot.nodes,
-        stored: &snapshot.stored,
-        agent_role: snapshot.agent_role.as_deref(),
-        max_unavailable: settings.max_unavailable,
-        now: &now,
-    });
+    let decision = snapshot.decide(&settings.policy(), settings.max_unavailable, &now);
     metrics.reconciles.inc();
     metrics.observe(&decision);
     let written = writer
@@ -285,6 +275,25 @@ impl Snapshot {
             .mirrors
             .sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         snapshot
+    }
+
+    /// The decision on this snapshot (pure); `now` stamps conditions that change.
+    pub fn decide(
+        &self,
+        policy: &RefPolicy,
+        max_unavailable: MaxUnavailable,
+        now: &str,
+    ) -> Decision {
+        decide(&ClusterView {
+            mirrors: &self.mirrors,
+            sources: &self.sources,
+            policy,
+            nodes: &self.nodes,
+            stored: &self.stored,
+            agent_role: self.agent_role.as_deref(),
+            max_unavailable,
+            now,
+        })
     }
 
     fn remember_uid(&mut self, kind: &'static str, name: &Option<String>, uid: &Option<String>) {
