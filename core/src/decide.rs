@@ -118,6 +118,8 @@ enum Problem {
     Invalid(String),
     /// Another mirror won on some node.
     Conflict(String),
+    /// Not a problem: it won a conflict, which its status mentions (the loser is Degraded).
+    Won(String),
 }
 
 /// Decides what to write.
@@ -284,10 +286,15 @@ fn target_nodes(
             held,
         });
     }
-    for (mirror, conflict) in conflicts {
+    for (mirror, conflict) in &conflicts {
         problems
-            .entry(mirror)
+            .entry(mirror.clone())
             .or_insert(Problem::Conflict(conflict.to_string()));
+    }
+    for conflict in conflicts.into_values() {
+        problems
+            .entry(conflict.winner.clone())
+            .or_insert(Problem::Won(format!("conflict: {conflict}")));
     }
     targets
 }
@@ -434,16 +441,20 @@ fn conditions(
     paused: bool,
     first_failure: Option<&NodeFailure>,
 ) -> Vec<ConditionRow> {
-    let progress = format!("{} of {} nodes updated", counts.updated, counts.targeted);
+    let mut progress = format!("{} of {} nodes updated", counts.updated, counts.targeted);
+    if let Some(Problem::Won(note)) = problem {
+        progress.push_str(&format!("; {note}"));
+    }
     type Row = (&'static str, &'static str, String);
-    let (ready, progressing, degraded): (Row, Row, Row) = if let Some(problem) = problem {
-        let (reason, message) = match problem {
-            Problem::Invalid(m) => (
-                "InvalidSpec",
-                format!("{m}; nodes keep their current configuration"),
-            ),
-            Problem::Conflict(m) => ("Conflict", m.clone()),
-        };
+    let problem = problem.and_then(|p| match p {
+        Problem::Invalid(m) => Some((
+            "InvalidSpec",
+            format!("{m}; nodes keep their current configuration"),
+        )),
+        Problem::Conflict(m) => Some(("Conflict", m.clone())),
+        Problem::Won(_) => None,
+    });
+    let (ready, progressing, degraded): (Row, Row, Row) = if let Some((reason, message)) = problem {
         (
             ("False", reason, message.clone()),
             ("False", reason, progress),

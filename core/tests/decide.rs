@@ -405,7 +405,9 @@ fn the_losing_mirror_of_a_conflict_is_degraded_and_left_off() {
     let (status, reason, message) = c.condition("b-hub", "Degraded");
     assert_eq!((status.as_str(), reason.as_str()), ("True", "Conflict"));
     assert!(message.contains("a-hub"), "{message}");
-    assert_eq!(c.condition("a-hub", "Ready").0, "True");
+    let (ready, _, message) = c.condition("a-hub", "Ready");
+    assert_eq!(ready, "True");
+    assert!(message.contains("conflict: RegistryMirror a-hub also configures registry \"docker.io\"; a-hub is used, b-hub is ignored"), "the winner says so too: {message}");
     let config = &c.stored[c.nodes[0].current.as_ref().unwrap()];
     let all: String = config.files.values().map(|f| f.content.clone()).collect();
     assert!(all.contains("one.example") && !all.contains("two.example"));
