@@ -347,6 +347,7 @@ impl Caches {
             watcher::Config::default(),
             w,
             |_| {},
+            snapshot::mirror_fingerprint,
         ));
         let (nodes, w) = reflector::store();
         changes.push(reflect(
@@ -354,6 +355,7 @@ impl Caches {
             watcher::Config::default(),
             w,
             snapshot::slim_node,
+            snapshot::node_fingerprint,
         ));
 
         let mut secrets = Vec::new();
@@ -369,6 +371,7 @@ impl Caches {
                 |s: &mut Secret| {
                     s.metadata.managed_fields = None;
                 },
+                any_change,
             ));
             secrets.push(store);
             let (store, w) = reflector::store();
@@ -379,6 +382,7 @@ impl Caches {
                 |c: &mut ConfigMap| {
                     c.metadata.managed_fields = None;
                 },
+                any_change,
             ));
             config_maps.push(store);
         }
@@ -390,6 +394,7 @@ impl Caches {
             only_agent_role,
             w,
             |_| {},
+            any_change,
         ));
 
         let caches = Caches {
@@ -442,12 +447,16 @@ impl Caches {
 }
 
 /// A watch that keeps `writer`'s store current, trimming each object with `trim` first, and
-/// yields `()` per change. Watch errors are logged and retried with backoff.
+/// yields `()` per change that matters: an object whose `fingerprint` moved, a deletion, or a
+/// (re)list completed. A kubelet rewrites its Node's status every few minutes; with thousands
+/// of nodes that must not mean a pass every few milliseconds. Watch errors are logged and
+/// retried with backoff.
 fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
     writer: reflector::store::Writer<K>,
     trim: impl FnMut(&mut K) + Send + 'static,
+    fingerprint: fn(&K) -> u64,
 ) -> stream::BoxStream<'static, ()>
 where
     K: Resource<DynamicType = ()>
@@ -458,18 +467,45 @@ where
         + Sync
         + 'static,
 {
+    let mut seen: HashMap<String, u64> = HashMap::new();
     watcher(api, config)
         .default_backoff()
         .modify(trim)
         .reflect(writer)
-        .filter_map(|event| async move {
-            match event {
-                Ok(_) => Some(()),
+        .filter_map(move |event| {
+            let key = |o: &K| {
+                format!(
+                    "{}/{}",
+                    o.meta().namespace.as_deref().unwrap_or(""),
+                    o.meta().name.as_deref().unwrap_or("")
+                )
+            };
+            let relevant = match &event {
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                    seen.insert(key(o), fingerprint(o)) != Some(fingerprint(o))
+                }
+                Ok(watcher::Event::Delete(o)) => {
+                    seen.remove(&key(o));
+                    true
+                }
+                Ok(watcher::Event::Init) => false,
+                Ok(watcher::Event::InitDone) => true,
                 Err(e) => {
                     tracing::warn!(kind = %K::kind(&()), error = %e, "watch failed; retrying");
-                    None
+                    false
                 }
-            }
+            };
+            futures::future::ready(relevant.then_some(()))
         })
         .boxed()
+}
+
+/// Any change of the object: its resourceVersion.
+fn any_change<K: Resource>(object: &K) -> u64 {
+    hash(&object.meta().resource_version)
+}
+
+pub(crate) fn hash(value: &impl std::hash::Hash) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(value)
 }

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
 use k8s_openapi::api::rbac::v1::Role;
+use regmirror_core::api::RegistryMirror;
 use regmirror_core::contract::{
     self, NodeState, CONFIG_KEY, CURRENT_CONFIG, DESIRED_CONFIG, FLAVOR, MESSAGE, STATE,
 };
@@ -57,6 +58,19 @@ pub fn slim_node(node: &mut Node) {
         *status = Default::default();
         status.conditions = ready;
     }
+}
+
+/// What of a RegistryMirror decides anything: its spec (by generation) and annotations (the
+/// pause). Not its status: the operator's own status writes need no new pass.
+pub fn mirror_fingerprint(mirror: &RegistryMirror) -> u64 {
+    super::hash(&(mirror.metadata.generation, &mirror.metadata.annotations))
+}
+
+/// What of a Node the operator reads: labels, readiness, regmirror's annotations (after
+/// [`slim_node`] dropped the rest).
+pub fn node_fingerprint(node: &Node) -> u64 {
+    let view = node_view(node);
+    super::hash(&(&view.labels, view.ready, &node.metadata.annotations))
 }
 
 /// A Secret's type and data.
@@ -128,4 +142,49 @@ pub fn role_resource_names(role: &Role) -> Vec<String> {
         .flatten()
         .flat_map(|r| r.resource_names.iter().flatten().cloned())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{ContainerImage, NodeCondition, NodeStatus};
+
+    fn node(ready: &str, heartbeat: &str, images: usize) -> Node {
+        let mut node = Node::default();
+        node.metadata.name = Some("n".into());
+        node.metadata.labels = Some([("pool".to_owned(), "a".to_owned())].into());
+        node.status = Some(NodeStatus {
+            conditions: Some(vec![NodeCondition {
+                type_: "Ready".into(),
+                status: ready.into(),
+                last_heartbeat_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    heartbeat.parse().unwrap(),
+                )),
+                ..NodeCondition::default()
+            }]),
+            images: Some(vec![ContainerImage::default(); images]),
+            ..NodeStatus::default()
+        });
+        slim_node(&mut node);
+        node
+    }
+
+    #[test]
+    fn a_kubelet_heartbeat_is_no_change_but_readiness_labels_and_our_annotations_are() {
+        let base = node_fingerprint(&node("True", "2026-11-23T00:00:00Z", 3));
+        assert_eq!(
+            base,
+            node_fingerprint(&node("True", "2026-11-23T00:05:00Z", 30))
+        );
+        assert_ne!(
+            base,
+            node_fingerprint(&node("False", "2026-11-23T00:00:00Z", 3))
+        );
+        let mut relabelled = node("True", "2026-11-23T00:00:00Z", 3);
+        relabelled.metadata.labels = Some([("pool".to_owned(), "b".to_owned())].into());
+        assert_ne!(base, node_fingerprint(&relabelled));
+        let mut reported = node("True", "2026-11-23T00:00:00Z", 3);
+        reported.metadata.annotations = Some([(STATE.to_owned(), "Applied".to_owned())].into());
+        assert_ne!(base, node_fingerprint(&reported));
+    }
 }
