@@ -135,3 +135,86 @@ impl LeaseLock {
         }
     }
 }
+
+/// A lease being held: renewed in the background until released, or until it is lost.
+pub struct Held {
+    lost: tokio::sync::watch::Receiver<bool>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LeaseLock {
+    /// Waits until the lease is ours. Errors talking to the API server are logged and retried:
+    /// a follower has nothing to lose by waiting.
+    pub async fn acquire(&mut self) {
+        loop {
+            match self.try_acquire_or_renew().await {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(lease = %self.name, error = %e, "cannot read the lease; retrying")
+                }
+            }
+            tokio::time::sleep(self.renew_interval()).await;
+        }
+    }
+
+    /// Keeps renewing the lease in a task of its own, so that long work under it does not
+    /// delay renewal. Leadership is lost when a renewal finds another holder, or when renewals
+    /// fail for a whole duration.
+    pub fn keep(mut self) -> Held {
+        let (lost_tx, lost) = tokio::sync::watch::channel(false);
+        let (stop, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut renewed = Instant::now();
+            let mut wait = self.renew_interval();
+            loop {
+                tokio::select! {
+                    _ = &mut stop_rx => {
+                        if let Err(e) = self.release().await {
+                            tracing::warn!(error = %e, "releasing the lease failed; another replica takes over when it expires");
+                        }
+                        return;
+                    }
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                match self.try_acquire_or_renew().await {
+                    Ok(true) => {
+                        renewed = Instant::now();
+                        wait = self.renew_interval();
+                    }
+                    Ok(false) => break,
+                    Err(e) if renewed.elapsed() + Duration::from_secs(1) < self.duration => {
+                        tracing::warn!(lease = %self.name, error = %e, "renewing the lease failed; retrying");
+                        wait = Duration::from_secs(1);
+                    }
+                    Err(e) => {
+                        tracing::error!(lease = %self.name, error = %e, "could not renew the lease in time");
+                        break;
+                    }
+                }
+            }
+            let _ = lost_tx.send(true);
+        });
+        Held {
+            lost,
+            stop: Some(stop),
+            task,
+        }
+    }
+}
+
+impl Held {
+    /// Resolves when leadership is lost; from then on, nothing may be written.
+    pub async fn lost(&mut self) {
+        let _ = self.lost.wait_for(|lost| *lost).await;
+    }
+
+    /// Stops renewing and hands the lease back.
+    pub async fn release(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}

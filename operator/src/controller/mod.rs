@@ -31,7 +31,7 @@ use regmirror_runtime::endpoints::{self, BindError, Health};
 use regmirror_runtime::lease::LeaseLock;
 use regmirror_runtime::shutdown;
 use thiserror::Error;
-use tokio::time::{sleep, Instant};
+use tokio::time::Instant;
 
 pub use metrics::Metrics;
 pub use writer::{WriteError, Writer, CONFIG_SECRET_TYPE, FIELD_MANAGER};
@@ -74,8 +74,6 @@ impl Settings {
 pub enum ControllerError {
     #[error(transparent)]
     Bind(#[from] BindError),
-    #[error("leader election on Lease {lease}: {source}")]
-    Lease { lease: String, source: kube::Error },
     #[error("lost Lease {0} to another replica; exiting so that only one replica writes")]
     LostLease(String),
     #[error("a watch stopped before its cache was filled")]
@@ -96,8 +94,16 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Control
     let health = Health::new(registry);
     tokio::spawn(endpoints::serve(settings.listen, health.clone()).await?);
 
+    // The watches fill the caches only while polled: a task drives them from the start, on
+    // followers too, so that a new leader decides on current caches.
     let (caches, changes) = Caches::watch(&client, &settings);
-    let mut changes = Box::pin(changes);
+    let (changed_tx, mut changed) = tokio::sync::watch::channel(());
+    tokio::spawn(async move {
+        let mut changes = Box::pin(changes);
+        while changes.next().await.is_some() {
+            let _ = changed_tx.send(());
+        }
+    });
     caches.wait_until_ready().await?;
     health.set_ready(true);
     tracing::info!("caches filled; waiting for leadership");
@@ -120,58 +126,37 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Control
         &settings.identity,
         LEASE_DURATION,
     );
-    let lease_error = |source| ControllerError::Lease {
-        lease: settings.lease_name.clone(),
-        source,
-    };
     let stop = shutdown::requested();
     tokio::pin!(stop);
-
-    // Follow until we lead.
-    loop {
-        tokio::select! {
-            _ = &mut stop => return Ok(()),
-            _ = sleep(lease.renew_interval()) => {}
-        }
-        if lease.try_acquire_or_renew().await.map_err(lease_error)? {
-            break;
-        }
+    tokio::select! {
+        _ = &mut stop => return Ok(()),
+        _ = lease.acquire() => {}
     }
+    let mut held = lease.keep();
     tracing::info!(identity = %settings.identity, "leading; reconciling");
     metrics.leader.set(1);
 
-    let mut renewed = Instant::now();
     let mut next_pass = Instant::now();
     let result = loop {
         tokio::select! {
             _ = &mut stop => break Ok(()),
-            Some(()) = changes.next() => {
+            _ = held.lost() => break Err(ControllerError::LostLease(settings.lease_name.clone())),
+            Ok(()) = changed.changed() => {
                 next_pass = next_pass.min(Instant::now() + DEBOUNCE);
-                continue;
-            }
-            _ = tokio::time::sleep_until(renewed + lease.renew_interval()) => {
-                match lease.try_acquire_or_renew().await {
-                    Ok(true) => renewed = Instant::now(),
-                    Ok(false) => break Err(ControllerError::LostLease(settings.lease_name.clone())),
-                    Err(e) if renewed.elapsed() < LEASE_DURATION => {
-                        tracing::warn!(error = %e, "renewing the lease failed; retrying");
-                    }
-                    Err(e) => break Err(lease_error(e)),
-                }
                 continue;
             }
             _ = tokio::time::sleep_until(next_pass) => {}
         }
         let snapshot = caches.snapshot(&settings);
-        next_pass = match reconcile(&snapshot, &settings, &writer, &metrics).await {
-            Ok(_) => Instant::now() + RESYNC,
-            Err(_) => Instant::now() + RETRY,
+        // Losing the lease cancels the pass between two writes.
+        let passed = tokio::select! {
+            passed = reconcile(&snapshot, &settings, &writer, &metrics) => passed,
+            _ = held.lost() => break Err(ControllerError::LostLease(settings.lease_name.clone())),
         };
+        next_pass = Instant::now() + if passed.is_ok() { RESYNC } else { RETRY };
     };
     metrics.leader.set(0);
-    if let Err(e) = lease.release().await {
-        tracing::warn!(error = %e, "releasing the lease failed; another replica takes over when it expires");
-    }
+    held.release().await;
     result
 }
 
