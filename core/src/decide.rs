@@ -198,7 +198,21 @@ pub fn decide(view: &ClusterView) -> Decision {
         });
     }
 
-    keep_only_live_configs(view, &mut decision);
+    // A config a node is already told to have must exist: recreate it if it went missing
+    // (deleted by hand, or by a pass that saw the node's annotation late).
+    for target in &targets {
+        let node = &view.nodes[target.node];
+        if node.desired.as_ref() == Some(&target.config_name)
+            && !view.stored.contains_key(&target.config_name)
+        {
+            decision
+                .create
+                .entry(target.config_name.clone())
+                .or_insert_with(|| target.config.clone());
+        }
+    }
+
+    keep_only_live_configs(view, &targets, &mut decision);
     write_statuses(view, &targets, &problems, &paused, &mut decision);
     for node in view.nodes {
         let state = node.state.map_or("Unknown", NodeState::as_str);
@@ -299,9 +313,10 @@ fn target_nodes(
     targets
 }
 
-/// Configs some node has or is told to have stay; the rest go. The agents may read exactly
-/// the ones that stay.
-fn keep_only_live_configs(view: &ClusterView, decision: &mut Decision) {
+/// Configs some node has, is told to have, or is headed for stay; the rest go. The agents may
+/// read exactly the ones nodes have or are told to have — named whether or not the cache has
+/// caught up with the Secret yet, so an agent is never pointed at a config it cannot read.
+fn keep_only_live_configs(view: &ClusterView, targets: &[NodeTarget], decision: &mut Decision) {
     let advanced: HashMap<&str, &str> = decision
         .advance
         .iter()
@@ -316,11 +331,11 @@ fn keep_only_live_configs(view: &ClusterView, decision: &mut Decision) {
         live.extend(desired);
         live.extend(node.current.clone());
     }
-    live.retain(|c| view.stored.contains_key(c) || decision.create.contains_key(c));
+    let headed_for: BTreeSet<&String> = targets.iter().map(|t| &t.config_name).collect();
     decision.delete = view
         .stored
         .keys()
-        .filter(|c| !live.contains(*c))
+        .filter(|c| !live.contains(*c) && !headed_for.contains(c))
         .cloned()
         .collect();
     let mut names: Vec<String> = live.into_iter().collect();

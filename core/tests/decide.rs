@@ -524,3 +524,38 @@ fn a_change_to_one_mirror_leaves_the_status_of_the_others_alone() {
         "quay runs its latest everywhere still"
     );
 }
+
+#[test]
+fn a_config_a_node_is_told_to_have_is_neither_deleted_nor_left_missing() {
+    let mut c = Cluster::new(vec![
+        node("a", Flavor::K3s, &[]),
+        node("b", Flavor::K3s, &[]),
+    ]);
+    c.mirrors = vec![mirror(
+        "hub",
+        "docker.io",
+        "https://hub.example:5000",
+        Some(ObjectRef::named("pull")),
+    )];
+    let d = c.decide();
+    assert_eq!(d.advance.len(), 1, "credentials on k3s: one node at a time");
+    let (first, config) = d.advance[0].clone();
+    // The API server took the writes, but the Node cache has not seen the annotation yet,
+    // and meanwhile the mirror was paused.
+    c.stored.extend(d.create.clone());
+    c.agent_role = d.agent_role.clone();
+    c.mirrors[0].metadata.annotations = Some([(PAUSED.to_owned(), "true".to_owned())].into());
+    let d = c.decide();
+    assert!(
+        d.delete.is_empty(),
+        "{first} is headed for {config}: it stays"
+    );
+
+    // The config went missing while a node is told to have it: it is recreated.
+    c.node_mut(&first).desired = Some(config.clone());
+    c.stored.clear();
+    let d = c.decide();
+    assert_eq!(d.create.keys().collect::<Vec<_>>(), [&config]);
+    let granted = d.agent_role.or(c.agent_role.clone()).unwrap();
+    assert!(granted.contains(&config), "the agent may read it");
+}
