@@ -399,8 +399,15 @@ struct DockerAuthEntry {
 /// Picks the entry of a `.dockerconfigjson` for `host`. Keys may be written as URLs
 /// (`https://index.docker.io/v1/`), so they are compared by host only.
 fn docker_config_credentials(json: &str, host: &str) -> Result<Credentials, String> {
-    let config: DockerConfig =
-        serde_json::from_str(json).map_err(|e| format!(".dockerconfigjson does not parse: {e}"))?;
+    let config: DockerConfig = serde_json::from_str(json).map_err(|e| {
+        // Not `{e}`: serde quotes the offending value, which may be a password.
+        format!(
+            ".dockerconfigjson is not a docker config ({:?} error at line {}, column {})",
+            e.classify(),
+            e.line(),
+            e.column()
+        )
+    })?;
     let key_host = |key: &str| {
         let without_scheme = key.split_once("://").map_or(key, |(_, rest)| rest);
         without_scheme
@@ -549,7 +556,11 @@ enum PemKind {
 /// Checks that `text` is PEM of the expected kind: every block decodes, carries the right
 /// label, and holds a DER SEQUENCE. Catches pasted garbage, truncation and swapped keys.
 fn check_pem(text: &str, kind: PemKind) -> Result<(), String> {
-    let blocks = pem::parse_many(text).map_err(|e| e.to_string())?;
+    let blocks = pem::parse_many(text).map_err(|e| match e {
+        // The base64 error names the offending byte: not for a private key's status message.
+        pem::PemError::InvalidData(_) => "a PEM block's body is not valid base64".to_owned(),
+        other => other.to_string(),
+    })?;
     if blocks.is_empty() {
         return Err("no PEM block found".into());
     }

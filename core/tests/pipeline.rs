@@ -533,3 +533,19 @@ proptest! {
         prop_assert_eq!(before, registries.len());
     }
 }
+
+#[test]
+fn a_malformed_docker_config_is_reported_without_its_content() {
+    let object = secret(
+        "kubernetes.io/dockerconfigjson",
+        &[(
+            ".dockerconfigjson",
+            r#"{"auths":{"mirror.example.com:5000":"puller:hunter2"}}"#,
+        )],
+    );
+    let reason = credentials_from(object, "https://mirror.example.com:5000")
+        .unwrap_err()
+        .to_string();
+    assert!(reason.contains("is not a docker config"), "{reason}");
+    assert!(!reason.contains("hunter2"), "the password leaked: {reason}");
+}
