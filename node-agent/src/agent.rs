@@ -7,8 +7,10 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use k8s_openapi::jiff::Timestamp;
 use regmirror_core::contract::{config_secret_name, NodeState};
 use regmirror_core::render::{activation, Activation, RenderedConfig};
+use serde::{Deserialize, Serialize};
 
 use crate::detect::Host;
 use crate::hostfs::HostFs;
@@ -37,6 +39,22 @@ pub struct Outcome {
     pub rolled_back: bool,
 }
 
+/// The state-directory record of the last apply.
+const REPORT: &str = "report.json";
+
+/// What the last apply came to, as the host remembers it: the node's annotations can always be
+/// brought back in line with it, and a config that failed here is not tried again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// The config that was applied.
+    pub config: String,
+    /// `Applied` or `Failed`.
+    pub state: String,
+    /// The config the host runs afterwards.
+    pub current: Option<String>,
+    pub message: String,
+}
+
 /// The agent on one host.
 pub struct Agent {
     pub host: HostFs,
@@ -57,25 +75,56 @@ impl Agent {
         }
     }
 
-    /// The name of the configuration on the host now.
-    pub fn current(&self) -> Option<String> {
-        match self.host.current() {
+    /// The last configuration verified on this host, by name: what the node runs. A config
+    /// written but not verified (the agent stopped half-way) does not count, so it is applied
+    /// — and activated — again.
+    pub fn verified(&self) -> Option<String> {
+        match self.host.last_good() {
             Ok(config) => config.as_ref().map(config_secret_name),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read the current configuration's record");
+                tracing::warn!(error = %e, "cannot read the last good configuration's record");
                 None
             }
         }
     }
 
-    /// Applies `config` (the Secret `name`). `node_ready` waits, up to the given time, for the
-    /// node to be Ready again after a restart.
+    /// What the last apply on this host came to (kept across agent restarts).
+    pub fn last_report(&self) -> Option<Report> {
+        self.host.read_state(REPORT).ok().flatten()
+    }
+
+    /// Applies `config` (the Secret `name`) and records the outcome on the host.
+    /// `node_ready` waits for the node to be Ready again after a restart or reload.
     pub async fn apply<R, F>(&self, name: &str, config: &RenderedConfig, node_ready: R) -> Outcome
     where
-        R: Fn(Duration) -> F,
+        R: Fn(Activation, Timestamp, Duration) -> F,
         F: Future<Output = Result<(), String>>,
     {
-        let previous = self.host.current().ok().flatten();
+        let outcome = self.apply_and_check(name, config, node_ready).await;
+        let report = Report {
+            config: name.to_owned(),
+            state: outcome.state.as_str().to_owned(),
+            current: outcome.current.clone(),
+            message: outcome.message.clone(),
+        };
+        if let Err(e) = self.host.write_state(REPORT, &report) {
+            tracing::warn!(error = %e, "cannot record the outcome on the host");
+        }
+        outcome
+    }
+
+    async fn apply_and_check<R, F>(
+        &self,
+        name: &str,
+        config: &RenderedConfig,
+        node_ready: R,
+    ) -> Outcome
+    where
+        R: Fn(Activation, Timestamp, Duration) -> F,
+        F: Future<Output = Result<(), String>>,
+    {
+        // What the runtime was last verified to run is what the change is measured from.
+        let previous = self.host.last_good().ok().flatten();
         let previous_name = previous.as_ref().map(config_secret_name);
         let failed = |message: String, current: Option<String>, rolled_back| Outcome {
             state: NodeState::Failed,
@@ -104,7 +153,7 @@ impl Agent {
                 let _ = self.host.recover();
                 return failed(
                     format!("{name}: writing failed: {e}"),
-                    self.current(),
+                    self.verified(),
                     false,
                 );
             }
@@ -149,7 +198,7 @@ impl Agent {
                     Ok(None) => format!("{name} failed: {reason}; removed it (no earlier good configuration)"),
                     Err(e) => format!("{name} failed: {reason}; restoring the previous configuration failed too: {e}"),
                 };
-                failed(message, self.current(), true)
+                failed(message, self.verified(), true)
             }
         }
     }
@@ -161,7 +210,7 @@ impl Agent {
         node_ready: &R,
     ) -> Result<Vec<String>, String>
     where
-        R: Fn(Duration) -> F,
+        R: Fn(Activation, Timestamp, Duration) -> F,
         F: Future<Output = Result<(), String>>,
     {
         self.activate(step, node_ready).await?;
@@ -181,7 +230,7 @@ impl Agent {
         node_ready: &R,
     ) -> Result<Option<String>, String>
     where
-        R: Fn(Duration) -> F,
+        R: Fn(Activation, Timestamp, Duration) -> F,
         F: Future<Output = Result<(), String>>,
     {
         let good = self.host.last_good().map_err(|e| e.to_string())?;
@@ -192,6 +241,16 @@ impl Agent {
             parts: Default::default(),
         });
         self.host.apply(&target).map_err(|e| e.to_string())?;
+        if good.is_none() {
+            // Never a good config of ours: the node gets back what it had before.
+            let restored = self
+                .host
+                .restore_backups(failed.files.keys())
+                .map_err(|e| e.to_string())?;
+            if !restored.is_empty() {
+                tracing::warn!(files = ?restored, "restored the hand-written files regmirror had replaced");
+            }
+        }
         self.activate(activation(Some(failed), &target), node_ready)
             .await?;
         Ok(good.as_ref().map(config_secret_name))
@@ -200,15 +259,16 @@ impl Agent {
     /// Restarts or reloads the runtime as `step` takes, then waits for the node to be Ready.
     async fn activate<R, F>(&self, step: Activation, node_ready: &R) -> Result<(), String>
     where
-        R: Fn(Duration) -> F,
+        R: Fn(Activation, Timestamp, Duration) -> F,
         F: Future<Output = Result<(), String>>,
     {
+        let started = Timestamp::now();
         self.activator
             .activate(step, self.timeouts.ready)
             .await
             .map_err(|e| e.to_string())?;
         if step != Activation::Hot {
-            node_ready(self.timeouts.ready).await?;
+            node_ready(step, started, self.timeouts.ready).await?;
         }
         Ok(())
     }

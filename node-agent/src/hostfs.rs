@@ -220,6 +220,40 @@ impl HostFs {
         Ok(report)
     }
 
+    /// Reads a record the agent keeps in its state directory.
+    pub fn read_state<T: for<'de> Deserialize<'de>>(&self, name: &str) -> Result<Option<T>> {
+        read_json(&self.state(name))
+    }
+
+    /// Writes a record into the state directory, atomically.
+    pub fn write_state<T: Serialize>(&self, name: &str, value: &T) -> Result<()> {
+        write_json_atomic(&self.state(name), value)
+    }
+
+    /// Puts back hand-written files regmirror backed up before replacing them, where nothing
+    /// of regmirror's stands now. For a node that never had a good configuration of ours:
+    /// after a failed first apply it gets its own files back. Returns the paths restored.
+    pub fn restore_backups<'p>(
+        &self,
+        paths: impl IntoIterator<Item = &'p String>,
+    ) -> Result<Vec<String>> {
+        let mut restored = Vec::new();
+        for path in paths {
+            let backup = self.state("backup").join(path.trim_start_matches('/'));
+            let target = self.host_path(path)?;
+            if !backup.is_file() || target.exists() {
+                continue;
+            }
+            let content = fs::read(&backup).map_err(io("read", &backup))?;
+            let staged = staged_path(&target);
+            write_file(&staged, &content, 0o600)?;
+            fs::rename(&staged, &target).map_err(io("rename into place", &target))?;
+            sync_dir(target.parent().expect("host paths have a parent"))?;
+            restored.push(path.clone());
+        }
+        Ok(restored)
+    }
+
     /// Puts the last good configuration back. `None` when there is none.
     pub fn rollback(&self) -> Result<Option<ApplyReport>> {
         match self.last_good()? {

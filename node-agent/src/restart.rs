@@ -35,6 +35,8 @@ pub enum RestartError {
         state: String,
         timeout: Duration,
     },
+    #[error("systemd finished the {verb} of {unit}, but the unit never became active again")]
+    NotRestarted { unit: String, verb: &'static str },
     #[error("restart command `{command}` {outcome}")]
     Command { command: String, outcome: String },
 }
@@ -102,7 +104,20 @@ trait Manager {
     fn restart_unit(&self, name: &str, mode: &str)
         -> zbus::Result<zbus::zvariant::OwnedObjectPath>;
     fn reload_unit(&self, name: &str, mode: &str) -> zbus::Result<zbus::zvariant::OwnedObjectPath>;
-    fn get_unit(&self, name: &str) -> zbus::Result<zbus::zvariant::OwnedObjectPath>;
+    fn load_unit(&self, name: &str) -> zbus::Result<zbus::zvariant::OwnedObjectPath>;
+    #[allow(clippy::type_complexity)]
+    fn list_jobs(
+        &self,
+    ) -> zbus::Result<
+        Vec<(
+            u32,
+            String,
+            String,
+            String,
+            zbus::zvariant::OwnedObjectPath,
+            zbus::zvariant::OwnedObjectPath,
+        )>,
+    >;
 }
 
 #[zbus::proxy(
@@ -112,6 +127,8 @@ trait Manager {
 trait Unit {
     #[zbus(property)]
     fn active_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn active_enter_timestamp(&self) -> zbus::Result<u64>;
 }
 
 /// Restarts or reloads `unit`, then waits for it to be `active` again.
@@ -137,13 +154,7 @@ async fn systemd(
         unit: unit.to_owned(),
         source,
     };
-    match verb {
-        "reload" => manager.reload_unit(unit, "replace").await,
-        _ => manager.restart_unit(unit, "replace").await,
-    }
-    .map_err(refused)?;
-
-    let path = manager.get_unit(unit).await.map_err(refused)?;
+    let path = manager.load_unit(unit).await.map_err(refused)?;
     let unit_proxy = UnitProxy::builder(&connection)
         .path(path)
         .map_err(bus_error)?
@@ -152,12 +163,45 @@ async fn systemd(
         .build()
         .await
         .map_err(bus_error)?;
+    let entered_before = unit_proxy
+        .active_enter_timestamp()
+        .await
+        .map_err(bus_error)?;
+    let job = match verb {
+        "reload" => manager.reload_unit(unit, "replace").await,
+        _ => manager.restart_unit(unit, "replace").await,
+    }
+    .map_err(refused)?;
+
+    // Done when systemd has finished the job and the unit is active — after a restart,
+    // active *again*: `RestartUnit` returns when the job is queued, while the unit may still
+    // show the `active` of before.
     let deadline = Instant::now() + timeout;
     loop {
+        let jobs = manager.list_jobs().await.map_err(bus_error)?;
+        let running = jobs.iter().any(|j| j.4 == job);
         let state = unit_proxy.active_state().await.map_err(bus_error)?;
+        let entered = unit_proxy
+            .active_enter_timestamp()
+            .await
+            .map_err(bus_error)?;
+        let restarted = verb == "reload" || entered > entered_before;
         match state.as_str() {
-            "active" => return Ok(()),
+            "active" if !running && restarted => return Ok(()),
+            "active" if !running => {
+                return Err(RestartError::NotRestarted {
+                    unit: unit.to_owned(),
+                    verb,
+                })
+            }
             "failed" => {
+                return Err(RestartError::NotActive {
+                    unit: unit.to_owned(),
+                    verb,
+                    state,
+                })
+            }
+            "inactive" if !running => {
                 return Err(RestartError::NotActive {
                     unit: unit.to_owned(),
                     verb,

@@ -11,18 +11,20 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Secret};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::{watcher, WatchStreamExt};
 use prometheus_client::registry::Registry;
-use regmirror_core::contract::{NodeState, CONFIG_KEY, DESIRED_CONFIG, FLAVOR, MESSAGE, STATE};
+use regmirror_core::contract::{NodeState, CONFIG_KEY, DESIRED_CONFIG};
 use regmirror_core::node::Flavor;
+use regmirror_core::render::Activation;
 use regmirror_core::render::RenderedConfig;
 use regmirror_runtime::endpoints::{self, BindError, Health};
 use regmirror_runtime::shutdown;
 use thiserror::Error;
 use tokio::sync::watch;
 
-use crate::agent::{Agent, Outcome, Timeouts};
+use crate::agent::{Agent, Report, Timeouts};
 use crate::detect::{self, Detected, Host};
 use crate::metrics::Metrics;
 use crate::report::{annotations, NodeReporter};
@@ -45,6 +47,9 @@ pub struct Settings {
     pub settle: Duration,
     pub listen: SocketAddr,
 }
+
+/// How long to wait before reading a config Secret again.
+const FETCH_RETRY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Error)]
 pub enum AgentError {
@@ -131,6 +136,7 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), AgentEr
 
     let stop = shutdown::requested();
     tokio::pin!(stop);
+    let mut retry: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = &mut stop => break,
@@ -139,12 +145,16 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), AgentEr
                     return Err(AgentError::WatchEnded(settings.node_name.clone()));
                 }
             }
+            _ = tokio::time::sleep_until(retry.unwrap_or_else(tokio::time::Instant::now)), if retry.is_some() => {}
         }
         let Some(node) = changes.borrow_and_update().clone() else {
             continue;
         };
         health.set_ready(true);
-        worker.step(&node, &changes).await;
+        retry = worker
+            .step(&node, &changes)
+            .await
+            .map(|after| tokio::time::Instant::now() + after);
     }
     feed.abort();
     Ok(())
@@ -162,62 +172,69 @@ pub struct Worker {
 
 impl Worker {
     /// Reports the host, and applies the desired configuration if this node does not have
-    /// it yet. `latest` follows the Node, for readiness checks after a restart.
-    pub async fn step(&self, node: &Node, latest: &watch::Receiver<Option<Arc<Node>>>) {
+    /// it yet. `latest` follows the Node, for readiness checks after a restart. Returns when
+    /// to try again if the configuration could not be read yet.
+    pub async fn step(
+        &self,
+        node: &Node,
+        latest: &watch::Receiver<Option<Arc<Node>>>,
+    ) -> Option<Duration> {
         let agent = match &self.setup {
             Setup::Unsupported(why) => {
                 let wanted = annotations(None, None, NodeState::Unsupported.as_str(), why);
                 if self.annotate(node, &wanted).await {
                     self.reporter.event(node, true, "Unsupported", why).await;
                 }
-                return;
+                return None;
             }
             Setup::Ready(agent) => agent,
         };
         let flavor = agent.runtime.flavor.to_string();
-        let current = agent.current();
-        let Some(desired) = work(node, current.as_deref()) else {
-            // Nothing to do: make sure the flavor and what is on the host are known.
-            if annotation(node, STATE).is_none()
-                || annotation(node, FLAVOR).as_deref() != Some(&flavor)
-            {
-                let message = agent.runtime.warning.clone().unwrap_or_default();
-                let wanted = annotations(
+        let verified = agent.verified();
+        let report = agent.last_report();
+        let Some(desired) = work(node, verified.as_deref(), report.as_ref()) else {
+            // Nothing to do: the annotations say what the host says (after an agent restart,
+            // or a report that did not get through).
+            let wanted = match report.filter(|r| r.current == verified) {
+                Some(r) => annotations(Some(&flavor), r.current.as_deref(), &r.state, &r.message),
+                None => annotations(
                     Some(&flavor),
-                    current.as_deref(),
+                    verified.as_deref(),
                     NodeState::Applied.as_str(),
-                    &message,
-                );
-                self.annotate(node, &wanted).await;
-            }
-            return;
+                    agent.runtime.warning.as_deref().unwrap_or_default(),
+                ),
+            };
+            self.annotate(node, &wanted).await;
+            return None;
         };
 
         tracing::info!(config = %desired, "applying");
-        let applying = annotations(
-            Some(&flavor),
-            current.as_deref(),
-            NodeState::Applying.as_str(),
-            &format!("applying {desired}"),
-        );
-        self.annotate(node, &applying).await;
-        let started = tokio::time::Instant::now();
-        let outcome = match self.fetch(&desired).await {
-            Ok(config) => {
-                agent
-                    .apply(&desired, &config, |timeout| {
-                        wait_ready(latest.clone(), self.settle, timeout)
-                    })
-                    .await
-            }
-            Err(message) => Outcome {
-                state: NodeState::Failed,
-                current: current.clone(),
+        let applying = |message: &str| {
+            annotations(
+                Some(&flavor),
+                verified.as_deref(),
+                NodeState::Applying.as_str(),
                 message,
-                activated: None,
-                rolled_back: false,
-            },
+            )
         };
+        self.annotate(node, &applying(&format!("applying {desired}")))
+            .await;
+        let config = match self.fetch(&desired).await {
+            Ok(config) => config,
+            Err(message) => {
+                // Not the config's fault (RBAC not yet propagated, the API server busy): wait
+                // and read it again, without failing it.
+                tracing::warn!(config = %desired, %message, "retrying");
+                self.annotate(node, &applying(&message)).await;
+                return Some(FETCH_RETRY);
+            }
+        };
+        let started = tokio::time::Instant::now();
+        let outcome = agent
+            .apply(&desired, &config, |step, since, timeout| {
+                wait_ready(latest.clone(), self.settle, step, since, timeout)
+            })
+            .await;
         self.metrics.observe(&outcome, started.elapsed());
         let fresh = latest.borrow().clone();
         let node = fresh.as_deref().unwrap_or(node);
@@ -237,6 +254,7 @@ impl Worker {
             .event(node, warning, reason, &outcome.message)
             .await;
         tracing::info!(config = %desired, state = outcome.state.as_str(), message = %outcome.message, "done");
+        None
     }
 
     /// Returns whether anything was written.
@@ -270,25 +288,38 @@ impl Worker {
     }
 }
 
-/// The configuration to apply now, if any: the desired one, unless the host has it already
+/// The configuration to apply now, if any: the desired one, unless the host runs it already
 /// or it already failed here (the operator stops a failed config; retrying it in a loop would
-/// restart the runtime again and again). Which config failed is told by the message, which
-/// always starts with its name — so it survives an agent restart.
-pub fn work(node: &Node, current: Option<&str>) -> Option<String> {
+/// restart the runtime again and again). The host's own record says what failed, so this
+/// holds across agent restarts and reports that did not get through.
+pub fn work(node: &Node, verified: Option<&str>, last: Option<&Report>) -> Option<String> {
     let desired = annotation(node, DESIRED_CONFIG)?;
-    if Some(desired.as_str()) == current {
+    if Some(desired.as_str()) == verified {
         return None;
     }
-    let failed_here = annotation(node, STATE).as_deref() == Some(NodeState::Failed.as_str())
-        && annotation(node, MESSAGE).is_some_and(|m| {
-            m.strip_prefix(desired.as_str())
-                .is_some_and(|rest| rest.starts_with([' ', ':']))
-        });
+    let failed_here =
+        last.is_some_and(|r| r.config == desired && r.state == NodeState::Failed.as_str());
     (!failed_here).then_some(desired)
 }
 
 fn annotation(node: &Node, key: &str) -> Option<String> {
     node.metadata.annotations.as_ref()?.get(key).cloned()
+}
+
+fn heartbeat(node: &Node) -> Option<Timestamp> {
+    ready_condition(node)?
+        .last_heartbeat_time
+        .as_ref()
+        .map(|t| t.0)
+}
+
+fn ready_condition(node: &Node) -> Option<&k8s_openapi::api::core::v1::NodeCondition> {
+    node.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready")
 }
 
 fn ready(node: &Node) -> bool {
@@ -299,14 +330,22 @@ fn ready(node: &Node) -> bool {
         .is_some_and(|c| c.status == "True")
 }
 
-/// Waits `settle`, then up to `timeout` for the Node to be Ready.
+/// Waits `settle`, then up to `timeout` for the Node to be Ready. After a restart the Ready
+/// condition must also have been posted since the restart began: k3s and RKE2 restart their
+/// kubelet with the runtime, and a Node still showing the Ready of before proves nothing.
 async fn wait_ready(
     mut latest: watch::Receiver<Option<Arc<Node>>>,
     settle: Duration,
+    step: Activation,
+    since: Timestamp,
     timeout: Duration,
 ) -> Result<(), String> {
     tokio::time::sleep(settle).await;
-    let is_ready = |n: &Option<Arc<Node>>| n.as_deref().is_some_and(ready);
+    let is_ready = |n: &Option<Arc<Node>>| {
+        n.as_deref().is_some_and(|n| {
+            ready(n) && (step != Activation::Restart || heartbeat(n).is_some_and(|t| t >= since))
+        })
+    };
     tokio::time::timeout(timeout, latest.wait_for(is_ready))
         .await
         .map_err(|_| format!("node not Ready within {}s", timeout.as_secs()))?

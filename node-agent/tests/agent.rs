@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use k8s_openapi::jiff::Timestamp;
 use regmirror_core::api::Endpoint;
 use regmirror_core::contract::{config_secret_name, NodeState};
 use regmirror_core::node::Flavor;
@@ -23,7 +24,7 @@ const TIMEOUTS: Timeouts = Timeouts {
     ready: Duration::from_secs(20),
 };
 
-async fn node_is_ready(_: Duration) -> Result<(), String> {
+async fn node_is_ready(_: Activation, _: Timestamp, _: Duration) -> Result<(), String> {
     Ok(())
 }
 
@@ -195,10 +196,7 @@ async fn a_first_config_that_fails_leaves_nothing_behind() {
     };
     let outcome = node.apply(&node.config(vec![dead])).await;
     assert_eq!(outcome.state, NodeState::Failed);
-    assert_eq!(
-        outcome.current,
-        Some(config_secret_name(&empty("containerd")))
-    );
+    assert_eq!(outcome.current, None, "no configuration of ours runs here");
     let hosts_dir = node.root.path().join(HOSTS_DIR.trim_start_matches('/'));
     let left: Vec<_> = walk(&hosts_dir);
     assert!(left.is_empty(), "files left behind: {left:?}");
@@ -224,15 +222,6 @@ async fn a_config_for_another_flavor_is_refused_untouched() {
         outcome.message
     );
     assert!(walk(node.root.path()).is_empty());
-}
-
-fn empty(flavor: &str) -> RenderedConfig {
-    RenderedConfig {
-        flavor: flavor.into(),
-        files: Default::default(),
-        restart_key: String::new(),
-        parts: Default::default(),
-    }
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -331,10 +320,14 @@ async fn k3s_credentials_restart_the_runtime_through_the_configured_command() {
     .unwrap();
     let ready_checks = std::sync::atomic::AtomicUsize::new(0);
     let outcome = agent
-        .apply(&config_secret_name(&config), &config, |_| {
-            ready_checks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            node_is_ready(Duration::ZERO)
-        })
+        .apply(
+            &config_secret_name(&config),
+            &config,
+            |step, since, timeout| {
+                ready_checks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                node_is_ready(step, since, timeout)
+            },
+        )
         .await;
     assert_eq!(outcome.state, NodeState::Applied, "{}", outcome.message);
     assert_eq!(outcome.activated, Some(Activation::Restart));
@@ -399,4 +392,48 @@ async fn a_runtime_that_does_not_come_back_is_rolled_back_and_restarted_again() 
         "once for the new config, once for the restored one"
     );
     assert!(!root.path().join("etc/rancher/k3s/registries.yaml").exists());
+}
+
+#[tokio::test]
+async fn a_failed_first_config_gives_the_node_its_hand_written_file_back() {
+    let world = World::new(secure());
+    let root = tempfile::tempdir().unwrap();
+    let registries = root.path().join("etc/rancher/k3s/registries.yaml");
+    std::fs::create_dir_all(registries.parent().unwrap()).unwrap();
+    std::fs::write(&registries, "mirrors: {hand-written: {}}\n").unwrap();
+    let runtime = Host {
+        flavor: Flavor::K3s,
+        unit: "k3s.service".into(),
+        warning: None,
+    };
+    let agent = Agent::new(
+        root.path(),
+        runtime,
+        Activator::Command {
+            command: "true".into(),
+        },
+        TIMEOUTS,
+    );
+    let dead = Endpoint {
+        url: format!("https://127.0.0.1:{}", dead_port()),
+        auth: None,
+        tls: None,
+    };
+    let config = render(&[&world.resolved(vec![dead])], &Flavor::K3s).unwrap();
+    let name = config_secret_name(&config);
+    let outcome = agent.apply(&name, &config, node_is_ready).await;
+    assert_eq!(outcome.state, NodeState::Failed);
+    assert_eq!(
+        std::fs::read_to_string(&registries).unwrap(),
+        "mirrors: {hand-written: {}}\n"
+    );
+
+    // The host remembers that this config failed here, and what it runs instead.
+    let report = agent.last_report().unwrap();
+    assert_eq!(
+        (report.config.as_str(), report.state.as_str()),
+        (name.as_str(), "Failed")
+    );
+    assert_eq!(report.message, outcome.message);
+    assert_eq!(agent.verified(), None);
 }

@@ -70,41 +70,74 @@ struct Systemd {
     calls: Vec<String>,
     /// ActiveState answers, in order; the last one repeats.
     states: Vec<&'static str>,
+    /// How many more times ListJobs shows the queued job.
+    job_polls: u32,
+    /// The unit's ActiveEnterTimestamp; a restart moves it on unless `restart_is_noop`.
+    entered: u64,
+    restart_is_noop: bool,
 }
+
+const JOB: &str = "/org/freedesktop/systemd1/job/1";
+const UNIT: &str = "/org/freedesktop/systemd1/unit/the_2eservice";
 
 struct Manager(Arc<Mutex<Systemd>>);
 
 #[zbus::interface(name = "org.freedesktop.systemd1.Manager")]
 impl Manager {
     fn restart_unit(&self, name: &str, mode: &str) -> OwnedObjectPath {
-        self.0
-            .lock()
-            .unwrap()
-            .calls
-            .push(format!("RestartUnit {name} {mode}"));
-        OwnedObjectPath::try_from("/org/freedesktop/systemd1/job/1").unwrap()
+        let mut systemd = self.0.lock().unwrap();
+        systemd.calls.push(format!("RestartUnit {name} {mode}"));
+        if !systemd.restart_is_noop {
+            systemd.entered += 1;
+        }
+        OwnedObjectPath::try_from(JOB).unwrap()
     }
 
     fn reload_unit(&self, name: &str, mode: &str) -> OwnedObjectPath {
+        let mut systemd = self.0.lock().unwrap();
+        systemd.calls.push(format!("ReloadUnit {name} {mode}"));
+        OwnedObjectPath::try_from(JOB).unwrap()
+    }
+
+    fn load_unit(&self, name: &str) -> zbus::fdo::Result<OwnedObjectPath> {
         self.0
             .lock()
             .unwrap()
             .calls
-            .push(format!("ReloadUnit {name} {mode}"));
-        OwnedObjectPath::try_from("/org/freedesktop/systemd1/job/2").unwrap()
-    }
-
-    fn get_unit(&self, name: &str) -> zbus::fdo::Result<OwnedObjectPath> {
-        self.0.lock().unwrap().calls.push(format!("GetUnit {name}"));
+            .push(format!("LoadUnit {name}"));
         match name {
-            "k3s-agent.service" | "crio.service" => Ok(OwnedObjectPath::try_from(
-                "/org/freedesktop/systemd1/unit/the_2eservice",
-            )
-            .unwrap()),
+            "k3s-agent.service" | "crio.service" => Ok(OwnedObjectPath::try_from(UNIT).unwrap()),
             _ => Err(zbus::fdo::Error::FileNotFound(format!(
-                "Unit {name} not loaded."
+                "Unit {name} not found."
             ))),
         }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn list_jobs(
+        &self,
+    ) -> Vec<(
+        u32,
+        String,
+        String,
+        String,
+        OwnedObjectPath,
+        OwnedObjectPath,
+    )> {
+        let mut systemd = self.0.lock().unwrap();
+        if systemd.job_polls == 0 {
+            return vec![];
+        }
+        systemd.job_polls -= 1;
+        let path = |p: &str| OwnedObjectPath::try_from(p).unwrap();
+        vec![(
+            1,
+            "the.service".into(),
+            "restart".into(),
+            "running".into(),
+            path(JOB),
+            path(UNIT),
+        )]
     }
 }
 
@@ -122,16 +155,31 @@ impl Unit {
         };
         state.to_owned()
     }
+
+    #[zbus(property)]
+    fn active_enter_timestamp(&self) -> u64 {
+        self.0.lock().unwrap().entered
+    }
 }
 
 async fn systemd_on(
     bus: &Bus,
     states: Vec<&'static str>,
 ) -> (zbus::Connection, Arc<Mutex<Systemd>>) {
-    let systemd = Arc::new(Mutex::new(Systemd {
-        calls: vec![],
-        states,
-    }));
+    systemd_with(
+        bus,
+        Systemd {
+            states,
+            job_polls: 2,
+            entered: 1_700_000_000,
+            ..Systemd::default()
+        },
+    )
+    .await
+}
+
+async fn systemd_with(bus: &Bus, systemd: Systemd) -> (zbus::Connection, Arc<Mutex<Systemd>>) {
+    let systemd = Arc::new(Mutex::new(systemd));
     let connection =
         zbus::connection::Builder::address(format!("unix:path={}", bus.socket.display()).as_str())
             .unwrap()
@@ -139,10 +187,7 @@ async fn systemd_on(
             .unwrap()
             .serve_at("/org/freedesktop/systemd1", Manager(systemd.clone()))
             .unwrap()
-            .serve_at(
-                "/org/freedesktop/systemd1/unit/the_2eservice",
-                Unit(systemd.clone()),
-            )
+            .serve_at(UNIT, Unit(systemd.clone()))
             .unwrap()
             .build()
             .await
@@ -158,22 +203,24 @@ fn activator(bus: &Bus, unit: &str) -> Activator {
 }
 
 #[tokio::test]
-async fn a_restart_asks_systemd_and_waits_for_the_unit_to_be_active() {
+async fn a_restart_waits_for_the_job_and_for_the_unit_to_be_active_again() {
     let dir = tempfile::tempdir().unwrap();
     let bus = Bus::start(dir.path());
     let (_systemd_connection, systemd) =
-        systemd_on(&bus, vec!["deactivating", "activating", "active"]).await;
+        systemd_on(&bus, vec!["active", "deactivating", "activating", "active"]).await;
     activator(&bus, "k3s-agent.service")
         .activate(Activation::Restart, Duration::from_secs(10))
         .await
         .unwrap();
+    let systemd = systemd.lock().unwrap();
     assert_eq!(
-        systemd.lock().unwrap().calls,
+        systemd.calls,
         [
-            "RestartUnit k3s-agent.service replace",
-            "GetUnit k3s-agent.service"
+            "LoadUnit k3s-agent.service",
+            "RestartUnit k3s-agent.service replace"
         ]
     );
+    assert_eq!(systemd.job_polls, 0, "waited for the job to finish");
 }
 
 #[tokio::test]
@@ -191,15 +238,15 @@ async fn a_reload_is_a_reload_and_a_hot_change_asks_nothing() {
         .unwrap();
     assert_eq!(
         systemd.lock().unwrap().calls,
-        ["ReloadUnit crio.service replace", "GetUnit crio.service"]
+        ["LoadUnit crio.service", "ReloadUnit crio.service replace"]
     );
 }
 
 #[tokio::test]
-async fn a_unit_that_fails_or_never_comes_back_is_an_error() {
+async fn a_unit_that_fails_never_comes_back_or_never_restarts_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let bus = Bus::start(dir.path());
-    let (_c, _) = systemd_on(&bus, vec!["activating", "failed"]).await;
+    let (c, _) = systemd_on(&bus, vec!["activating", "failed"]).await;
     let err = activator(&bus, "k3s-agent.service")
         .activate(Activation::Restart, Duration::from_secs(10))
         .await
@@ -209,9 +256,9 @@ async fn a_unit_that_fails_or_never_comes_back_is_an_error() {
         err.to_string(),
         "k3s-agent.service is failed after the restart, not active"
     );
-    drop(_c);
+    drop(c);
 
-    let (_c, _) = systemd_on(&bus, vec!["activating"]).await;
+    let (c, _) = systemd_on(&bus, vec!["activating"]).await;
     let err = activator(&bus, "k3s-agent.service")
         .activate(Activation::Restart, Duration::from_secs(1))
         .await
@@ -220,6 +267,24 @@ async fn a_unit_that_fails_or_never_comes_back_is_an_error() {
         err.to_string()
             .starts_with("k3s-agent.service not active within 1s of the restart"),
         "{err}"
+    );
+    drop(c);
+
+    // Still `active` when the job is done, but it never re-entered: no restart happened.
+    let quiet = Systemd {
+        states: vec!["active"],
+        job_polls: 1,
+        restart_is_noop: true,
+        ..Systemd::default()
+    };
+    let (_c, _) = systemd_with(&bus, quiet).await;
+    let err = activator(&bus, "k3s-agent.service")
+        .activate(Activation::Restart, Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "systemd finished the restart of k3s-agent.service, but the unit never became active again"
     );
 }
 

@@ -206,33 +206,57 @@ fn node_with(desired: &str, patch: &Value) -> Node {
 }
 
 #[tokio::test]
-async fn a_config_that_failed_here_is_not_tried_again() {
+async fn a_config_that_failed_here_is_not_tried_again_and_annotations_follow_the_host() {
+    let world = World::new(RegistryOptions {
+        tls: false,
+        basic_auth: None,
+        client_certs: false,
+    });
     let root = tempfile::tempdir().unwrap();
-    let (worker, log) = worker(Setup::Ready(containerd_agent(root.path())), BTreeMap::new());
-    let failed = node(&[
-        (DESIRED_CONFIG, "regmirror-config-aaaa"),
-        (FLAVOR, "containerd"),
-        (STATE, "Failed"),
-        (
-            MESSAGE,
-            "regmirror-config-aaaa failed: no endpoint answers; removed it",
-        ),
-    ]);
-    let (_tx, latest) = watch::channel(Some(Arc::new(failed.clone())));
-    worker.step(&failed, &latest).await;
-    assert_eq!(lines(&log.take()), Vec::<String>::new());
+    let agent = containerd_agent(root.path());
+    // Fails on this host (its only endpoint is dead); the report did not reach the Node.
+    let dead = regmirror_core::api::Endpoint {
+        url: format!("http://127.0.0.1:{}", regmirror_testbed::dead_port()),
+        auth: None,
+        tls: None,
+    };
+    let broken = render(&[&world.resolved(vec![dead])], &agent.runtime.flavor).unwrap();
+    let name = config_secret_name(&broken);
+    let outcome = agent
+        .apply(&name, &broken, |_, _, _| async { Ok(()) })
+        .await;
+    assert_eq!(outcome.state.as_str(), "Failed");
 
-    // A different config is tried, and a missing Secret is a failure that names it.
+    let (worker, log) = worker(Setup::Ready(agent), BTreeMap::new());
+    let stale = node(&[
+        (DESIRED_CONFIG, &name),
+        (FLAVOR, "containerd"),
+        (STATE, "Applying"),
+    ]);
+    let (_tx, latest) = watch::channel(Some(Arc::new(stale.clone())));
+    assert_eq!(worker.step(&stale, &latest).await, None);
+    let requests = log.take();
+    assert_eq!(
+        lines(&requests),
+        [format!("PATCH {NODE}")],
+        "no second try, no restart: only the report"
+    );
+    assert_eq!(
+        requests[0].body,
+        json!({"metadata": {"annotations": {MESSAGE: outcome.message, STATE: "Failed"}}})
+    );
+
+    // A config whose Secret cannot be read yet is waited for, not failed.
     let next = node(&[
         (DESIRED_CONFIG, "regmirror-config-bbbb"),
         (FLAVOR, "containerd"),
         (STATE, "Failed"),
-        (
-            MESSAGE,
-            "regmirror-config-aaaa failed: no endpoint answers; removed it",
-        ),
+        (MESSAGE, &outcome.message),
     ]);
-    worker.step(&next, &latest).await;
+    assert_eq!(
+        worker.step(&next, &latest).await,
+        Some(Duration::from_secs(10))
+    );
     let requests = log.take();
     assert_eq!(
         lines(&requests),
@@ -240,15 +264,16 @@ async fn a_config_that_failed_here_is_not_tried_again() {
             format!("PATCH {NODE}"),
             format!("GET /api/v1/namespaces/{NS}/secrets/regmirror-config-bbbb"),
             format!("PATCH {NODE}"),
-            format!("POST {EVENTS} Warning ApplyFailed"),
         ]
     );
-    let message = requests[2].body["metadata"]["annotations"][MESSAGE]
-        .as_str()
-        .unwrap();
+    let annotations = &requests[2].body["metadata"]["annotations"];
+    assert_eq!(annotations[STATE], json!("Applying"));
     assert!(
-        message.starts_with("regmirror-config-bbbb: cannot read the config Secret"),
-        "{message}"
+        annotations[MESSAGE]
+            .as_str()
+            .unwrap()
+            .starts_with("regmirror-config-bbbb: cannot read the config Secret"),
+        "{annotations}"
     );
 }
 
