@@ -13,12 +13,14 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Node, Secret};
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher::Event;
-use regmirror::controller::{snapshot, Snapshot};
+use regmirror::controller::snapshot;
 use regmirror_core::api::RegistryMirror;
-use regmirror_core::decide::Decision;
 use regmirror_core::plan::MaxUnavailable;
-use regmirror_core::sources::RefPolicy;
 use regmirror_testbed::cluster::Cluster;
+
+#[path = "support/mod.rs"]
+mod support;
+use support::decide_on;
 
 const NS: &str = "regmirror-system";
 
@@ -26,18 +28,6 @@ fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-fn decide_on(cluster: &Cluster, max_unavailable: MaxUnavailable) -> Decision {
-    Snapshot::from_objects(
-        &cluster.mirrors,
-        &cluster.nodes,
-        &cluster.secrets,
-        &cluster.config_maps,
-        cluster.role.as_ref(),
-        NS,
-    )
-    .decide(&RefPolicy::new(NS), max_unavailable, "2026-11-23T00:00:00Z")
 }
 
 fn fill<K>(writer: &mut Writer<K>, objects: Vec<K>)

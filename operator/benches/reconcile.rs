@@ -6,26 +6,14 @@
 //! `cargo bench -p regmirror --bench reconcile`
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use regmirror::controller::Snapshot;
-use regmirror_core::decide::Decision;
 use regmirror_core::plan::MaxUnavailable;
-use regmirror_core::sources::RefPolicy;
 use regmirror_testbed::cluster::Cluster;
 
-const NS: &str = "regmirror-system";
+#[path = "support/mod.rs"]
+mod support;
+use support::decide_on;
 
-/// One pass as the controller makes it: snapshot the caches, decide.
-fn decide_on(cluster: &Cluster, max_unavailable: MaxUnavailable) -> Decision {
-    Snapshot::from_objects(
-        &cluster.mirrors,
-        &cluster.nodes,
-        &cluster.secrets,
-        &cluster.config_maps,
-        cluster.role.as_ref(),
-        NS,
-    )
-    .decide(&RefPolicy::new(NS), max_unavailable, "2026-11-23T00:00:00Z")
-}
+const NS: &str = "regmirror-system";
 
 fn pass(cluster: &Cluster) -> usize {
     decide_on(cluster, MaxUnavailable::Percent(10)).writes()

@@ -9,7 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
 use kube::runtime::events::{Recorder, Reporter};
 use prometheus_client::registry::Registry;
-use regmirror::controller::{reconcile as reconcile_pass, Metrics, Settings, Snapshot, Writer};
+use regmirror::controller::{reconcile as reconcile_pass, Metrics, Settings, Writer};
 use regmirror_core::api::{Endpoint, EndpointAuth, ObjectRef, RegistryMirror, RegistryMirrorSpec};
 use regmirror_core::contract::{
     CONFIG_KEY, CONFIG_LABEL, CURRENT_CONFIG, DESIRED_CONFIG, MESSAGE, STATE,
@@ -18,6 +18,9 @@ use regmirror_core::decide::Decision;
 use regmirror_core::plan::MaxUnavailable;
 use regmirror_testbed::api::{mock_client, Recorded};
 use regmirror_testbed::cluster::{ready_node, Cluster};
+
+#[path = "../benches/support/mod.rs"]
+mod support;
 use serde_json::{json, Value};
 
 const NS: &str = "regmirror-system";
@@ -77,14 +80,7 @@ async fn reconcile(cluster: &Cluster) -> (Decision, Vec<Recorded>) {
         ),
     };
     let metrics = Metrics::register(&mut Registry::default());
-    let snapshot = Snapshot::from_objects(
-        &cluster.mirrors,
-        &cluster.nodes,
-        &cluster.secrets,
-        &cluster.config_maps,
-        cluster.role.as_ref(),
-        NS,
-    );
+    let snapshot = support::snapshot(cluster);
     let decision = reconcile_pass(&snapshot, &settings(), &writer, &metrics)
         .await
         .unwrap();
