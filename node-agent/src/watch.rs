@@ -195,7 +195,12 @@ impl Worker {
         let Some(desired) = work(node, verified.as_deref(), report.as_ref()) else {
             // Nothing to do: the annotations say what the host says (after an agent restart,
             // or a report that did not get through).
-            let wanted = match report.filter(|r| r.current == verified) {
+            // The report speaks for the desired config only: a node told to go back to what it
+            // runs is Applied, whatever failed here before.
+            let desired = annotation(node, DESIRED_CONFIG);
+            let wanted = match report
+                .filter(|r| r.current == verified && Some(&r.config) == desired.as_ref())
+            {
                 Some(r) => annotations(Some(&flavor), r.current.as_deref(), &r.state, &r.message),
                 None => annotations(
                     Some(&flavor),

@@ -310,3 +310,63 @@ fn base64(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
+
+#[tokio::test]
+async fn a_node_sent_back_to_what_it_runs_is_applied_again() {
+    let world = World::new(RegistryOptions {
+        tls: false,
+        basic_auth: None,
+        client_certs: false,
+    });
+    let root = tempfile::tempdir().unwrap();
+    let agent = containerd_agent(root.path());
+    let good = render(
+        &[&world.resolved(vec![world.endpoint(false, None)])],
+        &agent.runtime.flavor,
+    )
+    .unwrap();
+    let good_name = config_secret_name(&good);
+    assert_eq!(
+        agent
+            .apply(&good_name, &good, |_, _, _| async { Ok(()) })
+            .await
+            .state
+            .as_str(),
+        "Applied"
+    );
+    let dead = regmirror_core::api::Endpoint {
+        url: format!("http://127.0.0.1:{}", regmirror_testbed::dead_port()),
+        auth: None,
+        tls: None,
+    };
+    let broken = render(&[&world.resolved(vec![dead])], &agent.runtime.flavor).unwrap();
+    let failed = agent
+        .apply(&config_secret_name(&broken), &broken, |_, _, _| async {
+            Ok(())
+        })
+        .await;
+    assert_eq!(
+        failed.current.as_deref(),
+        Some(good_name.as_str()),
+        "rolled back"
+    );
+
+    // The operator points the node back at the good config: nothing to apply, and the node
+    // must not go on saying Failed (the operator would halt the good config everywhere).
+    let (worker, log) = worker(Setup::Ready(agent), BTreeMap::new());
+    let back = node(&[
+        (DESIRED_CONFIG, &good_name),
+        (CURRENT_CONFIG, &good_name),
+        (FLAVOR, "containerd"),
+        (STATE, "Failed"),
+        (MESSAGE, &failed.message),
+    ]);
+    let (_tx, latest) = watch::channel(Some(Arc::new(back.clone())));
+    assert_eq!(worker.step(&back, &latest).await, None);
+    let requests = log.take();
+    assert_eq!(lines(&requests), [format!("PATCH {NODE}")]);
+    assert_eq!(
+        requests[0].body,
+        json!({"metadata": {"annotations": {MESSAGE: "", STATE: "Applied"}}})
+    );
+}
