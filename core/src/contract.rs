@@ -1,6 +1,14 @@
 //! The contract between operator and node agent: the Node annotations each side writes, and
 //! how a rendered configuration travels in an immutable, content-addressed Secret.
 
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Node, NodeCondition, Secret};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::ByteString;
+use thiserror::Error;
+
 use crate::render::RenderedConfig;
 
 /// On a Node, written by the operator: the name of the config Secret the node should apply.
@@ -20,6 +28,86 @@ pub const PAUSED: &str = "regmirror.io/paused";
 pub const CONFIG_KEY: &str = "config.json";
 /// Label on every config Secret, for the operator's watch and garbage collection.
 pub const CONFIG_LABEL: &str = "regmirror.io/config";
+
+/// The type of config Secrets.
+pub const CONFIG_SECRET_TYPE: &str = "regmirror.io/config";
+
+/// The immutable Secret that carries `config` under `name`.
+pub fn config_secret(name: &str, config: &RenderedConfig) -> Secret {
+    let json = serde_json::to_vec(config).expect("a rendered config always serializes");
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            labels: Some(managed_by([(CONFIG_LABEL, "true")])),
+            ..ObjectMeta::default()
+        },
+        type_: Some(CONFIG_SECRET_TYPE.to_owned()),
+        immutable: Some(true),
+        data: Some(BTreeMap::from([(CONFIG_KEY.to_owned(), ByteString(json))])),
+        ..Secret::default()
+    }
+}
+
+/// Why a Secret does not carry a config.
+#[derive(Debug, Error)]
+pub enum ConfigSecretError {
+    #[error("the config Secret has no {CONFIG_KEY}")]
+    MissingKey,
+    #[error("the config Secret does not decode: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// The config a config Secret carries.
+pub fn read_config_secret(secret: &Secret) -> Result<RenderedConfig, ConfigSecretError> {
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(CONFIG_KEY))
+        .ok_or(ConfigSecretError::MissingKey)?;
+    Ok(serde_json::from_slice(&bytes.0)?)
+}
+
+/// The Role `name` through which the agents may `get` exactly the config Secrets `configs`.
+pub fn agent_role(name: &str, configs: &[String]) -> Role {
+    Role {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            labels: Some(managed_by([])),
+            ..ObjectMeta::default()
+        },
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["secrets".to_owned()]),
+            verbs: vec!["get".to_owned()],
+            resource_names: Some(configs.to_vec()),
+            ..PolicyRule::default()
+        }]),
+    }
+}
+
+/// `labels`, and the label saying regmirror manages the object.
+fn managed_by<const N: usize>(labels: [(&str, &str); N]) -> BTreeMap<String, String> {
+    labels
+        .into_iter()
+        .chain([("app.kubernetes.io/managed-by", "regmirror")])
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// A Node's `Ready` condition, as its kubelet last posted it.
+pub fn ready_condition(node: &Node) -> Option<&NodeCondition> {
+    node.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready")
+}
+
+/// Whether a Node is Ready.
+pub fn node_ready(node: &Node) -> bool {
+    ready_condition(node).is_some_and(|c| c.status == "True")
+}
 
 /// The name of the Secret that carries `config`: derived from its content, so equal
 /// configurations share one Secret and a Secret never changes.

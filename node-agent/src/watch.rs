@@ -15,7 +15,9 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::{watcher, WatchStreamExt};
 use prometheus_client::registry::Registry;
-use regmirror_core::contract::{NodeState, CONFIG_KEY, DESIRED_CONFIG};
+use regmirror_core::contract::{
+    node_ready, read_config_secret, ready_condition, NodeState, DESIRED_CONFIG,
+};
 use regmirror_core::node::Flavor;
 use regmirror_core::render::Activation;
 use regmirror_core::render::RenderedConfig;
@@ -283,13 +285,7 @@ impl Worker {
             .get(name)
             .await
             .map_err(|e| format!("{name}: cannot read the config Secret: {e}"))?;
-        let bytes = secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(CONFIG_KEY))
-            .ok_or_else(|| format!("{name}: the config Secret has no {CONFIG_KEY}"))?;
-        serde_json::from_slice(&bytes.0)
-            .map_err(|e| format!("{name}: the config Secret does not decode: {e}"))
+        read_config_secret(&secret).map_err(|e| format!("{name}: {e}"))
     }
 }
 
@@ -318,23 +314,6 @@ fn heartbeat(node: &Node) -> Option<Timestamp> {
         .map(|t| t.0)
 }
 
-fn ready_condition(node: &Node) -> Option<&k8s_openapi::api::core::v1::NodeCondition> {
-    node.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == "Ready")
-}
-
-fn ready(node: &Node) -> bool {
-    node.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-        .is_some_and(|c| c.status == "True")
-}
-
 /// Waits `settle`, then up to `timeout` for the Node to be Ready. After a restart the Ready
 /// condition must also have been posted since the restart began: k3s and RKE2 restart their
 /// kubelet with the runtime, and a Node still showing the Ready of before proves nothing.
@@ -348,7 +327,8 @@ async fn wait_ready(
     tokio::time::sleep(settle).await;
     let is_ready = |n: &Option<Arc<Node>>| {
         n.as_deref().is_some_and(|n| {
-            ready(n) && (step != Activation::Restart || heartbeat(n).is_some_and(|t| t >= since))
+            node_ready(n)
+                && (step != Activation::Restart || heartbeat(n).is_some_and(|t| t >= since))
         })
     };
     tokio::time::timeout(timeout, latest.wait_for(is_ready))

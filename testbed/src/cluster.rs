@@ -4,13 +4,11 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node, NodeCondition, NodeStatus, Secret};
-use k8s_openapi::api::rbac::v1::{PolicyRule, Role};
+use k8s_openapi::api::rbac::v1::Role;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::ByteString;
 use regmirror_core::api::{Endpoint, EndpointAuth, RegistryMirror, RegistryMirrorSpec};
-use regmirror_core::contract::{
-    CONFIG_KEY, CONFIG_LABEL, CURRENT_CONFIG, DESIRED_CONFIG, FLAVOR, STATE,
-};
+use regmirror_core::contract::{self, CURRENT_CONFIG, DESIRED_CONFIG, FLAVOR, STATE};
 use regmirror_core::decide::Decision;
 
 /// The objects of a cluster, as the API server holds them.
@@ -85,20 +83,9 @@ impl Cluster {
     /// told.
     pub fn settle(&mut self, decision: &Decision, agent_role: &str) {
         for (name, config) in &decision.create {
-            self.secrets.push(Secret {
-                metadata: ObjectMeta {
-                    name: Some(name.clone()),
-                    namespace: Some(self.namespace.clone()),
-                    labels: Some(BTreeMap::from([(CONFIG_LABEL.into(), "true".into())])),
-                    ..ObjectMeta::default()
-                },
-                data: Some(BTreeMap::from([(
-                    CONFIG_KEY.into(),
-                    ByteString(serde_json::to_vec(config).expect("configs serialize")),
-                )])),
-                immutable: Some(true),
-                ..Secret::default()
-            });
+            let mut secret = contract::config_secret(name, config);
+            secret.metadata.namespace = Some(self.namespace.clone());
+            self.secrets.push(secret);
         }
         self.secrets
             .retain(|s| !decision.delete.contains(s.metadata.name.as_ref().unwrap()));
@@ -128,20 +115,9 @@ impl Cluster {
             }
         }
         if let Some(names) = &decision.agent_role {
-            self.role = Some(Role {
-                metadata: ObjectMeta {
-                    name: Some(agent_role.into()),
-                    namespace: Some(self.namespace.clone()),
-                    ..ObjectMeta::default()
-                },
-                rules: Some(vec![PolicyRule {
-                    api_groups: Some(vec![String::new()]),
-                    resources: Some(vec!["secrets".into()]),
-                    verbs: vec!["get".into()],
-                    resource_names: Some(names.clone()),
-                    ..PolicyRule::default()
-                }]),
-            });
+            let mut role = contract::agent_role(agent_role, names);
+            role.metadata.namespace = Some(self.namespace.clone());
+            self.role = Some(role);
         }
     }
 

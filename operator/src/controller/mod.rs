@@ -34,7 +34,7 @@ use thiserror::Error;
 use tokio::time::Instant;
 
 pub use metrics::Metrics;
-pub use writer::{WriteError, Writer, CONFIG_SECRET_TYPE, FIELD_MANAGER};
+pub use writer::{WriteError, Writer, FIELD_MANAGER};
 
 /// How the operator runs.
 #[derive(Debug, Clone)]

@@ -6,7 +6,8 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
 use k8s_openapi::api::rbac::v1::Role;
 use regmirror_core::api::RegistryMirror;
 use regmirror_core::contract::{
-    self, NodeState, CONFIG_KEY, CURRENT_CONFIG, DESIRED_CONFIG, FLAVOR, MESSAGE, STATE,
+    self, node_ready, read_config_secret, NodeState, CURRENT_CONFIG, DESIRED_CONFIG, FLAVOR,
+    MESSAGE, STATE,
 };
 use regmirror_core::decide::NodeView;
 use regmirror_core::render::RenderedConfig;
@@ -23,12 +24,7 @@ pub fn node_view(node: &Node) -> NodeView {
     let labels = node.metadata.labels.clone().unwrap_or_default();
     let annotations = node.metadata.annotations.as_ref();
     let annotation = |key: &str| annotations.and_then(|a| a.get(key)).cloned();
-    let ready = node
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-        .is_some_and(|c| c.status == "True");
+    let ready = node_ready(node);
     NodeView {
         name: node.metadata.name.clone().unwrap_or_default(),
         control_plane: CONTROL_PLANE_LABELS.iter().any(|l| labels.contains_key(*l)),
@@ -123,11 +119,10 @@ pub fn stored_configs<'s>(
         .filter(|s| is_config(s))
         .filter_map(|s| {
             let name = s.metadata.name.clone()?;
-            let bytes = s.data.as_ref()?.get(CONFIG_KEY)?;
-            match serde_json::from_slice(&bytes.0) {
+            match read_config_secret(s) {
                 Ok(config) => Some((name, config)),
                 Err(e) => {
-                    tracing::warn!(secret = %name, error = %e, "config Secret does not decode; leaving it alone");
+                    tracing::warn!(secret = %name, error = %e, "not a config; leaving it alone");
                     None
                 }
             }

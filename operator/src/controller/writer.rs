@@ -2,16 +2,12 @@
 //! configs exist and agents may read them before any node is pointed at them; statuses after;
 //! unused configs are deleted last.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Secret};
-use k8s_openapi::api::rbac::v1::{PolicyRule, Role};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::ByteString;
+use k8s_openapi::api::rbac::v1::Role;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use regmirror_core::api::RegistryMirror;
-use regmirror_core::contract::{CONFIG_KEY, CONFIG_LABEL, DESIRED_CONFIG};
+use regmirror_core::contract::{agent_role, config_secret, DESIRED_CONFIG};
 use regmirror_core::decide::{Decision, Notice, Subject};
 use regmirror_core::render::RenderedConfig;
 use serde_json::json;
@@ -19,8 +15,6 @@ use thiserror::Error;
 
 /// The field manager regmirror's writes are recorded under.
 pub const FIELD_MANAGER: &str = "regmirror";
-/// The Secret type of rendered configs.
-pub const CONFIG_SECRET_TYPE: &str = "regmirror.io/config";
 
 /// A write the API server refused.
 #[derive(Debug, Error)]
@@ -107,24 +101,7 @@ impl Writer {
     /// its name is its content's digest.
     async fn create_config(&self, name: &str, config: &RenderedConfig) -> Result<(), WriteError> {
         tracing::info!(config = %name, files = config.files.len(), "storing config");
-        let json = serde_json::to_vec(config).expect("a rendered config always serializes");
-        let secret = Secret {
-            metadata: ObjectMeta {
-                name: Some(name.to_owned()),
-                labels: Some(BTreeMap::from([
-                    (CONFIG_LABEL.to_owned(), "true".to_owned()),
-                    (
-                        "app.kubernetes.io/managed-by".to_owned(),
-                        "regmirror".to_owned(),
-                    ),
-                ])),
-                ..ObjectMeta::default()
-            },
-            type_: Some(CONFIG_SECRET_TYPE.to_owned()),
-            immutable: Some(true),
-            data: Some(BTreeMap::from([(CONFIG_KEY.to_owned(), ByteString(json))])),
-            ..Secret::default()
-        };
+        let secret = config_secret(name, config);
         match self.secrets().create(&PostParams::default(), &secret).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
@@ -136,23 +113,7 @@ impl Writer {
 
     /// Lets the agents `get` exactly these Secrets.
     async fn grant_configs(&self, names: &[String]) -> Result<(), WriteError> {
-        let role = Role {
-            metadata: ObjectMeta {
-                name: Some(self.agent_role.clone()),
-                labels: Some(BTreeMap::from([(
-                    "app.kubernetes.io/managed-by".to_owned(),
-                    "regmirror".to_owned(),
-                )])),
-                ..ObjectMeta::default()
-            },
-            rules: Some(vec![PolicyRule {
-                api_groups: Some(vec![String::new()]),
-                resources: Some(vec!["secrets".to_owned()]),
-                verbs: vec!["get".to_owned()],
-                resource_names: Some(names.to_vec()),
-                ..PolicyRule::default()
-            }]),
-        };
+        let role = agent_role(&self.agent_role, names);
         let mut body = serde_json::to_value(&role).expect("a Role serializes");
         body["apiVersion"] = json!("rbac.authorization.k8s.io/v1");
         body["kind"] = json!("Role");
