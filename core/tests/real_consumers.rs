@@ -12,7 +12,9 @@ use regmirror_core::node::Flavor;
 use regmirror_core::render::{render, RenderedConfig};
 use regmirror_core::resolve::resolve;
 use regmirror_core::sources::RefPolicy;
-use regmirror_testbed::world::{assert_failed_with, assert_pulled, containerd, secure, World, NS};
+use regmirror_testbed::world::{
+    assert_failed_with, assert_pulled, containerd, dead_endpoint, secure, World, NS,
+};
 use regmirror_testbed::{dead_port, RegistryOptions, Skopeo};
 
 /// What only these tests do with the world: render and install for one consumer.
@@ -82,11 +84,7 @@ fn containerd_pulls_through_the_mirror_with_its_ca_and_credentials() {
 #[test]
 fn containerd_falls_back_to_the_next_endpoint_when_the_first_is_down() {
     let world = World::new(secure());
-    let down = Endpoint {
-        url: format!("https://127.0.0.1:{}", dead_port()),
-        auth: None,
-        tls: None,
-    };
+    let down = dead_endpoint("https");
     let hosts = world.containerd_hosts_dir(vec![down, world.endpoint(true, Some("mirror-pull"))]);
     assert_pulled(containerd(&world).pull(&hosts, &world.image));
 }
@@ -154,11 +152,7 @@ fn skopeo_pulls_through_the_crio_mirror_with_ca_and_auth_file() {
 #[test]
 fn skopeo_falls_back_to_the_next_crio_mirror() {
     let world = World::new(secure());
-    let down = Endpoint {
-        url: format!("https://127.0.0.1:{}", dead_port()),
-        auth: None,
-        tls: None,
-    };
+    let down = dead_endpoint("https");
     let (skopeo, auth) = world.crio(vec![down, world.endpoint(true, Some("mirror-pull"))]);
     assert_pulled(skopeo.inspect(&world.image, auth.as_deref()));
 }

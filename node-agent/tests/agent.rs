@@ -14,8 +14,10 @@ use regmirror_core::render::{render, Activation, RenderedConfig};
 use regmirror_node_agent::agent::{Agent, Outcome, Timeouts};
 use regmirror_node_agent::detect::Host;
 use regmirror_node_agent::restart::Activator;
-use regmirror_testbed::world::{assert_failed_with, assert_pulled, containerd, secure, World};
-use regmirror_testbed::{dead_port, Containerd};
+use regmirror_testbed::world::{
+    assert_failed_with, assert_pulled, containerd, dead_endpoint, secure, World,
+};
+use regmirror_testbed::Containerd;
 
 const HOSTS_DIR: &str = "/etc/containerd/certs.d";
 
@@ -102,11 +104,7 @@ async fn a_pull_goes_through_the_mirror_with_ca_auth_and_fallback_without_a_rest
     let node = ContainerdNode::new();
     assert_failed_with(node.pull(), "connection refused");
 
-    let down = Endpoint {
-        url: format!("https://127.0.0.1:{}", dead_port()),
-        auth: None,
-        tls: None,
-    };
+    let down = dead_endpoint("https");
     let config = node.config(vec![down, node.world.endpoint(true, Some("mirror-pull"))]);
     let outcome = node.apply(&config).await;
     applied(&outcome, &config);
@@ -168,11 +166,7 @@ async fn a_config_with_a_dead_endpoint_is_rolled_back() {
     let good = node.config(vec![node.world.endpoint(true, Some("mirror-pull"))]);
     applied(&node.apply(&good).await, &good);
 
-    let dead = Endpoint {
-        url: format!("https://127.0.0.1:{}", dead_port()),
-        auth: None,
-        tls: None,
-    };
+    let dead = dead_endpoint("https");
     let broken = node.config(vec![dead]);
     let outcome = node.apply(&broken).await;
     assert_eq!(outcome.state, NodeState::Failed, "{}", outcome.message);
@@ -189,11 +183,7 @@ async fn a_config_with_a_dead_endpoint_is_rolled_back() {
 #[tokio::test]
 async fn a_first_config_that_fails_leaves_nothing_behind() {
     let node = ContainerdNode::new();
-    let dead = Endpoint {
-        url: format!("https://127.0.0.1:{}", dead_port()),
-        auth: None,
-        tls: None,
-    };
+    let dead = dead_endpoint("https");
     let outcome = node.apply(&node.config(vec![dead])).await;
     assert_eq!(outcome.state, NodeState::Failed);
     assert_eq!(outcome.current, None, "no configuration of ours runs here");
@@ -414,11 +404,7 @@ async fn a_failed_first_config_gives_the_node_its_hand_written_file_back() {
         },
         TIMEOUTS,
     );
-    let dead = Endpoint {
-        url: format!("https://127.0.0.1:{}", dead_port()),
-        auth: None,
-        tls: None,
-    };
+    let dead = dead_endpoint("https");
     let config = render(&[&world.resolved(vec![dead])], &Flavor::K3s).unwrap();
     let name = config_secret_name(&config);
     let outcome = agent.apply(&name, &config, node_is_ready).await;

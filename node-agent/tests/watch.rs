@@ -14,15 +14,15 @@ use regmirror_core::contract::{
     config_secret_name, CONFIG_KEY, CURRENT_CONFIG, DESIRED_CONFIG, FLAVOR, MESSAGE, STATE,
 };
 use regmirror_core::node::Flavor;
-use regmirror_core::render::render;
-use regmirror_node_agent::agent::{Agent, Timeouts};
+use regmirror_core::render::{render, RenderedConfig};
+use regmirror_node_agent::agent::{Agent, Outcome, Timeouts};
 use regmirror_node_agent::detect::Host;
 use regmirror_node_agent::metrics::Metrics;
 use regmirror_node_agent::report::NodeReporter;
 use regmirror_node_agent::restart::Activator;
 use regmirror_node_agent::watch::{Setup, Worker};
 use regmirror_testbed::api::{mock_client, Recorded};
-use regmirror_testbed::world::World;
+use regmirror_testbed::world::{dead_endpoint, World};
 use regmirror_testbed::RegistryOptions;
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -89,6 +89,46 @@ fn worker(
     (worker, log)
 }
 
+/// A containerd host under a temporary root, and a plain-http registry to mirror to.
+struct TestHost {
+    world: World,
+    root: tempfile::TempDir,
+}
+
+impl TestHost {
+    fn new() -> Self {
+        TestHost {
+            world: World::new(RegistryOptions::default()),
+            root: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn agent(&self) -> Agent {
+        containerd_agent(self.root.path())
+    }
+
+    /// A config mirroring through the registry, or (`live: false`) through a dead port.
+    fn config(&self, live: bool) -> RenderedConfig {
+        let endpoint = match live {
+            true => self.world.endpoint(false, None),
+            false => dead_endpoint("http"),
+        };
+        let flavor = Flavor::Containerd {
+            hosts_dir: "/etc/containerd/certs.d".into(),
+        };
+        render(&[&self.world.resolved(vec![endpoint])], &flavor).unwrap()
+    }
+}
+
+/// Applies on the host, the node always Ready.
+async fn apply(agent: &Agent, config: &RenderedConfig) -> Outcome {
+    agent
+        .apply(&config_secret_name(config), config, |_, _, _| async {
+            Ok(())
+        })
+        .await
+}
+
 fn containerd_agent(root: &std::path::Path) -> Agent {
     let runtime = Host {
         flavor: Flavor::Containerd {
@@ -128,18 +168,9 @@ fn lines(requests: &[Recorded]) -> Vec<String> {
 
 #[tokio::test]
 async fn a_named_config_is_fetched_applied_and_reported() {
-    let world = World::new(RegistryOptions {
-        tls: false,
-        basic_auth: None,
-        client_certs: false,
-    });
-    let root = tempfile::tempdir().unwrap();
-    let agent = containerd_agent(root.path());
-    let config = render(
-        &[&world.resolved(vec![world.endpoint(false, None)])],
-        &agent.runtime.flavor,
-    )
-    .unwrap();
+    let host = TestHost::new();
+    let (world, root, agent) = (&host.world, &host.root, host.agent());
+    let config = host.config(true);
     let name = config_secret_name(&config);
     let secret = json!({
         "apiVersion": "v1", "kind": "Secret",
@@ -207,24 +238,12 @@ fn node_with(desired: &str, patch: &Value) -> Node {
 
 #[tokio::test]
 async fn a_config_that_failed_here_is_not_tried_again_and_annotations_follow_the_host() {
-    let world = World::new(RegistryOptions {
-        tls: false,
-        basic_auth: None,
-        client_certs: false,
-    });
-    let root = tempfile::tempdir().unwrap();
-    let agent = containerd_agent(root.path());
+    let host = TestHost::new();
+    let agent = host.agent();
     // Fails on this host (its only endpoint is dead); the report did not reach the Node.
-    let dead = regmirror_core::api::Endpoint {
-        url: format!("http://127.0.0.1:{}", regmirror_testbed::dead_port()),
-        auth: None,
-        tls: None,
-    };
-    let broken = render(&[&world.resolved(vec![dead])], &agent.runtime.flavor).unwrap();
+    let broken = host.config(false);
     let name = config_secret_name(&broken);
-    let outcome = agent
-        .apply(&name, &broken, |_, _, _| async { Ok(()) })
-        .await;
+    let outcome = apply(&agent, &broken).await;
     assert_eq!(outcome.state.as_str(), "Failed");
 
     let (worker, log) = worker(Setup::Ready(agent), BTreeMap::new());
@@ -313,38 +332,12 @@ fn base64(bytes: &[u8]) -> String {
 
 #[tokio::test]
 async fn a_node_sent_back_to_what_it_runs_is_applied_again() {
-    let world = World::new(RegistryOptions {
-        tls: false,
-        basic_auth: None,
-        client_certs: false,
-    });
-    let root = tempfile::tempdir().unwrap();
-    let agent = containerd_agent(root.path());
-    let good = render(
-        &[&world.resolved(vec![world.endpoint(false, None)])],
-        &agent.runtime.flavor,
-    )
-    .unwrap();
+    let host = TestHost::new();
+    let agent = host.agent();
+    let good = host.config(true);
     let good_name = config_secret_name(&good);
-    assert_eq!(
-        agent
-            .apply(&good_name, &good, |_, _, _| async { Ok(()) })
-            .await
-            .state
-            .as_str(),
-        "Applied"
-    );
-    let dead = regmirror_core::api::Endpoint {
-        url: format!("http://127.0.0.1:{}", regmirror_testbed::dead_port()),
-        auth: None,
-        tls: None,
-    };
-    let broken = render(&[&world.resolved(vec![dead])], &agent.runtime.flavor).unwrap();
-    let failed = agent
-        .apply(&config_secret_name(&broken), &broken, |_, _, _| async {
-            Ok(())
-        })
-        .await;
+    assert_eq!(apply(&agent, &good).await.state.as_str(), "Applied");
+    let failed = apply(&agent, &host.config(false)).await;
     assert_eq!(
         failed.current.as_deref(),
         Some(good_name.as_str()),

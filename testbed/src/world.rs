@@ -113,6 +113,15 @@ impl World {
     }
 }
 
+/// An endpoint on a loopback port nothing listens on: a mirror that is down.
+pub fn dead_endpoint(scheme: &str) -> Endpoint {
+    Endpoint {
+        url: format!("{scheme}://127.0.0.1:{}", dead_port()),
+        auth: None,
+        tls: None,
+    }
+}
+
 /// TLS from the test CA and basic auth.
 pub fn secure() -> RegistryOptions {
     RegistryOptions {
