@@ -120,6 +120,13 @@ fn basic_auth(user: &str, password: &str) -> SourceObject {
     }
 }
 
+/// `n` k3s nodes, `n0`, `n1`, …
+fn k3s_nodes(n: usize) -> Vec<NodeView> {
+    (0..n)
+        .map(|i| node(&format!("n{i}"), Flavor::K3s, &[]))
+        .collect()
+}
+
 fn containerd() -> Flavor {
     Flavor::Containerd {
         hosts_dir: "/etc/containerd/certs.d".into(),
@@ -251,11 +258,7 @@ fn a_settled_cluster_decides_nothing() {
 
 #[test]
 fn a_rotated_password_moves_every_node_and_retires_the_old_config() {
-    let mut c = Cluster::new(
-        (0..4)
-            .map(|i| node(&format!("n{i}"), Flavor::K3s, &[]))
-            .collect(),
-    );
+    let mut c = Cluster::new(k3s_nodes(4));
     c.mirrors = vec![mirror(
         "hub",
         "docker.io",
@@ -342,11 +345,7 @@ fn an_invalid_mirror_changes_no_node_and_says_which_field() {
 
 #[test]
 fn a_failing_node_halts_its_config_and_is_reported() {
-    let mut c = Cluster::new(
-        (0..3)
-            .map(|i| node(&format!("n{i}"), Flavor::K3s, &[]))
-            .collect(),
-    );
+    let mut c = Cluster::new(k3s_nodes(3));
     c.max_unavailable = MaxUnavailable::Count(3);
     c.mirrors = vec![mirror(
         "hub",
@@ -504,11 +503,7 @@ proptest! {
 
 #[test]
 fn a_change_to_one_mirror_leaves_the_status_of_the_others_alone() {
-    let mut c = Cluster::new(
-        (0..3)
-            .map(|i| node(&format!("n{i}"), Flavor::K3s, &[]))
-            .collect(),
-    );
+    let mut c = Cluster::new(k3s_nodes(3));
     c.max_unavailable = MaxUnavailable::Count(3);
     c.mirrors = vec![
         mirror("hub", "docker.io", "https://hub.example:5000", None),
