@@ -31,12 +31,13 @@ impl NodeReporter {
         }
     }
 
-    /// Sets the agent's annotations to `wanted`, writing only if `node` has them otherwise.
+    /// Sets the agent's annotations to `wanted`, writing only those `node` has otherwise.
+    /// Returns whether anything was written.
     pub async fn annotate(
         &self,
         node: &Node,
         wanted: &BTreeMap<&'static str, String>,
-    ) -> Result<(), kube::Error> {
+    ) -> Result<bool, kube::Error> {
         let have = node.metadata.annotations.clone().unwrap_or_default();
         let changed: BTreeMap<&str, &String> = wanted
             .iter()
@@ -44,13 +45,13 @@ impl NodeReporter {
             .map(|(k, v)| (*k, v))
             .collect();
         if changed.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let patch = json!({"metadata": {"annotations": changed}});
         self.nodes
             .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
-        Ok(())
+        Ok(true)
     }
 
     /// Records an Event on the Node. A failure to record is logged, not fatal.

@@ -264,18 +264,20 @@ impl Worker {
         None
     }
 
-    /// Returns whether anything was written.
+    /// Returns whether the annotations had to change (written, or tried: a failed write is
+    /// logged, and the next Node event tries again).
     async fn annotate(
         &self,
         node: &Node,
         wanted: &std::collections::BTreeMap<&'static str, String>,
     ) -> bool {
-        let before = node.metadata.annotations.clone().unwrap_or_default();
-        let changes = wanted.iter().any(|(k, v)| before.get(*k) != Some(v));
-        if let Err(e) = self.reporter.annotate(node, wanted).await {
-            tracing::error!(error = %e, "cannot annotate the Node");
-        }
-        changes
+        self.reporter
+            .annotate(node, wanted)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "cannot annotate the Node");
+                true
+            })
     }
 
     /// Reads a config Secret.

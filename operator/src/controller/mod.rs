@@ -147,7 +147,7 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Control
             }
             _ = tokio::time::sleep_until(next_pass) => {}
         }
-        let snapshot = caches.snapshot(&settings);
+        let snapshot = caches.snapshot();
         // Losing the lease cancels the pass between two writes.
         let passed = tokio::select! {
             passed = reconcile(&snapshot, &settings, &writer, &metrics) => passed,
@@ -409,7 +409,7 @@ impl Caches {
     }
 
     /// What the caches hold now.
-    pub fn snapshot(&self, settings: &Settings) -> Snapshot {
+    pub fn snapshot(&self) -> Snapshot {
         let mirrors = self.mirrors.state();
         let nodes = self.nodes.state();
         let secrets: Vec<_> = self.secrets.iter().flat_map(Store::state).collect();
@@ -419,7 +419,6 @@ impl Caches {
             .state()
             .into_iter()
             .find(|r| r.metadata.name.as_deref() == Some(self.agent_role.as_str()));
-        debug_assert_eq!(self.namespace, settings.namespace);
         Snapshot::from_objects(
             mirrors.iter().map(|m| &**m),
             nodes.iter().map(|n| &**n),
