@@ -12,7 +12,7 @@
 //! applied, it decides nothing. That is what makes a reconcile with nothing changed write
 //! nothing.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::api::{Condition, NodeCounts, NodeFailure, RegistryMirror, RegistryMirrorStatus};
 use crate::assemble::{assemble, Conflict};
@@ -149,9 +149,29 @@ pub fn decide(view: &ClusterView) -> Decision {
         .map(mirror_name)
         .collect();
 
-    // Nodes that select one of these keep what they have.
-    let holding: BTreeSet<String> = paused.iter().chain(problems.keys()).cloned().collect();
-    let targets = target_nodes(view, &resolved, &holding, &mut problems);
+    // Which nodes each mirror selects, matched once for the holds and the statuses.
+    let selected: Vec<Vec<usize>> = view
+        .mirrors
+        .iter()
+        .map(|m| {
+            let selector = m.spec.node_selector.as_ref();
+            (0..view.nodes.len())
+                .filter(|i| select::matches(selector, &view.nodes[*i].labels))
+                .collect()
+        })
+        .collect();
+    // Nodes that a paused or invalid mirror selects keep what they have.
+    let held: HashSet<usize> = view
+        .mirrors
+        .iter()
+        .zip(&selected)
+        .filter(|(m, _)| {
+            let name = mirror_name(m);
+            paused.contains(&name) || problems.contains_key(&name)
+        })
+        .flat_map(|(_, nodes)| nodes.iter().copied())
+        .collect();
+    let targets = target_nodes(view, &resolved, &held, &mut problems);
     let rollouts: Vec<NodeRollout> = targets
         .iter()
         .map(|t| {
@@ -213,7 +233,7 @@ pub fn decide(view: &ClusterView) -> Decision {
     }
 
     keep_only_live_configs(view, &targets, &mut decision);
-    write_statuses(view, &targets, &problems, &paused, &mut decision);
+    write_statuses(view, &selected, &targets, &problems, &paused, &mut decision);
     for node in view.nodes {
         let state = node.state.map_or("Unknown", NodeState::as_str);
         *decision.nodes_by_state.entry(state).or_default() += 1;
@@ -239,7 +259,7 @@ struct NodeTarget {
 fn target_nodes(
     view: &ClusterView,
     resolved: &[ResolvedMirror],
-    holding: &BTreeSet<String>,
+    held: &HashSet<usize>,
     problems: &mut BTreeMap<String, Problem>,
 ) -> Vec<NodeTarget> {
     type Group = (String, Vec<String>);
@@ -288,16 +308,12 @@ fn target_nodes(
         let Some((config_name, config)) = group.clone() else {
             continue;
         };
-        let held = view.mirrors.iter().any(|m| {
-            holding.contains(&mirror_name(m))
-                && select::matches(m.spec.node_selector.as_ref(), &node.labels)
-        });
         targets.push(NodeTarget {
             node: index,
             mirrors: names.into_iter().collect(),
             config_name,
             config,
-            held,
+            held: held.contains(&index),
         });
     }
     for (mirror, conflict) in &conflicts {
@@ -349,20 +365,19 @@ fn keep_only_live_configs(view: &ClusterView, targets: &[NodeTarget], decision: 
 
 fn write_statuses(
     view: &ClusterView,
+    selected: &[Vec<usize>],
     targets: &[NodeTarget],
     problems: &BTreeMap<String, Problem>,
     paused: &BTreeSet<String>,
     decision: &mut Decision,
 ) {
     let target_of: HashMap<usize, &NodeTarget> = targets.iter().map(|t| (t.node, t)).collect();
-    for mirror in view.mirrors {
+    for (mirror, selected) in view.mirrors.iter().zip(selected) {
         let name = mirror_name(mirror);
         let mut counts = NodeCounts::default();
         let mut failures = Vec::new();
-        for (index, node) in view.nodes.iter().enumerate() {
-            if !select::matches(mirror.spec.node_selector.as_ref(), &node.labels) {
-                continue;
-            }
+        for &index in selected {
+            let node = &view.nodes[index];
             counts.targeted += 1;
             let target = target_of.get(&index).filter(|t| t.mirrors.contains(&name));
             let failed = match node.state {
