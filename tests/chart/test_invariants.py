@@ -1,0 +1,285 @@
+"""Properties of the rendered chart that a schema cannot see: least-privilege RBAC, the host paths
+the agent gets, the pods' security settings, explicit namespaces. Each test runs on every
+rendering (default values and every charts/regmirror/ci/*.yaml) unless it names the values it
+needs; the tests named *_defaults check what only the default values promise."""
+import pytest
+
+import chart_inputs as inputs
+
+NAMESPACE = inputs.NAMESPACE
+AGENT_ROLE = "regmirror-agent-configs"
+AGENT_USER = f"system:serviceaccount:{NAMESPACE}:regmirror-agent"
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
+                  "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
+RENDERINGS = [name for name, _ in inputs.value_sets()]
+
+
+def docs(rendering):
+    try:
+        return inputs.rendered(rendering)
+    except inputs.InputError as e:
+        pytest.fail(f"rendering {rendering}: {e}", pytrace=False)
+
+
+def find(rendering, kind, name, ns=None):
+    for d in docs(rendering):
+        m = d["metadata"]
+        if d["kind"] == kind and m["name"] == name and (ns is None or m.get("namespace") == ns):
+            return d
+    pytest.fail(f"{kind} {ns + '/' if ns else ''}{name} is not rendered ({rendering} values)", pytrace=False)
+
+
+def objects(select):
+    """Parameters (rendering, document index) of the rendered objects select(object) accepts; a
+    rendering that cannot be read is one parameter (rendering, -1), which fails."""
+    params = []
+    for rendering in RENDERINGS:
+        try:
+            rendered = inputs.rendered(rendering)
+        except inputs.InputError:
+            params.append(pytest.param(rendering, -1, id=f"{rendering}: unreadable"))
+            continue
+        for i, d in enumerate(rendered):
+            if select(d):
+                m = d["metadata"]
+                where = f"{m['namespace']}/" if m.get("namespace") else ""
+                params.append(pytest.param(rendering, i, id=f"{rendering}: {d['kind']} {where}{m['name']}"))
+    return params
+
+
+def doc(rendering, index):
+    rendered = docs(rendering)
+    assert index >= 0, f"rendering {rendering} cannot be read"
+    return rendered[index]
+
+
+def rules(obj):
+    return sorted((tuple(r.get("apiGroups", [])), tuple(r.get("resources", [])),
+                   tuple(r.get("resourceNames", [])), tuple(sorted(r.get("verbs", []))))
+                  for r in obj.get("rules", []))
+
+
+def r(groups, resources, verbs, names=()):
+    return (tuple(groups), tuple(resources), tuple(names), tuple(sorted(verbs)))
+
+
+# ---------------------------------------------------------------- every object
+@pytest.mark.parametrize("rendering,index", objects(lambda d: d["kind"] not in CLUSTER_SCOPED))
+def test_namespaced_object_names_its_namespace(rendering, index):
+    d = doc(rendering, index)
+    assert d["metadata"].get("namespace"), f"{d['kind']} {d['metadata']['name']} has no explicit namespace"
+
+
+@pytest.mark.parametrize("rendering,index", objects(lambda d: d["kind"] in ("Role", "ClusterRole")))
+def test_rbac_rules_have_no_wildcard_or_escalation(rendering, index):
+    d = doc(rendering, index)
+    what = f"{d['kind']} {d['metadata']['name']}"
+    for i, rule in enumerate(d.get("rules", [])):
+        for field in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule.get(field, []), f"{what}: wildcard in {field} of rules[{i}]"
+        assert not {"escalate", "bind", "impersonate"} & set(rule.get("verbs", [])), \
+            f"{what}: escalate/bind/impersonate verb in rules[{i}]"
+
+
+@pytest.mark.parametrize("rendering,index", objects(lambda d: d["kind"] == "ClusterRole"))
+def test_clusterrole_grants_no_secrets_or_configmaps(rendering, index):
+    d = doc(rendering, index)
+    for i, rule in enumerate(d["rules"]):
+        assert not {"secrets", "configmaps"} & set(rule["resources"]), \
+            f"ClusterRole {d['metadata']['name']} grants secrets/configmaps cluster-wide (rules[{i}])"
+
+
+@pytest.mark.parametrize("rendering,index", objects(
+    lambda d: d["kind"] == "Role" and d["metadata"]["name"] == "regmirror-operator-references"))
+def test_references_role_reads_only_secrets_and_configmaps_outside_the_release_namespace(rendering, index):
+    d = doc(rendering, index)
+    ns = d["metadata"]["namespace"]
+    assert rules(d) == [r([""], ["secrets", "configmaps"], ["get", "list", "watch"])], \
+        f"Role {ns}/regmirror-operator-references rules differ: {rules(d)}"
+    assert ns != NAMESPACE, "allowedNamespaces Role rendered in the release namespace"
+
+
+# ---------------------------------------------------------------- RBAC, exactly
+@pytest.mark.parametrize("rendering", RENDERINGS)
+def test_operator_clusterrole_is_least_privilege(rendering):
+    got = rules(find(rendering, "ClusterRole", "regmirror-operator"))
+    assert got == sorted([
+        r(["regmirror.io"], ["registrymirrors"], ["get", "list", "watch"]),
+        r(["regmirror.io"], ["registrymirrors/status"], ["get", "patch", "update"]),
+        r([""], ["nodes"], ["get", "list", "watch", "patch"]),
+    ]), f"ClusterRole regmirror-operator rules differ from the least-privilege set: {got}"
+
+
+@pytest.mark.parametrize("rendering", RENDERINGS)
+def test_agent_clusterrole_is_least_privilege(rendering):
+    got = rules(find(rendering, "ClusterRole", "regmirror-agent"))
+    assert got == [r([""], ["nodes"], ["get", "list", "watch", "patch"])], \
+        f"ClusterRole regmirror-agent rules differ from the least-privilege set: {got}"
+
+
+@pytest.mark.parametrize("rendering", RENDERINGS)
+def test_operator_role_is_least_privilege(rendering):
+    got = rules(find(rendering, "Role", "regmirror-operator", NAMESPACE))
+    assert got == sorted([
+        r([""], ["secrets"], ["get", "list", "watch", "create", "delete"]),
+        r([""], ["configmaps"], ["get", "list", "watch"]),
+        r(["coordination.k8s.io"], ["leases"], ["create"]),
+        r(["coordination.k8s.io"], ["leases"], ["get", "update"], ["regmirror-controller"]),
+        r(["rbac.authorization.k8s.io"], ["roles"], ["create"]),
+        r(["rbac.authorization.k8s.io"], ["roles"], ["get", "list", "watch", "update", "patch"], [AGENT_ROLE]),
+    ]), f"Role {NAMESPACE}/regmirror-operator rules differ from the least-privilege set: {got}"
+
+
+@pytest.mark.parametrize("rendering", RENDERINGS)
+def test_events_role_creates_and_patches_events_only(rendering):
+    got = rules(find(rendering, "Role", "regmirror-events", "default"))
+    assert got == sorted([
+        r(["events.k8s.io"], ["events"], ["create", "patch"]), r([""], ["events"], ["create", "patch"]),
+    ]), f"Role default/regmirror-events rules differ: {got}"
+
+
+@pytest.mark.parametrize("rendering", RENDERINGS)
+def test_agent_configs_role_is_left_to_the_operator(rendering):
+    assert not [d for d in docs(rendering) if d["kind"] == "Role" and d["metadata"]["name"] == AGENT_ROLE], \
+        f"the chart must not render Role {AGENT_ROLE} (the operator owns it)"
+
+
+@pytest.mark.parametrize("rendering", RENDERINGS)
+def test_agent_configs_rolebinding_binds_the_agent(rendering):
+    binding = find(rendering, "RoleBinding", AGENT_ROLE, NAMESPACE)
+    assert (binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": AGENT_ROLE}
+            and binding["subjects"] == [{"kind": "ServiceAccount", "name": "regmirror-agent", "namespace": NAMESPACE}]), \
+        f"RoleBinding {AGENT_ROLE} must bind regmirror-agent to Role {AGENT_ROLE}: {binding}"
+
+
+# ---------------------------------------------------------------- operator
+def operator(rendering):
+    dep = find(rendering, "Deployment", "regmirror-operator", NAMESPACE)
+    pod = dep["spec"]["template"]["spec"]
+    return dep, pod, pod["containers"][0]
+
+
+def test_operator_defaults():
+    dep, _, c = operator(inputs.DEFAULT)
+    assert dep["spec"]["replicas"] == 2, f"operator replicas {dep['spec']['replicas']} != 2"
+    assert c["image"] == "ghcr.io/regmirror/regmirror:0.1.0", f"operator image {c['image']}"
+
+
+@pytest.mark.parametrize("rendering", RENDERINGS)
+def test_operator_container(rendering):
+    _, pod, c = operator(rendering)
+    assert c["args"] == ["controller"], f"operator args {c['args']} != [controller]"
+    assert pod["serviceAccountName"] == "regmirror-operator", f"operator ServiceAccount {pod['serviceAccountName']}"
+    env = {e["name"]: e for e in c["env"]}
+    for name in ("POD_NAMESPACE", "POD_NAME", "REGMIRROR_ALLOWED_NAMESPACES", "REGMIRROR_MAX_UNAVAILABLE",
+                 "REGMIRROR_AGENT_ROLE", "RUST_LOG"):
+        assert name in env, f"operator env {name} missing"
+    assert env.get("REGMIRROR_AGENT_ROLE", {}).get("value") == AGENT_ROLE, \
+        f"operator env REGMIRROR_AGENT_ROLE != {AGENT_ROLE}"
+    ports = [(p["name"], p["containerPort"]) for p in c["ports"]]
+    assert ports == [("http-metrics", 8080)], f"operator ports {ports}"
+    assert (c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+            and c["readinessProbe"]["httpGet"]["path"] == "/readyz"), "operator probes: /healthz and /readyz"
+
+
+@pytest.mark.parametrize("rendering", RENDERINGS)
+def test_operator_security_context(rendering):
+    _, pod, c = operator(rendering)
+    sc, psc = c.get("securityContext", {}), pod.get("securityContext", {})
+    assert psc.get("runAsNonRoot") is True or sc.get("runAsNonRoot") is True, "operator must run as non-root"
+    assert sc.get("readOnlyRootFilesystem") is True, "operator root fs must be read-only"
+    assert sc.get("allowPrivilegeEscalation") is False, "operator allowPrivilegeEscalation must be false"
+    assert sc.get("capabilities", {}).get("drop") == ["ALL"] and not sc.get("capabilities", {}).get("add"), \
+        "operator must drop ALL capabilities and add none"
+    assert (psc.get("seccompProfile") or sc.get("seccompProfile") or {}).get("type") == "RuntimeDefault", \
+        "operator seccomp profile must be RuntimeDefault"
+
+
+# ---------------------------------------------------------------- agent
+def agent(rendering):
+    ds = find(rendering, "DaemonSet", "regmirror-agent", NAMESPACE)
+    pod = ds["spec"]["template"]["spec"]
+    return pod, pod["containers"][0]
+
+
+def host_mounts(pod, c):
+    """(volume, mount) of every hostPath volume mount."""
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    return [(volumes[m["name"]], m) for m in c["volumeMounts"] if "hostPath" in volumes[m["name"]]]
+
+
+@pytest.mark.parametrize("rendering", RENDERINGS)
+def test_agent_container(rendering):
+    pod, c = agent(rendering)
+    assert c["command"] == ["regmirror-agent"] and c["args"] == ["run"], \
+        f"agent command/args {c['command']} {c['args']} != [regmirror-agent] [run]"
+    assert pod["serviceAccountName"] == "regmirror-agent", f"agent ServiceAccount {pod['serviceAccountName']}"
+    env = {e["name"]: e for e in c["env"]}
+    for name in ("NODE_NAME", "POD_NAMESPACE", "REGMIRROR_FLAVOR", "REGMIRROR_READY_TIMEOUT", "RUST_LOG"):
+        assert name in env, f"agent env {name} missing"
+    assert env.get("NODE_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "spec.nodeName", \
+        "agent env NODE_NAME must come from spec.nodeName"
+    ports = [(p["name"], p["containerPort"]) for p in c["ports"]]
+    assert ports == [("http-metrics", 8081)], f"agent ports {ports}"
+
+
+@pytest.mark.parametrize("rendering", RENDERINGS)
+def test_agent_security_context(rendering):
+    pod, c = agent(rendering)
+    sc = c.get("securityContext", {})
+    assert not pod.get("hostNetwork"), "agent must not use hostNetwork"
+    assert not pod.get("hostIPC"), "agent must not use hostIPC"
+    assert sc.get("privileged") is not True, "agent must not be privileged"
+    assert sc.get("allowPrivilegeEscalation") is False, "agent allowPrivilegeEscalation must be false"
+    assert sc.get("readOnlyRootFilesystem") is True, "agent root fs must be read-only"
+    assert sc.get("capabilities", {}).get("drop") == ["ALL"] and not sc.get("capabilities", {}).get("add"), \
+        "agent must drop ALL capabilities and add none"
+
+
+@pytest.mark.parametrize("rendering", RENDERINGS)
+def test_agent_host_paths_are_mounted_once_under_host(rendering):
+    pod, c = agent(rendering)
+    mounts = host_mounts(pod, c)
+    for v, m in mounts:
+        assert m["mountPath"] == "/host" + v["hostPath"]["path"], \
+            f"host path {v['hostPath']['path']} mounted at {m['mountPath']}, not under /host"
+    paths = {v["hostPath"]["path"] for v, _ in mounts}
+    assert len(paths) == len([v for v in pod["volumes"] if "hostPath" in v]), "a hostPath volume is not mounted once"
+
+
+def test_agent_defaults():
+    pod, c = agent(inputs.DEFAULT)
+    sc = c.get("securityContext", {})
+    assert pod.get("hostPID") is False, "agent hostPID must default to false"
+    assert c["image"] == "ghcr.io/regmirror/regmirror-agent:0.1.0", f"agent image {c['image']}"
+    assert pod.get("tolerations") == [{"operator": "Exists"}], "agent must tolerate every taint by default"
+    assert sc.get("runAsUser") == 0, "agent runs as uid 0"
+
+
+def test_agent_host_paths_defaults():
+    pod, c = agent(inputs.DEFAULT)
+    host = {v["hostPath"]["path"]: bool(m.get("readOnly")) for v, m in host_mounts(pod, c)}
+    expected = {p: False for p in ("/etc/rancher", "/var/lib/rancher", "/etc/containerd", "/etc/containers",
+                                   "/etc/crio", "/var/lib/regmirror", "/run/dbus")}
+    expected.update({p: True for p in ("/etc/systemd/system", "/usr/lib/systemd/system",
+                                       "/usr/local/lib/systemd/system")})
+    assert host == expected, "agent host paths (path: read-only) differ from the defaults"
+
+
+# ---------------------------------------------------------------- admission policy
+def with_policy(rendering):
+    try:
+        return any(d["kind"] == "ValidatingAdmissionPolicy" for d in inputs.rendered(rendering))
+    except inputs.InputError:
+        return True  # the test fails reading it
+
+
+@pytest.mark.parametrize("rendering", [r for r in RENDERINGS if r == inputs.DEFAULT or with_policy(r)])
+def test_admission_policy_applies_to_the_agent_and_is_bound(rendering):
+    """Every rendering with the policy (the default values must have it)."""
+    vap = [d for d in docs(rendering) if d["kind"] == "ValidatingAdmissionPolicy"]
+    assert vap, f"admission policy missing from the {rendering} rendering"
+    assert any(AGENT_USER in m["expression"] for m in vap[0]["spec"]["matchConditions"]), \
+        f"admission policy does not match {AGENT_USER}"
+    b = find(rendering, "ValidatingAdmissionPolicyBinding", vap[0]["metadata"]["name"])
+    assert b["spec"]["policyName"] == vap[0]["metadata"]["name"], "policy binding names the policy"
