@@ -4,11 +4,15 @@
 //!
 //! Missing tools are a test failure, not a skip: `scripts/test` installs them.
 //!
-//! And, since no API server can run here, [`api`]: kube's mocked service with a request log,
-//! so tests assert the exact requests a component sends.
+//! [`control_plane`]: a real Kubernetes control plane (etcd, kube-apiserver,
+//! kube-controller-manager built from the official Go modules by `testbed/kube/build`).
+//!
+//! And [`api`]: kube's mocked service with a request log, so unit tests assert the exact
+//! requests a component sends.
 
 pub mod api;
 pub mod cluster;
+pub mod control_plane;
 mod image;
 mod pki;
 mod process;
@@ -16,6 +20,7 @@ mod registry;
 mod runtime;
 pub mod world;
 
+pub use control_plane::{ControlPlane, TokenOptions};
 pub use image::{oci_layout, push};
 pub use pki::Pki;
 pub use process::{dead_port, free_port, require_tool};
