@@ -245,7 +245,7 @@ def main(argv):
     elif command == "models" and len(argv) == 3:
         cases = model_cases()
         Path(argv[2]).write_text(json.dumps(cases, indent=1))
-        print(f"{len(cases)} object(s) of other projects' CRD kinds for node --test")
+        print(f"   ok: {len(cases)} object(s) of other projects' CRD kinds for node --test")
     else:
         sys.exit(f"usage: {argv[0]} value-sets | kustomizations | models OUT.json")
 
