@@ -399,8 +399,8 @@ impl ControlPlane {
     pub async fn token(&self, namespace: &str, name: &str, options: &TokenOptions) -> String {
         let accounts: Api<ServiceAccount> = Api::namespaced(self.client().await, namespace);
         let request = TokenRequest {
-            spec: TokenRequestSpec {
-                audiences: options.audiences.clone(),
+            spec: Some(TokenRequestSpec {
+                audiences: Some(options.audiences.clone()),
                 expiration_seconds: Some(options.expiration_seconds.unwrap_or(3600)),
                 bound_object_ref: options.bound_pod.as_ref().map(|pod| BoundObjectReference {
                     api_version: Some("v1".into()),
@@ -408,7 +408,8 @@ impl ControlPlane {
                     name: pod.metadata.name.clone(),
                     uid: pod.metadata.uid.clone(),
                 }),
-            },
+                ..TokenRequestSpec::default()
+            }),
             ..TokenRequest::default()
         };
         let response = accounts
@@ -417,8 +418,8 @@ impl ControlPlane {
             .unwrap_or_else(|e| panic!("TokenRequest for {namespace}/{name}: {e}"));
         response
             .status
-            .expect("a TokenRequest answer has a status")
-            .token
+            .and_then(|status| status.token)
+            .expect("a TokenRequest answer has a token")
     }
 
     /// A kubeconfig (written into [`ControlPlane::dir`] as `<file_name>.kubeconfig`) that
