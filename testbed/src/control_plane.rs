@@ -251,6 +251,33 @@ impl ControlPlane {
                 format!("--service-account-signing-key-file={}", pki_arg("sa.key")),
                 format!("--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"),
                 format!("--cert-dir={}", root_arg("apiserver")),
+                // Nothing can reach 127.0.0.1 from a Pod, and the API server refuses a loopback
+                // address in the `kubernetes` Service's Endpoints: keep them empty.
+                "--endpoint-reconciler-type=none".into(),
+                format!(
+                    "--kubelet-client-certificate={}",
+                    pki_arg("apiserver-kubelet-client.crt")
+                ),
+                format!(
+                    "--kubelet-client-key={}",
+                    pki_arg("apiserver-kubelet-client.key")
+                ),
+                format!(
+                    "--requestheader-client-ca-file={}",
+                    pki_arg("front-proxy-ca.crt")
+                ),
+                "--requestheader-allowed-names=front-proxy-client".into(),
+                "--requestheader-username-headers=X-Remote-User".into(),
+                "--requestheader-group-headers=X-Remote-Group".into(),
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
+                format!(
+                    "--proxy-client-cert-file={}",
+                    pki_arg("front-proxy-client.crt")
+                ),
+                format!(
+                    "--proxy-client-key-file={}",
+                    pki_arg("front-proxy-client.key")
+                ),
                 "--profiling=false".into(),
             ],
         );
@@ -483,6 +510,12 @@ impl ControlPlane {
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.kill_all();
+        // A failing test keeps the logs, PKI and etcd data to look at.
+        if std::thread::panicking() {
+            if let Dir::Temp(dir) = std::mem::replace(&mut self.dir, Dir::Kept(PathBuf::new())) {
+                eprintln!("control plane files kept in {}", dir.keep().display());
+            }
+        }
     }
 }
 
@@ -556,101 +589,78 @@ current-context: regmirror-test
     )
 }
 
-/// The cluster's PKI under `dir`, as kubeadm lays it out where it matters here: a CA (which
-/// also signs CSRs), the API server's serving certificate for its loopback and in-cluster
-/// names, the service-account signing key pair, and client certificates for the admin
-/// (`system:masters`) and the controller manager.
+/// The cluster's PKI under `dir`, laid out as kubeadm's where it matters here: the cluster CA
+/// (which also signs CSRs) and the front-proxy CA (request-header authentication, for
+/// aggregated APIs and the controller manager's delegated authentication); the API server's
+/// serving certificate for its loopback and in-cluster names, its client certificates towards
+/// kubelets and as the front proxy; the service-account signing key pair; client certificates
+/// of the admin (`system:masters`) and the controller manager.
 fn make_pki(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     let openssl = |args: &[&str]| {
         run_ok(Command::new("openssl").args(args).current_dir(dir));
     };
-    let ec_key = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let ca_args = [
-        &["req", "-x509"][..],
-        &ec_key,
-        &[
-            "-days",
-            "365",
-            "-subj",
-            "/CN=regmirror-test-kubernetes-ca",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-        ],
-    ]
-    .concat();
-    openssl(&ca_args);
+    let ec_key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    for (ca, subject) in [
+        ("ca", "/CN=kubernetes"),
+        ("front-proxy-ca", "/CN=front-proxy-ca"),
+    ] {
+        let args = format!(
+            "req -x509 {ec_key} -days 365 -subj {subject} -keyout {ca}.key -out {ca}.crt \
+             -addext basicConstraints=critical,CA:TRUE \
+             -addext keyUsage=critical,keyCertSign,cRLSign,digitalSignature"
+        );
+        openssl(&args.split_whitespace().collect::<Vec<_>>());
+    }
+    let client = "extendedKeyUsage=clientAuth";
     let service_ip = "10.96.0.1"; // the first address of SERVICE_CLUSTER_IP_RANGE
+    let server = format!(
+        "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,IP:{service_ip},\
+         DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,\
+         DNS:kubernetes.default.svc.cluster.local"
+    );
     let certificates = [
+        ("apiserver", "ca", "/CN=kube-apiserver", server.as_str()),
         (
-            "apiserver",
-            "/CN=kube-apiserver".to_owned(),
-            format!(
-                "extendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
-                 subjectAltName=IP:127.0.0.1,IP:{service_ip},DNS:localhost,DNS:kubernetes,\
-                 DNS:kubernetes.default,DNS:kubernetes.default.svc,\
-                 DNS:kubernetes.default.svc.cluster.local\n"
-            ),
+            "apiserver-kubelet-client",
+            "ca",
+            "/O=system:masters/CN=kube-apiserver-kubelet-client",
+            client,
+        ),
+        (
+            "front-proxy-client",
+            "front-proxy-ca",
+            "/CN=front-proxy-client",
+            client,
         ),
         (
             "admin",
-            "/O=system:masters/CN=kubernetes-admin".to_owned(),
-            "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n".to_owned(),
+            "ca",
+            "/O=system:masters/CN=kubernetes-admin",
+            client,
         ),
         (
             "controller-manager",
-            "/CN=system:kube-controller-manager".to_owned(),
-            "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n".to_owned(),
+            "ca",
+            "/CN=system:kube-controller-manager",
+            client,
         ),
     ];
-    for (name, subject, extensions) in certificates {
-        let ext = format!("{name}.ext");
+    for (name, ca, subject, extensions) in certificates {
         std::fs::write(
-            dir.join(&ext),
-            format!("basicConstraints=CA:FALSE\n{extensions}"),
+            dir.join(format!("{name}.ext")),
+            format!(
+                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n{extensions}\n"
+            ),
         )
         .unwrap();
-        let (key, csr, crt) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.crt"),
+        let request = format!("req {ec_key} -subj {subject} -keyout {name}.key -out {name}.csr");
+        openssl(&request.split_whitespace().collect::<Vec<_>>());
+        let sign = format!(
+            "x509 -req -in {name}.csr -CA {ca}.crt -CAkey {ca}.key -CAcreateserial -days 365 \
+             -out {name}.crt -extfile {name}.ext"
         );
-        let request = [
-            &["req"][..],
-            &ec_key,
-            &["-subj", &subject, "-keyout", &key, "-out", &csr],
-        ]
-        .concat();
-        openssl(&request);
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "365",
-            "-out",
-            &crt,
-            "-extfile",
-            &ext,
-        ]);
+        openssl(&sign.split_whitespace().collect::<Vec<_>>());
     }
     openssl(&[
         "genpkey",

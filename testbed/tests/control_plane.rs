@@ -549,6 +549,7 @@ fn the_control_plane_dies_with_its_process() {
     let mut holder = Command::new(env!("CARGO_BIN_EXE_dev-cluster"))
         .arg("run")
         .arg(dir.path())
+        .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let pids_file = dir.path().join("pids");
