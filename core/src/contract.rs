@@ -24,17 +24,37 @@ pub const FLAVOR: &str = "regmirror.io/flavor";
 /// On a RegistryMirror: `"true"` freezes its rollout where it is.
 pub const PAUSED: &str = "regmirror.io/paused";
 
-/// The key of a config Secret holding the JSON of a [`RenderedConfig`].
-pub const CONFIG_KEY: &str = "config.json";
+/// On a Node, written by the operator with `desired-config`: the step it budgeted for the move
+/// (`Hot`, `Reload` or `Restart`, see [`crate::activation`]). The agent carries out exactly
+/// this step.
+pub const DESIRED_ACTIVATION: &str = "regmirror.io/desired-activation";
+/// On a Node, written by the operator with `desired-config`: the desired config's key, sealed
+/// to the node's public key (see [`crate::seal`]).
+pub const CONFIG_KEY: &str = "regmirror.io/config-key";
+/// On a Node, written by the agent: the public half of the node's key pair.
+pub const PUBLIC_KEY: &str = "regmirror.io/public-key";
+
+/// The key of a config Secret holding the sealed [`RenderedConfig`].
+pub const SEALED_CONFIG_KEY: &str = "config.sealed";
 /// Label on every config Secret, for the operator's watch and garbage collection.
 pub const CONFIG_LABEL: &str = "regmirror.io/config";
 
 /// The type of config Secrets.
 pub const CONFIG_SECRET_TYPE: &str = "regmirror.io/config";
 
-/// The immutable Secret that carries `config` under `name`.
-pub fn config_secret(name: &str, config: &RenderedConfig) -> Secret {
-    let json = serde_json::to_vec(config).expect("a rendered config always serializes");
+/// The Secret (in the operator's namespace) holding the operator's sealing key; agents are
+/// never granted it.
+pub const SEALING_KEY_SECRET: &str = "regmirror-sealing-key";
+/// Its data key.
+pub const SEALING_KEY_DATA: &str = "key";
+
+/// The prefix of every config Secret's name.
+pub const CONFIG_NAME_PREFIX: &str = "regmirror-config-";
+/// Hex digits of the content digest in a config Secret's name.
+const CONFIG_NAME_DIGITS: usize = 20;
+
+/// The immutable Secret that carries a config, sealed, under `name`.
+pub fn config_secret(name: &str, sealed: Vec<u8>) -> Secret {
     Secret {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
@@ -43,7 +63,10 @@ pub fn config_secret(name: &str, config: &RenderedConfig) -> Secret {
         },
         type_: Some(CONFIG_SECRET_TYPE.to_owned()),
         immutable: Some(true),
-        data: Some(BTreeMap::from([(CONFIG_KEY.to_owned(), ByteString(json))])),
+        data: Some(BTreeMap::from([(
+            SEALED_CONFIG_KEY.to_owned(),
+            ByteString(sealed),
+        )])),
         ..Secret::default()
     }
 }
@@ -51,20 +74,29 @@ pub fn config_secret(name: &str, config: &RenderedConfig) -> Secret {
 /// Why a Secret does not carry a config.
 #[derive(Debug, Error)]
 pub enum ConfigSecretError {
-    #[error("the config Secret has no {CONFIG_KEY}")]
+    #[error("the config Secret has no {SEALED_CONFIG_KEY}")]
     MissingKey,
-    #[error("the config Secret does not decode: {0}")]
-    Decode(#[from] serde_json::Error),
 }
 
-/// The config a config Secret carries.
-pub fn read_config_secret(secret: &Secret) -> Result<RenderedConfig, ConfigSecretError> {
-    let bytes = secret
+/// The sealed config a config Secret carries.
+pub fn sealed_config(secret: &Secret) -> Result<&[u8], ConfigSecretError> {
+    secret
         .data
         .as_ref()
-        .and_then(|d| d.get(CONFIG_KEY))
-        .ok_or(ConfigSecretError::MissingKey)?;
-    Ok(serde_json::from_slice(&bytes.0)?)
+        .and_then(|d| d.get(SEALED_CONFIG_KEY))
+        .map(|b| b.0.as_slice())
+        .ok_or(ConfigSecretError::MissingKey)
+}
+
+/// Whether `name` has the form of a config Secret's name (`regmirror-config-` and 20
+/// lower-case hex digits). Nothing else is ever granted to the agents.
+pub fn is_config_name(name: &str) -> bool {
+    name.strip_prefix(CONFIG_NAME_PREFIX).is_some_and(|digest| {
+        digest.len() == CONFIG_NAME_DIGITS
+            && digest
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
 }
 
 /// The Role `name` through which the agents may `get` exactly the config Secrets `configs`.
@@ -112,11 +144,16 @@ pub fn node_ready(node: &Node) -> bool {
 /// The name of the Secret that carries `config`: derived from its content, so equal
 /// configurations share one Secret and a Secret never changes.
 pub fn config_secret_name(config: &RenderedConfig) -> String {
-    format!("regmirror-config-{}", &config.digest()[..20])
+    format!(
+        "{CONFIG_NAME_PREFIX}{}",
+        &config.digest()[..CONFIG_NAME_DIGITS]
+    )
 }
 
 /// What the agent reports about its node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum NodeState {
     /// Writing files, restarting or verifying.
     Applying,

@@ -16,11 +16,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::api::{Condition, NodeCounts, NodeFailure, RegistryMirror, RegistryMirrorStatus};
 use crate::assemble::{assemble, Conflict};
-use crate::contract::{config_secret_name, NodeState, PAUSED};
+use crate::contract::{config_secret_name, is_config_name, NodeState, PAUSED};
 use crate::model::ResolvedMirror;
 use crate::node::{Flavor, NodeInfo};
 use crate::plan::{plan, MaxUnavailable, NodeRollout};
-use crate::render::{activation, render, RenderedConfig};
+use crate::activation::{activation, Activation};
+use crate::render::{render, RenderedConfig};
 use crate::resolve::resolve;
 use crate::select;
 use crate::sources::{RefPolicy, Sources};
@@ -28,6 +29,9 @@ use crate::sources::{RefPolicy, Sources};
 /// The agents' Role must never have an empty `resourceNames`: RBAC reads that as "every
 /// Secret". This name is never a config's, so it grants nothing.
 pub const NO_CONFIG_PLACEHOLDER: &str = "regmirror-config-none";
+
+/// The most a config Secret may hold, sealed: a Secret's data is limited to 1 MiB.
+pub const MAX_CONFIG_BYTES: usize = 1024 * 1024 - 1024;
 
 /// How many failures a status lists; the count says how many there are.
 pub const MAX_LISTED_FAILURES: usize = 10;
@@ -62,6 +66,23 @@ pub struct NodeView {
     pub state: Option<NodeState>,
     /// The agent's explanation of its state.
     pub message: Option<String>,
+    /// The node's public key (`regmirror.io/public-key`), which configs are sealed to; `None`
+    /// until an agent has reported.
+    pub public_key: Option<String>,
+    /// The public key the node's `regmirror.io/config-key` was sealed to.
+    pub key_recipient: Option<String>,
+    /// The step the operator budgeted for the node's move to `desired`.
+    pub desired_activation: Option<Activation>,
+}
+
+/// A node to be (re)told where to go: the annotations `desired-config`,
+/// `desired-activation` and `config-key` (sealed to `public_key`), written together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Advance {
+    pub node: String,
+    pub config: String,
+    pub activation: Activation,
+    pub public_key: String,
 }
 
 /// What to write, in the order it must be written: configs before the nodes that name them,
@@ -70,8 +91,11 @@ pub struct NodeView {
 pub struct Decision {
     /// Config Secrets to create.
     pub create: BTreeMap<String, RenderedConfig>,
-    /// `(node, config)`: nodes to point at a new config, in name order.
-    pub advance: Vec<(String, String)>,
+    /// Nodes to point at a new config, in name order.
+    pub advance: Vec<Advance>,
+    /// Nodes whose desired config stays, but whose sealed key must be made again: the node
+    /// has a new key pair (its agent lost its state), so it cannot open the one it has.
+    pub rekey: Vec<Advance>,
     /// Statuses that differ from the stored ones, by mirror name.
     pub statuses: BTreeMap<String, RegistryMirrorStatus>,
     /// New `resourceNames` for the agents' Role, when they change.
@@ -89,6 +113,7 @@ impl Decision {
     pub fn writes(&self) -> usize {
         self.create.len()
             + self.advance.len()
+            + self.rekey.len()
             + self.statuses.len()
             + usize::from(self.agent_role.is_some())
             + self.delete.len()
@@ -118,6 +143,8 @@ enum Problem {
     Invalid(String),
     /// Another mirror won on some node.
     Conflict(String),
+    /// A configuration holding it is too large to store.
+    TooLarge(String),
     /// Not a problem: it won a conflict, which its status mentions (the loser is Degraded).
     Won(String),
 }
@@ -188,6 +215,7 @@ pub fn decide(view: &ClusterView) -> Decision {
                     node.current.as_ref().and_then(|c| view.stored.get(c)),
                     &t.config,
                 ),
+                told: node.desired_activation,
                 paused: t.held,
             }
         })
@@ -199,6 +227,10 @@ pub fn decide(view: &ClusterView) -> Decision {
         .iter()
         .map(|t| (view.nodes[t.node].name.as_str(), t))
         .collect();
+    let step_of: HashMap<&str, Activation> = rollouts
+        .iter()
+        .map(|r| (r.name.as_str(), r.activation))
+        .collect();
     for name in &plan.advance {
         let target = by_name[name.as_str()];
         if !view.stored.contains_key(&target.config_name) {
@@ -207,9 +239,15 @@ pub fn decide(view: &ClusterView) -> Decision {
                 .entry(target.config_name.clone())
                 .or_insert_with(|| target.config.clone());
         }
-        decision
-            .advance
-            .push((name.clone(), target.config_name.clone()));
+        decision.advance.push(Advance {
+            node: name.clone(),
+            config: target.config_name.clone(),
+            activation: step_of[name.as_str()],
+            public_key: view.nodes[target.node]
+                .public_key
+                .clone()
+                .expect("only nodes with a public key have targets"),
+        });
         decision.notices.push(Notice {
             subject: Subject::Node(name.clone()),
             warning: false,
@@ -232,6 +270,7 @@ pub fn decide(view: &ClusterView) -> Decision {
         }
     }
 
+    rekey_nodes(view, &mut decision);
     keep_only_live_configs(view, &targets, &mut decision);
     write_statuses(view, &selected, &targets, &problems, &paused, &mut decision);
     for node in view.nodes {
@@ -239,6 +278,39 @@ pub fn decide(view: &ClusterView) -> Decision {
         *decision.nodes_by_state.entry(state).or_default() += 1;
     }
     decision
+}
+
+/// Nodes whose config key was sealed to a key they no longer hold get it sealed again, for
+/// the config they are told to have. The step goes with it again: none, if the node already
+/// runs that config (its agent only lost its local state); else the one it was told.
+fn rekey_nodes(view: &ClusterView, decision: &mut Decision) {
+    let advanced: HashSet<&str> = decision.advance.iter().map(|a| a.node.as_str()).collect();
+    for node in view.nodes {
+        let (Some(desired), Some(public_key)) = (&node.desired, &node.public_key) else {
+            continue;
+        };
+        if node.key_recipient.as_ref() == Some(public_key)
+            || advanced.contains(node.name.as_str())
+            || !is_config_name(desired)
+        {
+            continue;
+        }
+        let step = if node.current.as_ref() == Some(desired) {
+            Activation::Hot
+        } else {
+            node.desired_activation.unwrap_or_else(|| {
+                view.stored.get(desired).map_or(Activation::Hot, |to| {
+                    activation(node.current.as_ref().and_then(|c| view.stored.get(c)), to)
+                })
+            })
+        };
+        decision.rekey.push(Advance {
+            node: node.name.clone(),
+            config: desired.clone(),
+            activation: step,
+            public_key: public_key.clone(),
+        });
+    }
 }
 
 /// A node that has somewhere to go.
@@ -268,7 +340,11 @@ fn target_nodes(
     let mut conflicts: BTreeMap<String, Conflict> = BTreeMap::new();
     let mut targets = Vec::new();
     for (index, node) in view.nodes.iter().enumerate() {
-        let Some(flavor) = &node.flavor else { continue };
+        // An agent reports its flavor and public key together; without both there is
+        // nothing to render for, nor anyone to seal to.
+        let (Some(flavor), Some(_)) = (&node.flavor, &node.public_key) else {
+            continue;
+        };
         let info = NodeInfo {
             name: node.name.clone(),
             labels: node.labels.clone(),
@@ -295,6 +371,23 @@ fn target_nodes(
                                     .map_or_else(|_| String::new(), |c| c.digest())
                             });
                         config.parts.insert(mirror.name.clone(), part.clone());
+                    }
+                    let size = config.sealed_size();
+                    if size > MAX_CONFIG_BYTES {
+                        // The mirror that weighs most is the one to fix; the others are fine
+                        // where they go alone.
+                        let heaviest = assembly
+                            .mirrors
+                            .iter()
+                            .max_by_key(|m| render(&[**m], flavor).map_or(0, |c| c.sealed_size()))
+                            .map(|m| m.name.clone())
+                            .unwrap_or_default();
+                        problems.entry(heaviest).or_insert_with(|| {
+                            Problem::TooLarge(format!(
+                                "the configuration of the {flavor} nodes that get it is {size} bytes, more than the {MAX_CONFIG_BYTES} a Secret holds (a large CA bundle?); those nodes keep their current configuration"
+                            ))
+                        });
+                        return None;
                     }
                     Some((config_secret_name(&config), config))
                 }
@@ -332,22 +425,31 @@ fn target_nodes(
 /// Configs some node has, is told to have, or is headed for stay; the rest go. The agents may
 /// read exactly the ones nodes have or are told to have — named whether or not the cache has
 /// caught up with the Secret yet, so an agent is never pointed at a config it cannot read.
+///
+/// Only configs the operator made are ever granted: a name an agent reports as its current
+/// config counts only if it is a config this decision knows (stored and verified, created
+/// now, or some node's target). An agent that reports another Secret's name gains nothing.
 fn keep_only_live_configs(view: &ClusterView, targets: &[NodeTarget], decision: &mut Decision) {
     let advanced: HashMap<&str, &str> = decision
         .advance
         .iter()
-        .map(|(n, c)| (n.as_str(), c.as_str()))
+        .map(|a| (a.node.as_str(), a.config.as_str()))
         .collect();
+    let headed_for: BTreeSet<&String> = targets.iter().map(|t| &t.config_name).collect();
+    let ours = |c: &String| {
+        is_config_name(c)
+            && (view.stored.contains_key(c)
+                || decision.create.contains_key(c)
+                || headed_for.contains(c))
+    };
     let mut live: BTreeSet<String> = BTreeSet::new();
     for node in view.nodes {
         let desired = advanced
             .get(node.name.as_str())
             .map(|c| c.to_string())
             .or_else(|| node.desired.clone());
-        live.extend(desired);
-        live.extend(node.current.clone());
+        live.extend(desired.into_iter().chain(node.current.clone()).filter(ours));
     }
-    let headed_for: BTreeSet<&String> = targets.iter().map(|t| &t.config_name).collect();
     decision.delete = view
         .stored
         .keys()
@@ -482,6 +584,7 @@ fn conditions(
             format!("{m}; nodes keep their current configuration"),
         )),
         Problem::Conflict(m) => Some(("Conflict", m.clone())),
+        Problem::TooLarge(m) => Some(("ConfigTooLarge", m.clone())),
         Problem::Won(_) => None,
     });
     let (ready, progressing, degraded): (Row, Row, Row) = if let Some((reason, message)) = problem {

@@ -5,6 +5,7 @@
 //! [`assemble`] the valid ones for a node (selection, conflicts), [`render`] them for the
 //! node's [`node::Flavor`]. Nothing in this crate talks to a cluster or touches a disk.
 
+pub mod activation;
 pub mod api;
 pub mod assemble;
 pub mod contract;
@@ -15,5 +16,6 @@ pub mod plan;
 pub mod problem;
 pub mod render;
 pub mod resolve;
+pub mod seal;
 pub mod select;
 pub mod sources;

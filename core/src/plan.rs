@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use thiserror::Error;
 
 use crate::contract::NodeState;
-use crate::render::Activation;
+use crate::activation::Activation;
 
 /// One node, as the planner sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +28,10 @@ pub struct NodeRollout {
     pub target: String,
     /// What moving from `current` to `target` takes.
     pub activation: Activation,
+    /// The step the node was told for the move it is making now (`desired-activation`), if
+    /// it was told one: what an in-flight node costs is what it was told, not what its next
+    /// move would take.
+    pub told: Option<Activation>,
     /// A mirror this node's target includes is paused.
     pub paused: bool,
 }
@@ -100,7 +104,8 @@ pub fn plan(nodes: &[NodeRollout], max_unavailable: MaxUnavailable) -> Plan {
         .filter(|n| n.state == Some(NodeState::Failed))
         .filter_map(|n| n.desired.clone())
         .collect();
-    let restarting = |n: &&NodeRollout| n.in_flight() && n.activation == Activation::Restart;
+    let restarting =
+        |n: &&NodeRollout| n.in_flight() && n.told.unwrap_or(n.activation) == Activation::Restart;
     let mut unavailable = sorted.iter().filter(|n| !n.ready || restarting(n)).count();
     let budget = max_unavailable.of(sorted.len());
     let busy_control_plane: Vec<&str> = sorted

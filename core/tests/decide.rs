@@ -12,7 +12,8 @@ use regmirror_core::decide::{
 };
 use regmirror_core::node::Flavor;
 use regmirror_core::plan::MaxUnavailable;
-use regmirror_core::render::{activation, Activation, RenderedConfig};
+use regmirror_core::activation::{activation, Activation};
+use regmirror_core::render::RenderedConfig;
 use regmirror_core::sources::{RefPolicy, SourceKind, SourceObject, Sources};
 
 const NS: &str = "regmirror-system";
@@ -59,8 +60,11 @@ impl Cluster {
     /// What the API server would hold after the operator's writes.
     fn apply(&mut self, d: &Decision) {
         self.stored.extend(d.create.clone());
-        for (node, config) in &d.advance {
-            self.node_mut(node).desired = Some(config.clone());
+        for a in d.advance.iter().chain(&d.rekey) {
+            let node = self.node_mut(&a.node);
+            node.desired = Some(a.config.clone());
+            node.desired_activation = Some(a.activation);
+            node.key_recipient = Some(a.public_key.clone());
         }
         for (name, status) in &d.statuses {
             let m = self
@@ -143,6 +147,7 @@ fn node(name: &str, flavor: Flavor, labels: &[(&str, &str)]) -> NodeView {
         control_plane: false,
         ready: true,
         flavor: Some(flavor),
+        public_key: Some(format!("key-of-{name}")),
         ..NodeView::default()
     }
 }
@@ -201,7 +206,7 @@ fn nodes_with_equal_needs_share_one_stored_config() {
     assert_eq!(
         d.advance
             .iter()
-            .map(|(n, _)| n.as_str())
+            .map(|a| a.node.as_str())
             .collect::<Vec<_>>(),
         ["a1", "a2", "c1"]
     );
@@ -210,8 +215,8 @@ fn nodes_with_equal_needs_share_one_stored_config() {
         2,
         "one config for the k3s group, one for the CRI-O node"
     );
-    assert_eq!(d.advance[0].1, d.advance[1].1);
-    assert_ne!(d.advance[0].1, d.advance[2].1);
+    assert_eq!(d.advance[0].config, d.advance[1].config);
+    assert_ne!(d.advance[0].config, d.advance[2].config);
     let role = d.agent_role.clone().unwrap();
     assert_eq!(
         role,
@@ -274,7 +279,7 @@ fn a_rotated_password_moves_every_node_and_retires_the_old_config() {
     // Credentials on k3s need a restart: one node at a time.
     assert_eq!(d.advance.len(), 1);
     assert_eq!(d.create.len(), 1);
-    let new = d.advance[0].1.clone();
+    let new = d.advance[0].config.clone();
     assert_eq!(
         activation(c.stored.get(&old), &d.create[&new]),
         Activation::Restart
@@ -483,9 +488,8 @@ proptest! {
             let d = c.decide();
             if d.writes() == 0 { break; }
             let restarting: Vec<&NodeView> = d.advance.iter()
-                .map(|(n, cfg)| (c.nodes.iter().find(|x| &x.name == n).unwrap(), cfg))
-                .filter(|(n, cfg)| activation(n.current.as_ref().and_then(|x| c.stored.get(x)), &d.create.get(*cfg).or_else(|| c.stored.get(*cfg)).unwrap().clone()) == Activation::Restart)
-                .map(|(n, _)| n)
+                .filter(|a| a.activation == Activation::Restart)
+                .map(|a| c.nodes.iter().find(|x| x.name == a.node).unwrap())
                 .collect();
             prop_assert!(restarting.len() <= budget);
             prop_assert!(restarting.iter().filter(|n| n.control_plane).count() <= 1);
@@ -534,7 +538,7 @@ fn a_config_a_node_is_told_to_have_is_neither_deleted_nor_left_missing() {
     )];
     let d = c.decide();
     assert_eq!(d.advance.len(), 1, "credentials on k3s: one node at a time");
-    let (first, config) = d.advance[0].clone();
+    let (first, config) = (d.advance[0].node.clone(), d.advance[0].config.clone());
     // The API server took the writes, but the Node cache has not seen the annotation yet,
     // and meanwhile the mirror was paused.
     c.stored.extend(d.create.clone());
@@ -553,4 +557,235 @@ fn a_config_a_node_is_told_to_have_is_neither_deleted_nor_left_missing() {
     assert_eq!(d.create.keys().collect::<Vec<_>>(), [&config]);
     let granted = d.agent_role.or(c.agent_role.clone()).unwrap();
     assert!(granted.contains(&config), "the agent may read it");
+}
+
+/// One event of a cluster's life, for the history property test.
+#[derive(Debug, Clone)]
+enum Event {
+    /// The credentials change (a restart on k3s), or an endpoint moves (hot).
+    RotatePassword,
+    MoveEndpoint,
+    /// The operator decides; a leader killed mid-pass gets only the first `n` node writes
+    /// through.
+    Pass { node_writes: Option<usize> },
+    /// One agent acts: starts what it was told, or finishes a restart (failing, if `fail`).
+    Agent { node: usize, fail: bool },
+    /// A node's agent state directory is wiped (reinstalled agent): no local record, a new key.
+    WipeState { node: usize },
+    /// A node goes NotReady or comes back.
+    ToggleReady { node: usize },
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    prop_oneof![
+        1 => Just(Event::RotatePassword),
+        1 => Just(Event::MoveEndpoint),
+        4 => proptest::option::weighted(0.7, 0usize..4).prop_map(|node_writes| Event::Pass { node_writes }),
+        6 => (0usize..8, proptest::bool::weighted(0.15)).prop_map(|(node, fail)| Event::Agent { node, fail }),
+        1 => (0usize..8).prop_map(|node| Event::WipeState { node }),
+        1 => (0usize..8).prop_map(|node| Event::ToggleReady { node }),
+    ]
+}
+
+/// What one simulated agent knows locally, beside what its Node says.
+#[derive(Debug, Clone, Default)]
+struct Host {
+    /// The config its local record says it runs.
+    verified: Option<String>,
+    /// A restart under way, for this config (or a rollback).
+    restarting: Option<String>,
+    key_generation: u32,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Over random histories — credential and endpoint changes, wiped agent state, agents
+    /// acting in any order, failures, readiness flapping and leaders killed mid-pass — the
+    /// agents, each carrying out exactly the step the operator told it
+    /// ([`agent_step`]), never restart more than `maxUnavailable` runtimes at once, nor two
+    /// control-plane (or etcd) nodes at once.
+    #[test]
+    fn restarts_stay_within_the_budget_over_any_history(
+        roles in proptest::collection::vec(any::<bool>(), 2..8),
+        budget in 1usize..3,
+        history in proptest::collection::vec(event(), 1..120),
+    ) {
+        use regmirror_core::activation::agent_step;
+        let nodes = roles.iter().enumerate().map(|(i, cp)| {
+            let mut n = node(&format!("n{i}"), Flavor::K3s, &[]);
+            n.control_plane = *cp;
+            n
+        }).collect();
+        let mut c = Cluster::new(nodes);
+        c.max_unavailable = MaxUnavailable::Count(budget);
+        c.mirrors = vec![mirror("hub", "docker.io", "https://mirror.example:5000", Some(ObjectRef::named("pull")))];
+        let mut hosts = vec![Host::default(); c.nodes.len()];
+        let mut password = 0;
+        let mut endpoint = 0;
+        for event in history {
+            match event {
+                Event::RotatePassword => {
+                    password += 1;
+                    c.sources.insert(SourceKind::Secret, NS, "pull", basic_auth("alice", &format!("p{password}")));
+                }
+                Event::MoveEndpoint => {
+                    endpoint += 1;
+                    c.mirrors[0].spec.endpoints[0].url = format!("https://mirror-{endpoint}.example:5000");
+                    c.mirrors[0].metadata.generation = Some(endpoint + 1);
+                }
+                Event::Pass { node_writes } => {
+                    let mut d = c.decide();
+                    if let Some(n) = node_writes {
+                        d.advance.truncate(n);
+                        d.rekey.truncate(n);
+                    }
+                    c.apply(&d);
+                }
+                Event::Agent { node, fail } => {
+                    let i = node % c.nodes.len();
+                    let host = &mut hosts[i];
+                    let n = &mut c.nodes[i];
+                    if let Some(config) = host.restarting.take() {
+                        // The restart ends: applied, or failed and rolled back.
+                        if fail {
+                            n.state = Some(NodeState::Failed);
+                        } else {
+                            n.current = Some(config.clone());
+                            host.verified = Some(config);
+                            n.state = Some(NodeState::Applied);
+                        }
+                        continue;
+                    }
+                    let Some(desired) = n.desired.clone() else { continue };
+                    let sealed_for_me = n.key_recipient == n.public_key;
+                    let failed_here = n.state == Some(NodeState::Failed) && n.current != n.desired;
+                    if host.verified.as_ref() == Some(&desired) || !sealed_for_me || failed_here {
+                        continue;
+                    }
+                    match agent_step(n.current.as_deref(), &desired, n.desired_activation) {
+                        Activation::Restart => {
+                            host.restarting = Some(desired);
+                            n.state = Some(NodeState::Applying);
+                        }
+                        _ => {
+                            n.current = Some(desired.clone());
+                            host.verified = Some(desired);
+                            n.state = Some(NodeState::Applied);
+                        }
+                    }
+                }
+                Event::WipeState { node } => {
+                    let i = node % c.nodes.len();
+                    if hosts[i].restarting.is_some() {
+                        continue; // the agent is mid-restart; a wipe then is a crash, below
+                    }
+                    hosts[i].verified = None;
+                    hosts[i].key_generation += 1;
+                    let n = &mut c.nodes[i];
+                    n.public_key = Some(format!("key-of-{}-{}", n.name, hosts[i].key_generation));
+                }
+                Event::ToggleReady { node } => {
+                    let i = node % c.nodes.len();
+                    c.nodes[i].ready = !c.nodes[i].ready;
+                }
+            }
+            let restarting: Vec<usize> = (0..hosts.len()).filter(|i| hosts[*i].restarting.is_some()).collect();
+            prop_assert!(restarting.len() <= budget, "{} restarting, budget {budget}: {:?}", restarting.len(), c.nodes);
+            prop_assert!(
+                restarting.iter().filter(|i| c.nodes[**i].control_plane).count() <= 1,
+                "two control-plane nodes restarting: {:?}", c.nodes
+            );
+        }
+    }
+}
+
+#[test]
+fn a_node_whose_agent_lost_its_state_is_resealed_without_a_restart() {
+    let mut c = Cluster::new(k3s_nodes(2));
+    c.mirrors = vec![mirror(
+        "hub",
+        "docker.io",
+        "https://mirror.example:5000",
+        Some(ObjectRef::named("pull")),
+    )];
+    converge(&mut c);
+    let running = c.nodes[0].current.clone().unwrap();
+    // n0's agent was reinstalled: a new key pair, published.
+    c.node_mut("n0").public_key = Some("key-of-n0-new".into());
+    let d = c.decide();
+    assert!(d.advance.is_empty() && d.create.is_empty(), "{d:#?}");
+    assert_eq!(d.rekey.len(), 1);
+    let rekey = &d.rekey[0];
+    assert_eq!(
+        (rekey.node.as_str(), rekey.config.as_str(), rekey.activation, rekey.public_key.as_str()),
+        ("n0", running.as_str(), Activation::Hot, "key-of-n0-new"),
+        "the same config, sealed to the new key; the runtime already runs it"
+    );
+    c.apply(&d);
+    assert_eq!(c.decide().writes(), 0);
+}
+
+#[test]
+fn only_configs_the_operator_made_are_granted_whatever_an_agent_reports() {
+    let mut c = Cluster::new(k3s_nodes(2));
+    c.mirrors = vec![mirror("hub", "docker.io", "https://mirror.example:5000", None)];
+    converge(&mut c);
+    let granted = c.agent_role.clone().unwrap();
+    // A compromised agent reports a Helm release Secret, a credential Secret, and a name of
+    // a config's form that the operator never made.
+    for reported in ["sh.helm.release.v1.regmirror.v1", "mirror-pull", "regmirror-config-0123456789abcdef0123"] {
+        c.node_mut("n1").current = Some(reported.into());
+        let d = c.decide();
+        let role = d.agent_role.clone().unwrap_or(c.agent_role.clone().unwrap());
+        assert_eq!(role, granted, "reporting {reported} grants nothing");
+        assert!(!d.delete.contains(&reported.to_owned()));
+    }
+}
+
+#[test]
+fn a_config_too_large_for_a_secret_holds_its_nodes_and_says_why() {
+    use base64::Engine;
+    let mut c = Cluster::new(vec![
+        node("a", Flavor::K3s, &[("region", "eu")]),
+        node("b", Flavor::K3s, &[("region", "us")]),
+    ]);
+    c.max_unavailable = MaxUnavailable::Count(2);
+    // A ~220 KB CA bundle (PEM blocks holding DER-shaped bytes), on six endpoints.
+    let block = base64::engine::general_purpose::STANDARD.encode([0x30u8; 600]);
+    let bundle = format!("-----BEGIN CERTIFICATE-----\n{block}\n-----END CERTIFICATE-----\n").repeat(270);
+    assert!(bundle.len() > 220_000);
+    c.sources.insert(
+        SourceKind::ConfigMap,
+        NS,
+        "big-ca",
+        SourceObject {
+            data: [("ca.crt".to_owned(), bundle.into_bytes())].into(),
+            ..SourceObject::default()
+        },
+    );
+    let mut big = mirror("big", "quay.io", "https://q0.example:5000", None);
+    big.spec.endpoints = (0..6)
+        .map(|i| Endpoint {
+            url: format!("https://q{i}.example:5000"),
+            auth: None,
+            tls: Some(regmirror_core::api::EndpointTls::with_ca(
+                regmirror_core::api::CaRef::from_config_map("big-ca"),
+            )),
+        })
+        .collect();
+    big.spec.node_selector = region("eu");
+    c.mirrors = vec![big, mirror("hub", "docker.io", "https://mirror.example:5000", None)];
+
+    let d = c.decide();
+    assert_eq!(
+        d.advance.iter().map(|a| a.node.as_str()).collect::<Vec<_>>(),
+        ["b"],
+        "the node that needs the oversized config is held; the other proceeds"
+    );
+    c.apply(&d);
+    let (status, reason, message) = c.condition("big", "Degraded");
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "ConfigTooLarge"));
+    assert!(message.contains("bytes, more than the"), "{message}");
+    assert!(d.create.values().all(|config| config.sealed_size() <= regmirror_core::decide::MAX_CONFIG_BYTES));
 }

@@ -3,7 +3,7 @@
 use proptest::prelude::*;
 use regmirror_core::contract::NodeState;
 use regmirror_core::plan::{plan, MaxUnavailable, NodeRollout};
-use regmirror_core::render::Activation;
+use regmirror_core::activation::Activation;
 
 fn node(name: &str, control_plane: bool, activation: Activation) -> NodeRollout {
     NodeRollout {
@@ -15,8 +15,21 @@ fn node(name: &str, control_plane: bool, activation: Activation) -> NodeRollout 
         state: Some(NodeState::Applied),
         target: "new".into(),
         activation,
+        told: None,
         paused: false,
     }
+}
+
+#[test]
+fn an_in_flight_node_costs_the_step_it_was_told_not_its_next_one() {
+    // n0 was told to restart for the move it is making; its target moved on since, and the
+    // move to the newest target would be hot. It still holds the only restart slot.
+    let mut n0 = node("n0", false, Activation::Hot);
+    n0.desired = Some("middle".into());
+    n0.told = Some(Activation::Restart);
+    let n1 = node("n1", false, Activation::Restart);
+    let p = plan(&[n0, n1], MaxUnavailable::Count(1));
+    assert_eq!(p.waiting, ["n1"], "{p:?}");
 }
 
 #[test]

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 use regmirror_core::contract::{config_secret_name, NodeState};
-use regmirror_core::render::{activation, Activation, RenderedConfig};
+use regmirror_core::activation::Activation;
+use regmirror_core::render::RenderedConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::detect::Host;
@@ -49,7 +50,7 @@ pub struct Report {
     /// The config that was applied.
     pub config: String,
     /// `Applied` or `Failed`.
-    pub state: String,
+    pub state: NodeState,
     /// The config the host runs afterwards.
     pub current: Option<String>,
     pub message: String,
@@ -93,17 +94,25 @@ impl Agent {
         self.host.read_state(REPORT).ok().flatten()
     }
 
-    /// Applies `config` (the Secret `name`) and records the outcome on the host.
+    /// Applies `config` (the Secret `name`) with the step the operator decided, and records
+    /// the outcome on the host. The step is carried out as given, never computed here: the
+    /// operator holds the restart budget. A rollback takes the same step back.
     /// `node_ready` waits for the node to be Ready again after a restart or reload.
-    pub async fn apply<R, F>(&self, name: &str, config: &RenderedConfig, node_ready: R) -> Outcome
+    pub async fn apply<R, F>(
+        &self,
+        name: &str,
+        config: &RenderedConfig,
+        step: Activation,
+        node_ready: R,
+    ) -> Outcome
     where
         R: Fn(Activation, Timestamp, Duration) -> F,
         F: Future<Output = Result<(), String>>,
     {
-        let outcome = self.apply_and_check(name, config, node_ready).await;
+        let outcome = self.apply_and_check(name, config, step, node_ready).await;
         let report = Report {
             config: name.to_owned(),
-            state: outcome.state.as_str().to_owned(),
+            state: outcome.state,
             current: outcome.current.clone(),
             message: outcome.message.clone(),
         };
@@ -117,15 +126,14 @@ impl Agent {
         &self,
         name: &str,
         config: &RenderedConfig,
+        step: Activation,
         node_ready: R,
     ) -> Outcome
     where
         R: Fn(Activation, Timestamp, Duration) -> F,
         F: Future<Output = Result<(), String>>,
     {
-        // What the runtime was last verified to run is what the change is measured from.
-        let previous = self.host.last_good().ok().flatten();
-        let previous_name = previous.as_ref().map(config_secret_name);
+        let previous_name = self.verified();
         let failed = |message: String, current: Option<String>, rolled_back| Outcome {
             state: NodeState::Failed,
             current,
@@ -145,7 +153,6 @@ impl Agent {
             );
         }
 
-        let step = activation(previous.as_ref(), config);
         let report = match self.host.apply(config) {
             Ok(report) => report,
             Err(e) => {
@@ -192,7 +199,7 @@ impl Agent {
             }
             Err(reason) => {
                 tracing::warn!(config = %name, %reason, "configuration failed; rolling back");
-                let restored = self.roll_back(config, &node_ready).await;
+                let restored = self.roll_back(config, step, &node_ready).await;
                 let message = match &restored {
                     Ok(Some(good)) => format!("{name} failed: {reason}; restored {good}"),
                     Ok(None) => format!("{name} failed: {reason}; removed it (no earlier good configuration)"),
@@ -223,10 +230,12 @@ impl Agent {
     }
 
     /// Puts the last good configuration back (or none, if there never was one) and activates
-    /// it. Returns its name.
+    /// it with the step the failed one took: a runtime that was restarted for it is restarted
+    /// again, one that was not is not. Returns its name.
     async fn roll_back<R, F>(
         &self,
         failed: &RenderedConfig,
+        step: Activation,
         node_ready: &R,
     ) -> Result<Option<String>, String>
     where
@@ -251,8 +260,7 @@ impl Agent {
                 tracing::warn!(files = ?restored, "restored the hand-written files regmirror had replaced");
             }
         }
-        self.activate(activation(Some(failed), &target), node_ready)
-            .await?;
+        self.activate(step, node_ready).await?;
         Ok(good.as_ref().map(config_secret_name))
     }
 

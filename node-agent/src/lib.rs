@@ -9,6 +9,7 @@ pub mod agent;
 pub mod detect;
 pub mod hostfs;
 pub mod metrics;
+pub mod node_key;
 pub mod report;
 pub mod restart;
 pub mod verify;

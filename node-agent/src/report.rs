@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use regmirror_core::contract::{CURRENT_CONFIG, FLAVOR, MESSAGE, STATE};
+use regmirror_core::contract::{NodeState, CURRENT_CONFIG, FLAVOR, MESSAGE, PUBLIC_KEY, STATE};
 use serde_json::json;
 
 /// Writes to the agent's own Node only.
@@ -80,16 +80,27 @@ impl NodeReporter {
     }
 }
 
+/// What the agent says about its host with every report: the flavor it detected and the
+/// public key configs are sealed to.
+pub struct HostIdentity<'a> {
+    pub flavor: &'a str,
+    pub public_key: &'a str,
+}
+
 /// The agent's annotations for a state.
 pub fn annotations(
-    flavor: Option<&str>,
+    host: Option<&HostIdentity>,
     current: Option<&str>,
-    state: &str,
+    state: NodeState,
     message: &str,
 ) -> BTreeMap<&'static str, String> {
-    let mut wanted = BTreeMap::from([(STATE, state.to_owned()), (MESSAGE, message.to_owned())]);
-    if let Some(flavor) = flavor {
-        wanted.insert(FLAVOR, flavor.to_owned());
+    let mut wanted = BTreeMap::from([
+        (STATE, state.as_str().to_owned()),
+        (MESSAGE, message.to_owned()),
+    ]);
+    if let Some(host) = host {
+        wanted.insert(FLAVOR, host.flavor.to_owned());
+        wanted.insert(PUBLIC_KEY, host.public_key.to_owned());
     }
     if let Some(current) = current {
         wanted.insert(CURRENT_CONFIG, current.to_owned());

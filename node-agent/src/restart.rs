@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use regmirror_core::render::Activation;
+use regmirror_core::activation::Activation;
 use thiserror::Error;
 use tokio::time::{sleep, Instant};
 

@@ -16,10 +16,12 @@ use kube::api::Api;
 use kube::runtime::{watcher, WatchStreamExt};
 use prometheus_client::registry::Registry;
 use regmirror_core::contract::{
-    node_ready, read_config_secret, ready_condition, NodeState, DESIRED_CONFIG,
+    node_ready, ready_condition, sealed_config, NodeState, CONFIG_KEY, CURRENT_CONFIG,
+    DESIRED_ACTIVATION, DESIRED_CONFIG,
 };
+use regmirror_core::seal::{ConfigKey, SealError};
 use regmirror_core::node::Flavor;
-use regmirror_core::render::Activation;
+use regmirror_core::activation::{agent_step, Activation};
 use regmirror_core::render::RenderedConfig;
 use regmirror_runtime::endpoints::{self, BindError, Health};
 use regmirror_runtime::shutdown;
@@ -29,7 +31,8 @@ use tokio::sync::watch;
 use crate::agent::{Agent, Report, Timeouts};
 use crate::detect::{self, Detected, Host};
 use crate::metrics::Metrics;
-use crate::report::{annotations, NodeReporter};
+use crate::node_key;
+use crate::report::{annotations, HostIdentity, NodeReporter};
 use crate::restart::Activator;
 
 /// How the agent runs.
@@ -183,7 +186,7 @@ impl Worker {
     ) -> Option<Duration> {
         let agent = match &self.setup {
             Setup::Unsupported(why) => {
-                let wanted = annotations(None, None, NodeState::Unsupported.as_str(), why);
+                let wanted = annotations(None, None, NodeState::Unsupported, why);
                 if self.annotate(node, &wanted).await {
                     self.reporter.event(node, true, "Unsupported", why).await;
                 }
@@ -191,7 +194,23 @@ impl Worker {
             }
             Setup::Ready(agent) => agent,
         };
+        let key = match node_key::load_or_create(&agent.host) {
+            Ok(key) => key,
+            Err(e) => {
+                // Without a key nothing can be opened; say so, and try again later.
+                let message = format!("cannot read or make this node's key: {e}");
+                tracing::error!(%message);
+                let wanted = annotations(None, None, NodeState::Failed, &message);
+                self.annotate(node, &wanted).await;
+                return Some(FETCH_RETRY);
+            }
+        };
         let flavor = agent.runtime.flavor.to_string();
+        let public_key = key.public().to_text();
+        let identity = HostIdentity {
+            flavor: &flavor,
+            public_key: &public_key,
+        };
         let verified = agent.verified();
         let report = agent.last_report();
         let Some(desired) = work(node, verified.as_deref(), report.as_ref()) else {
@@ -203,11 +222,11 @@ impl Worker {
             let wanted = match report
                 .filter(|r| r.current == verified && Some(&r.config) == desired.as_ref())
             {
-                Some(r) => annotations(Some(&flavor), r.current.as_deref(), &r.state, &r.message),
+                Some(r) => annotations(Some(&identity), r.current.as_deref(), r.state, &r.message),
                 None => annotations(
-                    Some(&flavor),
+                    Some(&identity),
                     verified.as_deref(),
-                    NodeState::Applied.as_str(),
+                    NodeState::Applied,
                     agent.runtime.warning.as_deref().unwrap_or_default(),
                 ),
             };
@@ -215,40 +234,59 @@ impl Worker {
             return None;
         };
 
-        tracing::info!(config = %desired, "applying");
         let applying = |message: &str| {
             annotations(
-                Some(&flavor),
+                Some(&identity),
                 verified.as_deref(),
-                NodeState::Applying.as_str(),
+                NodeState::Applying,
                 message,
             )
         };
+        let config_key = annotation(node, CONFIG_KEY)
+            .ok_or(SealError::BadFormat)
+            .and_then(|sealed| key.open_key(&desired, &sealed));
+        let config_key = match config_key {
+            Ok(k) => k,
+            Err(e) => {
+                // The operator seals the key to the public key this report publishes; its
+                // next write wakes this loop.
+                let message = format!("waiting for the operator to seal {desired} to this node's key ({e})");
+                tracing::info!(config = %desired, %message);
+                self.annotate(node, &applying(&message)).await;
+                return None;
+            }
+        };
+        let (step, note) = step_for(node, &desired, verified.as_deref());
+        tracing::info!(config = %desired, activation = %step, "applying");
         self.annotate(node, &applying(&format!("applying {desired}")))
             .await;
-        let config = match self.fetch(&desired).await {
+        let config = match self.fetch(&desired, &config_key).await {
             Ok(config) => config,
             Err(message) => {
-                // Not the config's fault (RBAC not yet propagated, the API server busy): wait
-                // and read it again, without failing it.
+                // Not the config's fault (RBAC not yet propagated, the API server busy, a
+                // Secret the operator is about to replace): wait and read it again, without
+                // failing it.
                 tracing::warn!(config = %desired, %message, "retrying");
                 self.annotate(node, &applying(&message)).await;
                 return Some(FETCH_RETRY);
             }
         };
         let started = tokio::time::Instant::now();
-        let outcome = agent
-            .apply(&desired, &config, |step, since, timeout| {
+        let mut outcome = agent
+            .apply(&desired, &config, step, |step, since, timeout| {
                 wait_ready(latest.clone(), self.settle, step, since, timeout)
             })
             .await;
+        if let Some(note) = note {
+            outcome.message.push_str(&format!("; note: {note}"));
+        }
         self.metrics.observe(&outcome, started.elapsed());
         let fresh = latest.borrow().clone();
         let node = fresh.as_deref().unwrap_or(node);
         let wanted = annotations(
-            Some(&flavor),
+            Some(&identity),
             outcome.current.as_deref(),
-            outcome.state.as_str(),
+            outcome.state,
             &outcome.message,
         );
         self.annotate(node, &wanted).await;
@@ -280,15 +318,51 @@ impl Worker {
             })
     }
 
-    /// Reads a config Secret.
-    async fn fetch(&self, name: &str) -> Result<RenderedConfig, String> {
+    /// Reads a config Secret and opens it: the content must open with the key the operator
+    /// sealed for this node, and hash to the Secret's name.
+    async fn fetch(&self, name: &str, key: &ConfigKey) -> Result<RenderedConfig, String> {
         let secret = self
             .secrets
             .get(name)
             .await
             .map_err(|e| format!("{name}: cannot read the config Secret: {e}"))?;
-        read_config_secret(&secret).map_err(|e| format!("{name}: {e}"))
+        let sealed = sealed_config(&secret).map_err(|e| format!("{name}: {e}"))?;
+        key.open_config(name, sealed).map_err(|e| e.to_string())
     }
+}
+
+/// The step to take for moving to `desired` ([`agent_step`]: the operator's, never one of
+/// the agent's own), and a note for the report where the host's record disagrees with the
+/// Node or the operator named no usable step.
+pub fn step_for(
+    node: &Node,
+    desired: &str,
+    verified: Option<&str>,
+) -> (Activation, Option<String>) {
+    let reported = annotation(node, CURRENT_CONFIG);
+    let told = annotation(node, DESIRED_ACTIVATION).map(|a| a.parse::<Activation>());
+    let step = agent_step(
+        reported.as_deref(),
+        desired,
+        told.clone().and_then(Result::ok),
+    );
+    let note = if reported.as_deref() == Some(desired) {
+        Some(format!(
+            "this host's record of {desired} was missing; its files were written again without a restart, as the runtime already runs it"
+        ))
+    } else {
+        match told {
+            Some(Err(e)) => Some(format!("{e}; applied without a restart")),
+            None => Some("the operator named no step (regmirror.io/desired-activation); applied without a restart".to_owned()),
+            Some(Ok(_)) => (verified.is_none() && reported.is_some()).then(|| {
+                format!(
+                    "this host had no record of {}; carried out the operator's step as decided",
+                    reported.as_deref().unwrap_or_default()
+                )
+            }),
+        }
+    };
+    (step, note)
 }
 
 /// The configuration to apply now, if any: the desired one, unless the host runs it already
@@ -301,7 +375,7 @@ pub fn work(node: &Node, verified: Option<&str>, last: Option<&Report>) -> Optio
         return None;
     }
     let failed_here =
-        last.is_some_and(|r| r.config == desired && r.state == NodeState::Failed.as_str());
+        last.is_some_and(|r| r.config == desired && r.state == NodeState::Failed);
     (!failed_here).then_some(desired)
 }
 

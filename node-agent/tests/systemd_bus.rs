@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use regmirror_core::render::Activation;
+use regmirror_core::activation::Activation;
 use regmirror_node_agent::restart::{Activator, RestartError};
 use zbus::zvariant::OwnedObjectPath;
 

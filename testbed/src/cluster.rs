@@ -8,8 +8,9 @@ use k8s_openapi::api::rbac::v1::Role;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::ByteString;
 use regmirror_core::api::{Endpoint, EndpointAuth, RegistryMirror, RegistryMirrorSpec};
-use regmirror_core::contract::{self, CURRENT_CONFIG, DESIRED_CONFIG, FLAVOR, STATE};
-use regmirror_core::decide::Decision;
+use regmirror_core::contract::{self, CURRENT_CONFIG, DESIRED_CONFIG, FLAVOR, PUBLIC_KEY, STATE};
+use regmirror_core::decide::{Advance, Decision};
+use regmirror_core::seal::{NodeKey, NodePublicKey, SealingKey};
 
 /// The objects of a cluster, as the API server holds them.
 #[derive(Debug, Clone, Default)]
@@ -76,6 +77,7 @@ impl Cluster {
             });
         }
         cluster.nodes = (0..nodes).map(|n| kubelet_node(n, pools)).collect();
+        cluster.secrets.push(sealing_key_secret(namespace));
         cluster
     }
 
@@ -83,27 +85,30 @@ impl Cluster {
     /// told.
     pub fn settle(&mut self, decision: &Decision, agent_role: &str) {
         for (name, config) in &decision.create {
-            let mut secret = contract::config_secret(name, config);
+            let mut secret = contract::config_secret(name, sealing_key().seal_config(name, config));
             secret.metadata.namespace = Some(self.namespace.clone());
             self.secrets.push(secret);
         }
         self.secrets
             .retain(|s| !decision.delete.contains(s.metadata.name.as_ref().unwrap()));
-        let advanced: BTreeMap<&str, &str> = decision
+        let advanced: BTreeMap<&str, &Advance> = decision
             .advance
             .iter()
-            .map(|(n, c)| (n.as_str(), c.as_str()))
+            .chain(&decision.rekey)
+            .map(|a| (a.node.as_str(), a))
             .collect();
         for node in &mut self.nodes {
-            let Some(config) = advanced.get(node.metadata.name.as_deref().unwrap()) else {
+            let Some(advance) = advanced.get(node.metadata.name.as_deref().unwrap()) else {
                 continue;
             };
             let a = node
                 .metadata
                 .annotations
                 .get_or_insert_with(Default::default);
-            a.insert(DESIRED_CONFIG.into(), config.to_string());
-            a.insert(CURRENT_CONFIG.into(), config.to_string());
+            for (key, value) in told(advance) {
+                a.insert(key.into(), value);
+            }
+            a.insert(CURRENT_CONFIG.into(), advance.config.clone());
             a.insert(STATE.into(), "Applied".into());
         }
         for mirror in &mut self.mirrors {
@@ -129,7 +134,51 @@ impl Cluster {
     }
 }
 
-/// A Node as a kubelet reports it, with the agent's flavor annotation.
+/// The sealing key of every test cluster.
+pub fn sealing_key() -> SealingKey {
+    SealingKey::from_bytes(&[7; 32]).expect("32 bytes")
+}
+
+/// The Secret holding [`sealing_key`], in `namespace`.
+pub fn sealing_key_secret(namespace: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(contract::SEALING_KEY_SECRET.into()),
+            namespace: Some(namespace.into()),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(
+            contract::SEALING_KEY_DATA.into(),
+            ByteString(vec![7; 32]),
+        )])),
+        ..Secret::default()
+    }
+}
+
+/// The key pair of the agent on Node `name` (derived from the name, so tests are exact).
+pub fn node_key(name: &str) -> NodeKey {
+    use sha2::Digest;
+    NodeKey::from_bytes(&sha2::Sha256::digest(name.as_bytes())).expect("32 bytes")
+}
+
+/// The annotations the operator writes on a Node it points at a config.
+pub fn told(advance: &Advance) -> [(&'static str, String); 3] {
+    let public = NodePublicKey::from_text(&advance.public_key).expect("a test node's key");
+    [
+        (DESIRED_CONFIG, advance.config.clone()),
+        (
+            contract::DESIRED_ACTIVATION,
+            advance.activation.as_str().to_owned(),
+        ),
+        (
+            contract::CONFIG_KEY,
+            sealing_key().seal_key_for(&advance.config, &public),
+        ),
+    ]
+}
+
+/// A Node as a kubelet reports it, with the agent's flavor and public key annotations.
 pub fn kubelet_node(n: usize, pools: usize) -> Node {
     let name = format!("node-{n:05}");
     let conditions: Vec<serde_json::Value> = ["MemoryPressure", "DiskPressure", "PIDPressure", "Ready"]
@@ -155,6 +204,7 @@ pub fn kubelet_node(n: usize, pools: usize) -> Node {
             },
             "annotations": {
                 FLAVOR: "k3s",
+                PUBLIC_KEY: node_key(&name).public().to_text(),
                 "node.alpha.kubernetes.io/ttl": "0",
                 "volumes.kubernetes.io/controller-managed-attach-detach": "true",
                 "k3s.io/node-args": "[\"agent\",\"--node-label\",\"pool=p00\",\"--server\",\"https://10.0.0.1:6443\"]",
@@ -191,13 +241,16 @@ pub fn kubelet_node(n: usize, pools: usize) -> Node {
     serde_json::from_value(json).expect("a valid Node")
 }
 
-/// A Ready Node with only the agent's flavor annotation.
+/// A Ready Node with only the agent's flavor and public key annotations.
 pub fn ready_node(name: &str, flavor: &str) -> Node {
     Node {
         metadata: ObjectMeta {
             name: Some(name.into()),
             uid: Some(format!("uid-{name}")),
-            annotations: Some(BTreeMap::from([(FLAVOR.into(), flavor.into())])),
+            annotations: Some(BTreeMap::from([
+                (FLAVOR.into(), flavor.into()),
+                (PUBLIC_KEY.into(), node_key(name).public().to_text()),
+            ])),
             ..ObjectMeta::default()
         },
         status: Some(NodeStatus {

@@ -8,6 +8,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use regmirror_core::decide::Decision;
 
+use super::writer::{WriteFailure, WriteKind};
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
     pub state: String,
@@ -18,12 +20,20 @@ pub struct WriteLabel {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabel {
+    pub kind: String,
+    /// `not_found`, `conflict`, `forbidden`, `timeout`, `transport`, `server_error`, ...
+    pub reason: String,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     pub reconciles: Counter,
     pub errors: Counter,
     pub duration: Histogram,
     pub writes: Family<WriteLabel, Counter>,
+    pub write_failures: Family<FailureLabel, Counter>,
     pub nodes: Family<StateLabel, Gauge>,
     pub leader: Gauge,
 }
@@ -37,6 +47,7 @@ impl Metrics {
             reconciles: Counter::default(),
             errors: Counter::default(),
             writes: Family::default(),
+            write_failures: Family::default(),
             nodes: Family::default(),
             leader: Gauge::default(),
         };
@@ -56,7 +67,16 @@ impl Metrics {
             "Time a reconcile pass takes, writes included",
             metrics.duration.clone(),
         );
-        r.register("writes", "API writes by kind", metrics.writes.clone());
+        r.register(
+            "writes",
+            "API writes that went through, by kind",
+            metrics.writes.clone(),
+        );
+        r.register(
+            "write_failures",
+            "API writes that failed, by kind and reason (API errors and timeouts apart)",
+            metrics.write_failures.clone(),
+        );
         r.register(
             "nodes",
             "Nodes by the state their agent reports",
@@ -70,20 +90,27 @@ impl Metrics {
         metrics
     }
 
-    /// Counts what a pass decided.
-    pub fn observe(&self, decision: &Decision) {
-        let count = |kind: &str, n: usize| {
-            if n > 0 {
-                self.writes
-                    .get_or_create(&WriteLabel { kind: kind.into() })
-                    .inc_by(n as u64);
-            }
+    /// Counts one write that completed, or failed.
+    pub fn written(&self, kind: WriteKind, failure: Option<&WriteFailure>) {
+        match failure {
+            None => self
+                .writes
+                .get_or_create(&WriteLabel {
+                    kind: kind.as_str().into(),
+                })
+                .inc(),
+            Some(f) => self
+                .write_failures
+                .get_or_create(&FailureLabel {
+                    kind: kind.as_str().into(),
+                    reason: f.reason().into(),
+                })
+                .inc(),
         };
-        count("config_create", decision.create.len());
-        count("config_delete", decision.delete.len());
-        count("node_annotate", decision.advance.len());
-        count("status", decision.statuses.len());
-        count("agent_role", usize::from(decision.agent_role.is_some()));
+    }
+
+    /// Records the node states a pass saw.
+    pub fn observe(&self, decision: &Decision) {
         self.nodes.clear();
         for (state, n) in &decision.nodes_by_state {
             self.nodes

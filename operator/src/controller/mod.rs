@@ -26,6 +26,7 @@ use regmirror_core::api::RegistryMirror;
 use regmirror_core::decide::{decide, ClusterView, Decision, NodeView, Subject};
 use regmirror_core::plan::MaxUnavailable;
 use regmirror_core::render::RenderedConfig;
+use regmirror_core::seal::SealingKey;
 use regmirror_core::sources::{RefPolicy, SourceKind, Sources};
 use regmirror_runtime::endpoints::{self, BindError, Health};
 use regmirror_runtime::lease::LeaseLock;
@@ -34,7 +35,7 @@ use thiserror::Error;
 use tokio::time::Instant;
 
 pub use metrics::Metrics;
-pub use writer::{WriteError, Writer, FIELD_MANAGER};
+pub use writer::{WriteError, WriteErrors, WriteFailure, WriteKind, Writer, FIELD_MANAGER};
 
 /// How the operator runs.
 #[derive(Debug, Clone)]
@@ -85,7 +86,26 @@ const LEASE_DURATION: Duration = Duration::from_secs(15);
 const DEBOUNCE: Duration = Duration::from_millis(250);
 /// A pass now and then even without changes: picks up anything a watch missed.
 const RESYNC: Duration = Duration::from_secs(300);
-const RETRY: Duration = Duration::from_secs(5);
+/// After a pass with failed writes, the next comes after a backoff that doubles per failed
+/// pass from `RETRY_MIN` up to `RETRY_MAX`, with jitter, so that a struggling API server is not
+/// hammered by every operator in step.
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(120);
+
+/// The wait before the next pass after `failures` failed passes in a row: exponential, and
+/// jittered to between half and all of it.
+pub fn retry_after(failures: u32, jitter: f64) -> Duration {
+    let full = RETRY_MIN
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+        .min(RETRY_MAX);
+    full.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+}
+
+fn jitter() -> f64 {
+    let mut bytes = [0u8; 8];
+    let _ = getrandom::fill(&mut bytes);
+    (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64
+}
 
 /// Runs the controller until SIGTERM.
 pub async fn run(client: kube::Client, settings: Settings) -> Result<(), ControllerError> {
@@ -137,6 +157,7 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Control
     metrics.leader.set(1);
 
     let mut next_pass = Instant::now();
+    let mut failures = 0;
     let result = loop {
         tokio::select! {
             _ = &mut stop => break Ok(()),
@@ -153,20 +174,40 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Control
             passed = reconcile(&snapshot, &settings, &writer, &metrics) => passed,
             _ = held.lost() => break Err(ControllerError::LostLease(settings.lease_name.clone())),
         };
-        next_pass = Instant::now() + if passed.is_ok() { RESYNC } else { RETRY };
+        failures = if passed.is_ok() { 0 } else { failures + 1 };
+        next_pass = Instant::now()
+            + if failures == 0 {
+                RESYNC
+            } else {
+                retry_after(failures, jitter())
+            };
     };
     metrics.leader.set(0);
     held.release().await;
     result
 }
 
-/// One pass: decide on `snapshot`, then write the decision.
+/// Why a pass did not get everything written.
+#[derive(Debug, Error)]
+pub enum PassError {
+    #[error(transparent)]
+    Writes(#[from] WriteErrors),
+    #[error("cannot create the sealing key: {0}")]
+    SealingKey(#[from] WriteError),
+}
+
+/// One pass: decide on `snapshot`, then write the decision. Before anything can be sealed,
+/// the operator's sealing key must exist: a pass without one creates it and decides nothing.
 pub async fn reconcile(
     snapshot: &Snapshot,
     settings: &Settings,
     writer: &Writer,
     metrics: &Metrics,
-) -> Result<Decision, WriteError> {
+) -> Result<Decision, PassError> {
+    let Some(key) = &snapshot.sealing_key else {
+        writer.create_sealing_key(metrics).await?;
+        return Ok(Decision::default());
+    };
     let started = Instant::now();
     let now = k8s_openapi::jiff::Timestamp::now()
         .round(k8s_openapi::jiff::Unit::Second)
@@ -176,7 +217,7 @@ pub async fn reconcile(
     metrics.reconciles.inc();
     metrics.observe(&decision);
     let written = writer
-        .write(&decision, |subject| snapshot.reference(subject))
+        .write(&decision, key, metrics, |subject| snapshot.reference(subject))
         .await;
     metrics.duration.observe(started.elapsed().as_secs_f64());
     match written {
@@ -185,6 +226,7 @@ pub async fn reconcile(
                 tracing::info!(
                     configs_created = decision.create.len(),
                     nodes_advanced = decision.advance.len(),
+                    nodes_rekeyed = decision.rekey.len(),
                     statuses = decision.statuses.len(),
                     configs_deleted = decision.delete.len(),
                     "reconciled"
@@ -194,8 +236,8 @@ pub async fn reconcile(
         }
         Err(e) => {
             metrics.errors.inc();
-            tracing::error!(error = %e, "reconcile failed; retrying");
-            Err(e)
+            tracing::error!(error = %e, "some writes failed; the next pass decides again");
+            Err(e.into())
         }
     }
 }
@@ -208,6 +250,8 @@ pub struct Snapshot {
     pub nodes: Vec<NodeView>,
     pub stored: BTreeMap<String, RenderedConfig>,
     pub agent_role: Option<Vec<String>>,
+    /// The operator's sealing key, once it exists.
+    pub sealing_key: Option<SealingKey>,
     /// UIDs of Nodes and RegistryMirrors, for Events.
     pub uids: HashMap<(&'static str, String), String>,
 }
@@ -233,11 +277,15 @@ impl Snapshot {
             snapshot.nodes.push(snapshot::node_view(node));
         }
         let mut configs = Vec::new();
+        let mut own = Vec::new();
         for secret in secrets {
             let (Some(ns), Some(name)) = (&secret.metadata.namespace, &secret.metadata.name) else {
                 continue;
             };
-            if snapshot::is_config(secret) && ns == namespace {
+            if ns == namespace && name == regmirror_core::contract::SEALING_KEY_SECRET {
+                // Never a source: no mirror may reference the sealing key.
+                own.push(secret);
+            } else if snapshot::is_config(secret) && ns == namespace {
                 configs.push(secret);
             } else {
                 let source = snapshot::secret_source(secret);
@@ -246,7 +294,10 @@ impl Snapshot {
                     .insert(SourceKind::Secret, ns, name, source);
             }
         }
-        snapshot.stored = snapshot::stored_configs(configs);
+        snapshot.sealing_key = snapshot::sealing_key(own);
+        if let Some(key) = &snapshot.sealing_key {
+            snapshot.stored = snapshot::stored_configs(configs, key);
+        }
         for cm in config_maps {
             if let (Some(ns), Some(name)) = (&cm.metadata.namespace, &cm.metadata.name) {
                 let source = snapshot::config_map_source(cm);

@@ -1,30 +1,118 @@
 //! Carries a decision out against the API server, in the order that keeps every node safe:
 //! configs exist and agents may read them before any node is pointed at them; statuses after;
 //! unused configs are deleted last.
+//!
+//! Each write stands alone, with its own timeout: one Node deleted between read and write, or
+//! one conflict, does not hold back the other nodes and mirrors. A write that others depend on
+//! holds back only its dependants — a node is not pointed at a config that could not be
+//! stored, nor at any new config while the agents' Role could not be updated. Whatever failed
+//! is decided again by the next pass.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Secret};
 use k8s_openapi::api::rbac::v1::Role;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use regmirror_core::api::RegistryMirror;
-use regmirror_core::contract::{agent_role, config_secret, DESIRED_CONFIG};
-use regmirror_core::decide::{Decision, Notice, Subject};
+use regmirror_core::contract::{
+    agent_role, config_secret, sealed_config, CONFIG_KEY, DESIRED_ACTIVATION, DESIRED_CONFIG,
+    SEALING_KEY_DATA, SEALING_KEY_SECRET,
+};
+use regmirror_core::decide::{Advance, Decision, Notice, Subject};
 use regmirror_core::render::RenderedConfig;
+use regmirror_core::seal::{NodePublicKey, SealingKey};
 use serde_json::json;
 use thiserror::Error;
+
+use super::metrics::Metrics;
 
 /// The field manager regmirror's writes are recorded under.
 pub const FIELD_MANAGER: &str = "regmirror";
 
-/// A write the API server refused.
+/// How long one write may take.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What kind of object a write was for, as metrics label it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteKind {
+    ConfigCreate,
+    ConfigDelete,
+    AgentRole,
+    NodeAnnotate,
+    Status,
+    SealingKey,
+}
+
+impl WriteKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteKind::ConfigCreate => "config_create",
+            WriteKind::ConfigDelete => "config_delete",
+            WriteKind::AgentRole => "agent_role",
+            WriteKind::NodeAnnotate => "node_annotate",
+            WriteKind::Status => "status",
+            WriteKind::SealingKey => "sealing_key",
+        }
+    }
+}
+
+/// Why one write did not happen.
 #[derive(Debug, Error)]
-#[error("{action}: {source}")]
+pub enum WriteFailure {
+    #[error("the API server refused: {0}")]
+    Api(#[source] kube::Error),
+    #[error("no answer within {}s", WRITE_TIMEOUT.as_secs())]
+    Timeout,
+    #[error("Node {node} publishes an unusable public key: {detail}")]
+    BadPublicKey { node: String, detail: String },
+    #[error("Secret {0} has a config's name but not the content its name says; it was replaced")]
+    Forged(String),
+}
+
+impl WriteFailure {
+    /// A label for metrics: what went wrong, in a word.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            WriteFailure::Api(kube::Error::Api(e)) => match e.code {
+                404 => "not_found",
+                409 => "conflict",
+                403 => "forbidden",
+                422 => "invalid",
+                429 => "throttled",
+                c if c >= 500 => "server_error",
+                _ => "refused",
+            },
+            WriteFailure::Api(_) => "transport",
+            WriteFailure::Timeout => "timeout",
+            WriteFailure::BadPublicKey { .. } => "bad_public_key",
+            WriteFailure::Forged(_) => "forged",
+        }
+    }
+
+    /// Whether the object is gone, so that writing it again is pointless.
+    pub fn is_gone(&self) -> bool {
+        matches!(self, WriteFailure::Api(kube::Error::Api(e)) if e.code == 404)
+    }
+}
+
+/// A write that failed, and what it was.
+#[derive(Debug, Error)]
+#[error("{action}: {failure}")]
 pub struct WriteError {
     /// What was being written, e.g. `create Secret regmirror-system/regmirror-config-…`.
     pub action: String,
+    pub kind: WriteKind,
     #[source]
-    pub source: kube::Error,
+    pub failure: WriteFailure,
 }
+
+/// The writes of one pass that failed; empty when all went through.
+#[derive(Debug, Default, Error)]
+#[error("{} write(s) failed, first: {}", .0.len(), .0.first().map(ToString::to_string).unwrap_or_default())]
+pub struct WriteErrors(pub Vec<WriteError>);
 
 /// Where the writes go.
 pub struct Writer {
@@ -36,26 +124,65 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Writes `decision`; stops at the first refusal (the next pass decides again).
-    /// `reference` names the object an Event is about.
+    /// Writes `decision`, sealing configs and their keys with `key`. Every write is tried;
+    /// the ones that failed come back (and are counted in `metrics`). `reference` names the
+    /// object an Event is about.
     pub async fn write(
         &self,
         decision: &Decision,
+        key: &SealingKey,
+        metrics: &Metrics,
         reference: impl Fn(&Subject) -> ObjectReference,
-    ) -> Result<(), WriteError> {
+    ) -> Result<(), WriteErrors> {
+        let mut errors = Vec::new();
+        let mut record = |kind: WriteKind, action: String, result: Result<(), WriteFailure>| {
+            metrics.written(kind, result.as_ref().err());
+            match result {
+                Ok(()) => true,
+                Err(failure) => {
+                    if failure.is_gone() {
+                        tracing::info!(%action, "the object is gone; nothing to write");
+                    } else {
+                        tracing::warn!(%action, error = %failure, "write failed");
+                    }
+                    errors.push(WriteError {
+                        action,
+                        kind,
+                        failure,
+                    });
+                    false
+                }
+            }
+        };
+
+        let mut unstored = BTreeSet::new();
         for (name, config) in &decision.create {
-            self.create_config(name, config).await?;
+            let result = self.create_config(name, config, key).await;
+            if !record(
+                WriteKind::ConfigCreate,
+                format!("create Secret {}/{name}", self.namespace),
+                result,
+            ) {
+                unstored.insert(name.as_str());
+            }
         }
-        if let Some(names) = &decision.agent_role {
-            self.grant_configs(names).await?;
-        }
-        for (node, config) in &decision.advance {
-            tracing::info!(node = %node, config = %config, "node told to apply config");
-            let patch = json!({"metadata": {"annotations": {DESIRED_CONFIG: config}}});
-            let api: Api<Node> = Api::all(self.client.clone());
-            api.patch(node, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-                .map_err(failed(format!("annotate Node {node}")))?;
+        let role_updated = match &decision.agent_role {
+            Some(names) => record(
+                WriteKind::AgentRole,
+                format!("update Role {}/{}", self.namespace, self.agent_role),
+                self.grant_configs(names).await,
+            ),
+            None => true,
+        };
+        for advance in decision.advance.iter().chain(&decision.rekey) {
+            let action = format!("annotate Node {}", advance.node);
+            if unstored.contains(advance.config.as_str()) || !role_updated {
+                tracing::info!(node = %advance.node, config = %advance.config, "not pointing the node at a config its agent cannot read yet");
+                continue;
+            }
+            tracing::info!(node = %advance.node, config = %advance.config, activation = %advance.activation, "node told to apply config");
+            let result = self.point_node(advance, key).await;
+            record(WriteKind::NodeAnnotate, action, result);
         }
         for (mirror, status) in &decision.statuses {
             let api: Api<RegistryMirror> = Api::all(self.client.clone());
@@ -64,21 +191,26 @@ impl Writer {
                 "kind": "RegistryMirror",
                 "status": status,
             });
-            api.patch_status(mirror, &apply_params(), &Patch::Apply(&patch))
+            let result = timed(api.patch_status(mirror, &apply_params(), &Patch::Apply(&patch)))
                 .await
-                .map_err(failed(format!("update status of RegistryMirror {mirror}")))?;
+                .map(drop);
+            record(
+                WriteKind::Status,
+                format!("update status of RegistryMirror {mirror}"),
+                result,
+            );
         }
         for name in &decision.delete {
             tracing::info!(config = %name, "deleting unused config");
-            match self.secrets().delete(name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => {
-                    return Err(failed(format!("delete Secret {}/{name}", self.namespace))(
-                        e,
-                    ))
-                }
-            }
+            let result = match timed(self.secrets().delete(name, &DeleteParams::default())).await {
+                Err(f) if f.is_gone() => Ok(()),
+                other => other.map(drop),
+            };
+            record(
+                WriteKind::ConfigDelete,
+                format!("delete Secret {}/{name}", self.namespace),
+                result,
+            );
         }
         for notice in &decision.notices {
             // An Event that cannot be recorded is no reason to stop.
@@ -90,50 +222,130 @@ impl Writer {
                 tracing::warn!(error = %e, reason = notice.reason, "recording an Event failed");
             }
         }
-        Ok(())
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(WriteErrors(errors))
+        }
+    }
+
+    /// Creates the operator's sealing key: 32 random bytes in a Secret only the operator
+    /// reads. Another replica creating it first is fine: the next pass reads theirs.
+    pub async fn create_sealing_key(&self, metrics: &Metrics) -> Result<(), WriteError> {
+        let mut key = [0u8; regmirror_core::seal::KEY_LEN];
+        getrandom::fill(&mut key).expect("the operating system provides randomness");
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(SEALING_KEY_SECRET.to_owned()),
+                labels: Some(
+                    [(
+                        "app.kubernetes.io/managed-by".to_owned(),
+                        "regmirror".to_owned(),
+                    )]
+                    .into(),
+                ),
+                ..Default::default()
+            },
+            type_: Some("Opaque".to_owned()),
+            immutable: Some(true),
+            data: Some(
+                [(
+                    SEALING_KEY_DATA.to_owned(),
+                    k8s_openapi::ByteString(key.to_vec()),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        tracing::info!(secret = SEALING_KEY_SECRET, "creating the sealing key");
+        let result = match timed(self.secrets().create(&PostParams::default(), &secret)).await {
+            Err(WriteFailure::Api(kube::Error::Api(e))) if e.code == 409 => Ok(()),
+            other => other.map(drop),
+        };
+        metrics.written(WriteKind::SealingKey, result.as_ref().err());
+        result.map_err(|failure| WriteError {
+            action: format!("create Secret {}/{SEALING_KEY_SECRET}", self.namespace),
+            kind: WriteKind::SealingKey,
+            failure,
+        })
     }
 
     fn secrets(&self) -> Api<Secret> {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
-    /// Stores a config as an immutable Secret. One that exists already is the same config:
-    /// its name is its content's digest.
-    async fn create_config(&self, name: &str, config: &RenderedConfig) -> Result<(), WriteError> {
+    /// Stores a config as an immutable, sealed Secret. One of that name that exists already
+    /// is reused only if it opens and holds exactly this config; anything else squatting on
+    /// the name is replaced.
+    async fn create_config(
+        &self,
+        name: &str,
+        config: &RenderedConfig,
+        key: &SealingKey,
+    ) -> Result<(), WriteFailure> {
         tracing::info!(config = %name, files = config.files.len(), "storing config");
-        let secret = config_secret(name, config);
-        match self.secrets().create(&PostParams::default(), &secret).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-            Err(e) => Err(failed(format!("create Secret {}/{name}", self.namespace))(
-                e,
-            )),
+        let secret = config_secret(name, key.seal_config(name, config));
+        match timed(self.secrets().create(&PostParams::default(), &secret)).await {
+            Err(WriteFailure::Api(kube::Error::Api(e))) if e.code == 409 => {}
+            other => return other.map(drop),
         }
+        let existing = timed(self.secrets().get(name)).await?;
+        let genuine = sealed_config(&existing)
+            .ok()
+            .and_then(|sealed| key.open_config(name, sealed).ok())
+            .is_some_and(|c| c == *config);
+        if genuine {
+            return Ok(());
+        }
+        tracing::warn!(config = %name, "a Secret squats on a config's name with other content; replacing it");
+        timed(self.secrets().delete(name, &DeleteParams::default())).await?;
+        timed(self.secrets().create(&PostParams::default(), &secret)).await?;
+        Err(WriteFailure::Forged(name.to_owned()))
+    }
+
+    /// Points a node at its config: which one, the step it takes, and the key to open it,
+    /// sealed to the node's own public key — in one write.
+    async fn point_node(&self, advance: &Advance, key: &SealingKey) -> Result<(), WriteFailure> {
+        let public = NodePublicKey::from_text(&advance.public_key).map_err(|e| {
+            WriteFailure::BadPublicKey {
+                node: advance.node.clone(),
+                detail: e.to_string(),
+            }
+        })?;
+        let patch = json!({"metadata": {"annotations": {
+            DESIRED_CONFIG: advance.config,
+            DESIRED_ACTIVATION: advance.activation.as_str(),
+            CONFIG_KEY: key.seal_key_for(&advance.config, &public),
+        }}});
+        let api: Api<Node> = Api::all(self.client.clone());
+        timed(api.patch(&advance.node, &PatchParams::default(), &Patch::Merge(&patch)))
+            .await
+            .map(drop)
     }
 
     /// Lets the agents `get` exactly these Secrets.
-    async fn grant_configs(&self, names: &[String]) -> Result<(), WriteError> {
+    async fn grant_configs(&self, names: &[String]) -> Result<(), WriteFailure> {
         let role = agent_role(&self.agent_role, names);
         let mut body = serde_json::to_value(&role).expect("a Role serializes");
         body["apiVersion"] = json!("rbac.authorization.k8s.io/v1");
         body["kind"] = json!("Role");
         let api: Api<Role> = Api::namespaced(self.client.clone(), &self.namespace);
-        api.patch(&self.agent_role, &apply_params(), &Patch::Apply(&body))
+        timed(api.patch(&self.agent_role, &apply_params(), &Patch::Apply(&body)))
             .await
-            .map_err(failed(format!(
-                "update Role {}/{}",
-                self.namespace, self.agent_role
-            )))?;
-        Ok(())
+            .map(drop)
+    }
+}
+
+/// One API call, bounded by [`WRITE_TIMEOUT`].
+async fn timed<T>(call: impl Future<Output = Result<T, kube::Error>>) -> Result<T, WriteFailure> {
+    match tokio::time::timeout(WRITE_TIMEOUT, call).await {
+        Ok(result) => result.map_err(WriteFailure::Api),
+        Err(_) => Err(WriteFailure::Timeout),
     }
 }
 
 fn apply_params() -> PatchParams {
     PatchParams::apply(FIELD_MANAGER).force()
-}
-
-fn failed(action: String) -> impl FnOnce(kube::Error) -> WriteError {
-    move |source| WriteError { action, source }
 }
 
 fn event(notice: &Notice) -> Event {
