@@ -46,6 +46,7 @@ pub struct ControlPlane {
     server: String,
     kubeconfig: PathBuf,
     ca_pem: String,
+    bin: PathBuf,
 }
 
 enum Dir {
@@ -199,6 +200,7 @@ impl ControlPlane {
             server,
             kubeconfig,
             ca_pem,
+            bin: bin.clone(),
         };
 
         let etcd_port = free_port();
@@ -417,9 +419,23 @@ impl ControlPlane {
         client_from(&self.kubeconfig).await
     }
 
-    /// `kubectl` (from PATH) with the admin kubeconfig.
+    /// `kubectl` of the same release as the API server (built with it; from PATH if
+    /// `$REGMIRROR_KUBE_BIN` has none) with the admin kubeconfig.
     pub fn kubectl(&self) -> Command {
-        kubectl(&self.kubeconfig)
+        self.kubectl_with(&self.kubeconfig)
+    }
+
+    /// `kubectl` (as [`ControlPlane::kubectl`]) with `kubeconfig`, e.g. a ServiceAccount's.
+    pub fn kubectl_with(&self, kubeconfig: &Path) -> Command {
+        let built = self.bin.join("kubectl");
+        let mut command = if built.is_file() {
+            Command::new(built)
+        } else {
+            require_tool("kubectl");
+            Command::new("kubectl")
+        };
+        command.env("KUBECONFIG", kubeconfig);
+        command
     }
 
     /// A token of ServiceAccount `namespace/name` from the TokenRequest API.
@@ -517,14 +533,6 @@ impl Drop for ControlPlane {
             }
         }
     }
-}
-
-/// `kubectl` (from PATH) with `kubeconfig`.
-pub fn kubectl(kubeconfig: &Path) -> Command {
-    require_tool("kubectl");
-    let mut command = Command::new("kubectl");
-    command.env("KUBECONFIG", kubeconfig);
-    command
 }
 
 /// A client from a kubeconfig file (its current context).

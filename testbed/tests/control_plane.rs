@@ -521,12 +521,14 @@ async fn service_account_tokens_authenticate_and_rbac_authorizes(
     let kubeconfig = plane
         .service_account_kubeconfig("apps", "reader", &TokenOptions::default())
         .await;
-    let output = regmirror_testbed::control_plane::kubectl(&kubeconfig)
+    let output = plane
+        .kubectl_with(&kubeconfig)
         .args(["auth", "can-i", "list", "secrets", "-n", "apps"])
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "no");
-    let output = regmirror_testbed::control_plane::kubectl(&kubeconfig)
+    let output = plane
+        .kubectl_with(&kubeconfig)
         .args([
             "auth",
             "whoami",
