@@ -1,6 +1,7 @@
 //! A real Kubernetes control plane on 127.0.0.1: etcd, kube-apiserver and
-//! kube-controller-manager built from the official Go modules by `testbed/kube/build`
-//! (Kubernetes and etcd versions pinned in `testbed/kube/go.mod`).
+//! kube-controller-manager (and a kubectl of the same release) built from the official Go
+//! modules by `testbed/kube/build` (Kubernetes and etcd versions pinned in
+//! `testbed/kube/go.mod`). There is no scheduler and no kubelet: Pods are stored, not run.
 //!
 //! The API server runs as a production cluster's does where it matters to regmirror: client
 //! certificates from a cluster CA, `Node,RBAC` authorization, the default admission plugins plus
@@ -12,7 +13,18 @@
 //! Every port is a random free one on 127.0.0.1; every file (PKI, etcd data, logs, kubeconfigs)
 //! lives in one directory. The processes form one process group and are killed when the
 //! [`ControlPlane`] is dropped, and also when the process holding it dies in any way (a watchdog
-//! in the group waits on a pipe from this process and kills the group when it closes).
+//! in the group waits on a pipe from this process and kills the group when it closes), so a
+//! control plane shared by the tests of one binary (a `static`, never dropped) is fine too.
+//!
+//! ```no_run
+//! # async fn example() {
+//! use regmirror_testbed::{ControlPlane, TokenOptions};
+//! let plane = ControlPlane::start(); // blocking; builds the binaries the first time
+//! let admin = plane.client().await;
+//! let agent = plane.service_account_client("ns", "agent", &TokenOptions::default()).await;
+//! plane.kubectl().args(["apply", "-f", "crds/"]).status().unwrap();
+//! # }
+//! ```
 
 use std::future::Future;
 use std::os::unix::process::CommandExt;
