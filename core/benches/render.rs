@@ -35,7 +35,9 @@ fn cluster() -> (Vec<RegistryMirror>, Sources) {
                 SourceObject {
                     type_: Some("kubernetes.io/basic-auth".into()),
                     data: data(&[("username", "u"), ("password", "p")]),
-                },
+                    ..SourceObject::default()
+                }
+                .allowing_hosts(format!("mirror-{host}.example.com:5000")),
             );
             let endpoint = Endpoint {
                 url: format!("https://mirror-{host}.example.com:5000/v2/proxy-{i}"),
@@ -73,6 +75,7 @@ fn cluster() -> (Vec<RegistryMirror>, Sources) {
         SourceObject {
             type_: None,
             data: data(&[("ca.crt", &cert)]),
+            ..SourceObject::default()
         },
     );
     (mirrors, sources)

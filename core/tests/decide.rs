@@ -114,6 +114,7 @@ impl Cluster {
     }
 }
 
+/// Credentials for the mirrors of these tests, which live under `example:5000`.
 fn basic_auth(user: &str, password: &str) -> SourceObject {
     SourceObject {
         type_: Some("kubernetes.io/basic-auth".into()),
@@ -121,7 +122,9 @@ fn basic_auth(user: &str, password: &str) -> SourceObject {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.as_bytes().to_vec()))
             .collect(),
+        ..SourceObject::default()
     }
+    .allowing_hosts("*.example:5000, mirror.example:5000, hub.example:5000")
 }
 
 /// `n` k3s nodes, `n0`, `n1`, …

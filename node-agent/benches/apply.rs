@@ -23,7 +23,9 @@ fn config(n: usize, flavor: &Flavor, password: &str) -> RenderedConfig {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.as_bytes().to_vec()))
             .collect(),
-    };
+        ..SourceObject::default()
+    }
+    .allowing_hosts("*.internal.example.com:5000");
     sources.insert(SourceKind::Secret, "regmirror-system", "pull", secret);
     let mirrors: Vec<ResolvedMirror> = (0..n)
         .map(|i| {

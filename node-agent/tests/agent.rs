@@ -10,7 +10,8 @@ use k8s_openapi::jiff::Timestamp;
 use regmirror_core::api::Endpoint;
 use regmirror_core::contract::{config_secret_name, NodeState};
 use regmirror_core::node::Flavor;
-use regmirror_core::render::{render, Activation, RenderedConfig};
+use regmirror_core::activation::{activation, Activation};
+use regmirror_core::render::{render, RenderedConfig};
 use regmirror_node_agent::agent::{Agent, Outcome, Timeouts};
 use regmirror_node_agent::detect::Host;
 use regmirror_node_agent::restart::Activator;
@@ -74,9 +75,12 @@ impl ContainerdNode {
         .unwrap()
     }
 
+    /// Applies `config` with the step the operator decides for it (always hot here).
     async fn apply(&self, config: &RenderedConfig) -> Outcome {
+        let step = activation(self.agent.host.last_good().unwrap().as_ref(), config);
+        assert_eq!(step, Activation::Hot);
         self.agent
-            .apply(&config_secret_name(config), config, node_is_ready)
+            .apply(&config_secret_name(config), config, step, node_is_ready)
             .await
     }
 
@@ -313,6 +317,7 @@ async fn k3s_credentials_restart_the_runtime_through_the_configured_command() {
         .apply(
             &config_secret_name(&config),
             &config,
+            activation(None, &config),
             |step, since, timeout| {
                 ready_checks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 node_is_ready(step, since, timeout)
@@ -342,7 +347,12 @@ async fn k3s_credentials_restart_the_runtime_through_the_configured_command() {
 
     // Nothing about credentials changed: the same config again takes no restart.
     let again = agent
-        .apply(&config_secret_name(&config), &config, node_is_ready)
+        .apply(
+            &config_secret_name(&config),
+            &config,
+            activation(Some(&config), &config),
+            node_is_ready,
+        )
         .await;
     assert_eq!(again.activated, None);
     assert_eq!(service.pid(), after);
@@ -368,7 +378,12 @@ async fn a_runtime_that_does_not_come_back_is_rolled_back_and_restarted_again() 
     )
     .unwrap();
     let outcome = agent
-        .apply(&config_secret_name(&config), &config, node_is_ready)
+        .apply(
+            &config_secret_name(&config),
+            &config,
+            Activation::Restart,
+            node_is_ready,
+        )
         .await;
     assert_eq!(outcome.state, NodeState::Failed);
     assert!(
@@ -407,7 +422,9 @@ async fn a_failed_first_config_gives_the_node_its_hand_written_file_back() {
     let dead = dead_endpoint("https");
     let config = render(&[&world.resolved(vec![dead])], &Flavor::K3s).unwrap();
     let name = config_secret_name(&config);
-    let outcome = agent.apply(&name, &config, node_is_ready).await;
+    let outcome = agent
+        .apply(&name, &config, Activation::Restart, node_is_ready)
+        .await;
     assert_eq!(outcome.state, NodeState::Failed);
     assert_eq!(
         std::fs::read_to_string(&registries).unwrap(),
@@ -417,9 +434,108 @@ async fn a_failed_first_config_gives_the_node_its_hand_written_file_back() {
     // The host remembers that this config failed here, and what it runs instead.
     let report = agent.last_report().unwrap();
     assert_eq!(
-        (report.config.as_str(), report.state.as_str()),
-        (name.as_str(), "Failed")
+        (report.config.as_str(), report.state),
+        (name.as_str(), NodeState::Failed)
     );
     assert_eq!(report.message, outcome.message);
     assert_eq!(agent.verified(), None);
+}
+
+/// A Node as the agent sees it: what the operator told it, and what it reported running.
+fn told(desired: &str, step: Activation, reported: Option<&str>) -> k8s_openapi::api::core::v1::Node {
+    use regmirror_core::contract::{CURRENT_CONFIG, DESIRED_ACTIVATION, DESIRED_CONFIG};
+    let mut annotations = std::collections::BTreeMap::from([
+        (DESIRED_CONFIG.to_owned(), desired.to_owned()),
+        (DESIRED_ACTIVATION.to_owned(), step.as_str().to_owned()),
+    ]);
+    if let Some(reported) = reported {
+        annotations.insert(CURRENT_CONFIG.to_owned(), reported.to_owned());
+    }
+    let mut node = k8s_openapi::api::core::v1::Node::default();
+    node.metadata.annotations = Some(annotations);
+    node
+}
+
+#[tokio::test]
+async fn k3s_nodes_whose_state_was_wiped_restart_nothing_on_a_hot_change() {
+    use regmirror_node_agent::watch::step_for;
+    let world = World::new(secure());
+    let root = tempfile::tempdir().unwrap();
+    let service = Service::start(root.path());
+    let runtime = Host {
+        flavor: Flavor::K3s,
+        unit: "k3s-agent.service".into(),
+        warning: None,
+    };
+    let agent = Agent::new(
+        root.path(),
+        runtime,
+        Activator::Command {
+            command: service.restart_command(),
+        },
+        TIMEOUTS,
+    );
+    let first = render(
+        &[&world.resolved(vec![world.endpoint(true, Some("mirror-pull"))])],
+        &Flavor::K3s,
+    )
+    .unwrap();
+    let first_name = config_secret_name(&first);
+    let (step, _) = step_for(
+        &told(&first_name, activation(None, &first), None),
+        &first_name,
+        agent.verified().as_deref(),
+    );
+    assert_eq!(step, Activation::Restart, "credentials on k3s: a budgeted restart");
+    let outcome = agent.apply(&first_name, &first, step, node_is_ready).await;
+    assert_eq!(outcome.state, NodeState::Applied, "{}", outcome.message);
+    let running = service.pid();
+
+    // The agent is reinstalled: its state directory is gone.
+    std::fs::remove_dir_all(root.path().join(regmirror_node_agent::hostfs::STATE_DIR)).unwrap();
+    assert_eq!(agent.verified(), None);
+
+    // The operator, which knows the node runs `first`, tells it the same config again (a
+    // resealed key) with no step: the agent writes the files and restarts nothing.
+    let (step, note) = step_for(
+        &told(&first_name, Activation::Hot, Some(&first_name)),
+        &first_name,
+        None,
+    );
+    assert_eq!(step, Activation::Hot);
+    assert!(note.unwrap().contains("was missing"));
+    let outcome = agent.apply(&first_name, &first, step, node_is_ready).await;
+    assert_eq!(outcome.state, NodeState::Applied, "{}", outcome.message);
+    assert_eq!(outcome.activated, None);
+    assert_eq!(service.pid(), running, "no restart");
+
+    // Wiped again, mid-way through a hot change (a second endpoint; the same credentials):
+    // the agent has no record, yet carries out the operator's hot step.
+    std::fs::remove_dir_all(root.path().join(regmirror_node_agent::hostfs::STATE_DIR)).unwrap();
+    let second = render(
+        &[&world.resolved(vec![
+            world.endpoint(true, Some("mirror-pull")),
+            dead_endpoint("https"),
+        ])],
+        &Flavor::K3s,
+    )
+    .unwrap();
+    let decided = activation(Some(&first), &second);
+    assert_eq!(decided, Activation::Hot, "the operator's view: no credential change");
+    let second_name = config_secret_name(&second);
+    let (step, note) = step_for(
+        &told(&second_name, decided, Some(&first_name)),
+        &second_name,
+        agent.verified().as_deref(),
+    );
+    assert_eq!(
+        step,
+        Activation::Hot,
+        "without its record the agent alone would have restarted k3s"
+    );
+    assert!(note.unwrap().contains("no record"));
+    let outcome = agent.apply(&second_name, &second, step, node_is_ready).await;
+    assert_eq!(outcome.state, NodeState::Applied, "{}", outcome.message);
+    assert_eq!(outcome.activated, None);
+    assert_eq!(service.pid(), running, "zero restarts");
 }

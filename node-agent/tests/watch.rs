@@ -10,9 +10,14 @@ use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Api;
 use prometheus_client::registry::Registry;
+use regmirror_core::activation::Activation;
 use regmirror_core::contract::{
-    config_secret_name, CONFIG_KEY, CURRENT_CONFIG, DESIRED_CONFIG, FLAVOR, MESSAGE, STATE,
+    config_secret_name, CONFIG_KEY, CURRENT_CONFIG, DESIRED_ACTIVATION, DESIRED_CONFIG, FLAVOR,
+    MESSAGE, PUBLIC_KEY, SEALED_CONFIG_KEY, STATE,
 };
+use regmirror_core::seal::NodePublicKey;
+use regmirror_node_agent::node_key;
+use regmirror_testbed::cluster::sealing_key;
 use regmirror_core::node::Flavor;
 use regmirror_core::render::{render, RenderedConfig};
 use regmirror_node_agent::agent::{Agent, Outcome, Timeouts};
@@ -123,10 +128,48 @@ impl TestHost {
 /// Applies on the host, the node always Ready.
 async fn apply(agent: &Agent, config: &RenderedConfig) -> Outcome {
     agent
-        .apply(&config_secret_name(config), config, |_, _, _| async {
-            Ok(())
-        })
+        .apply(
+            &config_secret_name(config),
+            config,
+            Activation::Hot,
+            |_, _, _| async { Ok(()) },
+        )
         .await
+}
+
+/// The config Secret the operator stores for `config`, as the API server returns it.
+fn config_secret(config: &RenderedConfig) -> Value {
+    let name = config_secret_name(config);
+    json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name, "namespace": NS},
+        "data": {SEALED_CONFIG_KEY: base64(&sealing_key().seal_config(&name, config))},
+    })
+}
+
+/// This host's public key (made on first use, as the agent would).
+fn public_key(agent: &Agent) -> String {
+    node_key::load_or_create(&agent.host)
+        .unwrap()
+        .public()
+        .to_text()
+}
+
+/// The annotations the operator writes to point a node at `name`, sealed to `public_key`.
+fn told(name: &str, public_key: &str) -> [(&'static str, String); 3] {
+    let public = NodePublicKey::from_text(public_key).unwrap();
+    [
+        (DESIRED_CONFIG, name.to_owned()),
+        (DESIRED_ACTIVATION, "Hot".to_owned()),
+        (CONFIG_KEY, sealing_key().seal_key_for(name, &public)),
+    ]
+}
+
+fn node_told(name: &str, public_key: &str, more: &[(&str, &str)]) -> Node {
+    let told = told(name, public_key);
+    let mut pairs: Vec<(&str, &str)> = told.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    pairs.extend_from_slice(more);
+    node(&pairs)
 }
 
 fn containerd_agent(root: &std::path::Path) -> Agent {
@@ -172,16 +215,12 @@ async fn a_named_config_is_fetched_applied_and_reported() {
     let (world, root, agent) = (&host.world, &host.root, host.agent());
     let config = host.config(true);
     let name = config_secret_name(&config);
-    let secret = json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": name, "namespace": NS},
-        "data": {CONFIG_KEY: base64(&serde_json::to_vec(&config).unwrap())},
-    });
+    let key = public_key(&agent);
     let (worker, log) = worker(
         Setup::Ready(agent),
-        BTreeMap::from([(name.clone(), secret)]),
+        BTreeMap::from([(name.clone(), config_secret(&config))]),
     );
-    let node = node(&[(DESIRED_CONFIG, &name)]);
+    let node = node_told(&name, &key, &[]);
     let (_tx, latest) = watch::channel(Some(Arc::new(node.clone())));
 
     worker.step(&node, &latest).await;
@@ -197,12 +236,12 @@ async fn a_named_config_is_fetched_applied_and_reported() {
     );
     assert_eq!(
         requests[0].body,
-        json!({"metadata": {"annotations": {FLAVOR: "containerd", MESSAGE: format!("applying {name}"), STATE: "Applying"}}})
+        json!({"metadata": {"annotations": {FLAVOR: "containerd", PUBLIC_KEY: key, MESSAGE: format!("applying {name}"), STATE: "Applying"}}})
     );
     assert_eq!(
         requests[2].body,
         json!({"metadata": {"annotations": {
-            CURRENT_CONFIG: name, FLAVOR: "containerd",
+            CURRENT_CONFIG: name, FLAVOR: "containerd", PUBLIC_KEY: key,
             MESSAGE: format!("{name} applied without a restart"), STATE: "Applied",
         }}})
     );
@@ -216,19 +255,19 @@ async fn a_named_config_is_fetched_applied_and_reported() {
         .contains(&world.registry.host()));
 
     // The node now says what the host has: nothing more to do.
-    let settled = node_with(&name, &requests[2].body);
+    let settled = node_with(&told(&name, &key), &requests[2].body);
     worker.step(&settled, &latest).await;
     assert_eq!(lines(&log.take()), Vec::<String>::new());
 }
 
-fn node_with(desired: &str, patch: &Value) -> Node {
+fn node_with(told: &[(&'static str, String)], patch: &Value) -> Node {
     let mut annotations: Vec<(String, String)> = patch["metadata"]["annotations"]
         .as_object()
         .unwrap()
         .iter()
         .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
         .collect();
-    annotations.push((DESIRED_CONFIG.into(), desired.into()));
+    annotations.extend(told.iter().map(|(k, v)| (k.to_string(), v.clone())));
     let pairs: Vec<(&str, &str)> = annotations
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
@@ -246,12 +285,13 @@ async fn a_config_that_failed_here_is_not_tried_again_and_annotations_follow_the
     let outcome = apply(&agent, &broken).await;
     assert_eq!(outcome.state.as_str(), "Failed");
 
+    let key = public_key(&agent);
     let (worker, log) = worker(Setup::Ready(agent), BTreeMap::new());
-    let stale = node(&[
-        (DESIRED_CONFIG, &name),
-        (FLAVOR, "containerd"),
-        (STATE, "Applying"),
-    ]);
+    let stale = node_told(
+        &name,
+        &key,
+        &[(FLAVOR, "containerd"), (PUBLIC_KEY, &key), (STATE, "Applying")],
+    );
     let (_tx, latest) = watch::channel(Some(Arc::new(stale.clone())));
     assert_eq!(worker.step(&stale, &latest).await, None);
     let requests = log.take();
@@ -266,12 +306,16 @@ async fn a_config_that_failed_here_is_not_tried_again_and_annotations_follow_the
     );
 
     // A config whose Secret cannot be read yet is waited for, not failed.
-    let next = node(&[
-        (DESIRED_CONFIG, "regmirror-config-bbbb"),
-        (FLAVOR, "containerd"),
-        (STATE, "Failed"),
-        (MESSAGE, &outcome.message),
-    ]);
+    let next = node_told(
+        "regmirror-config-bbbb",
+        &key,
+        &[
+            (FLAVOR, "containerd"),
+            (PUBLIC_KEY, &key),
+            (STATE, "Failed"),
+            (MESSAGE, &outcome.message),
+        ],
+    );
     assert_eq!(
         worker.step(&next, &latest).await,
         Some(Duration::from_secs(10))
@@ -346,14 +390,19 @@ async fn a_node_sent_back_to_what_it_runs_is_applied_again() {
 
     // The operator points the node back at the good config: nothing to apply, and the node
     // must not go on saying Failed (the operator would halt the good config everywhere).
+    let key = public_key(&agent);
     let (worker, log) = worker(Setup::Ready(agent), BTreeMap::new());
-    let back = node(&[
-        (DESIRED_CONFIG, &good_name),
-        (CURRENT_CONFIG, &good_name),
-        (FLAVOR, "containerd"),
-        (STATE, "Failed"),
-        (MESSAGE, &failed.message),
-    ]);
+    let back = node_told(
+        &good_name,
+        &key,
+        &[
+            (CURRENT_CONFIG, &good_name),
+            (FLAVOR, "containerd"),
+            (PUBLIC_KEY, &key),
+            (STATE, "Failed"),
+            (MESSAGE, &failed.message),
+        ],
+    );
     let (_tx, latest) = watch::channel(Some(Arc::new(back.clone())));
     assert_eq!(worker.step(&back, &latest).await, None);
     let requests = log.take();
@@ -362,4 +411,79 @@ async fn a_node_sent_back_to_what_it_runs_is_applied_again() {
         requests[0].body,
         json!({"metadata": {"annotations": {MESSAGE: "", STATE: "Applied"}}})
     );
+}
+
+#[tokio::test]
+async fn an_agent_cannot_open_another_nodes_config_and_never_fetches_it() {
+    let host = TestHost::new();
+    let agent = host.agent();
+    let config = host.config(true);
+    let name = config_secret_name(&config);
+    let own = public_key(&agent);
+    // The operator sealed this config's key to node B, not to this node (A).
+    let other = regmirror_testbed::cluster::node_key("node-b").public().to_text();
+    let (worker, log) = worker(
+        Setup::Ready(agent),
+        BTreeMap::from([(name.clone(), config_secret(&config))]),
+    );
+    let stolen = node_told(&name, &other, &[]);
+    let (_tx, latest) = watch::channel(Some(Arc::new(stolen.clone())));
+    assert_eq!(worker.step(&stolen, &latest).await, None);
+    let requests = log.take();
+    assert_eq!(lines(&requests), [format!("PATCH {NODE}")], "no Secret read");
+    let annotations = &requests[0].body["metadata"]["annotations"];
+    assert_eq!(annotations[PUBLIC_KEY], json!(own));
+    assert!(
+        annotations[MESSAGE]
+            .as_str()
+            .unwrap()
+            .contains("sealed for another node's key"),
+        "{annotations}"
+    );
+    assert!(!host.root.path().join("etc/containerd").exists());
+
+    // Even with the Secret in hand, its content does not open without the sealing key.
+    let secret = config_secret(&config);
+    let sealed = base64_decode(secret["data"][SEALED_CONFIG_KEY].as_str().unwrap());
+    let guess = regmirror_core::seal::SealingKey::from_bytes(&[8; 32]).unwrap();
+    assert!(guess.open_config(&name, &sealed).is_err());
+}
+
+#[tokio::test]
+async fn a_config_secret_whose_content_is_not_its_name_is_refused() {
+    let host = TestHost::new();
+    let agent = host.agent();
+    let wanted = host.config(true);
+    let name = config_secret_name(&wanted);
+    let key = public_key(&agent);
+    // A Secret squatting on the name, sealed with the operator's key (the worst case) but
+    // holding another config — one that points the node somewhere else.
+    let mut other = host.config(false);
+    other.restart_key = "forged".into();
+    let forged = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name, "namespace": NS},
+        "data": {SEALED_CONFIG_KEY: base64(&sealing_key().seal_config(&name, &other))},
+    });
+    let (worker, log) = worker(Setup::Ready(agent), BTreeMap::from([(name.clone(), forged)]));
+    let node = node_told(&name, &key, &[]);
+    let (_tx, latest) = watch::channel(Some(Arc::new(node.clone())));
+    assert_eq!(
+        worker.step(&node, &latest).await,
+        Some(Duration::from_secs(10)),
+        "waited for, not failed: the operator replaces a squatting Secret"
+    );
+    let requests = log.take();
+    let last = &requests.last().unwrap().body["metadata"]["annotations"];
+    assert_eq!(last[STATE], json!("Applying"));
+    assert!(
+        last[MESSAGE].as_str().unwrap().contains("whose digest names"),
+        "{last}"
+    );
+    assert!(!host.root.path().join("etc/containerd").exists(), "nothing written");
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(text).unwrap()
 }

@@ -168,7 +168,7 @@ fn validate_names_file_object_and_field_of_every_problem() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     let expect = [
-        ("RegistryMirror/bad-url", "spec.endpoints[0].url: invalid URL"),
+        ("RegistryMirror/bad-url", "spec.endpoints[0].url: url must not contain spaces"),
         ("RegistryMirror/bad-regex", "spec.rewrites[0].pattern: pattern \"^(unclosed\" does not compile"),
         ("RegistryMirror/missing-secret", "spec.endpoints[0].auth.secretRef: Secret regmirror-system/nowhere not found"),
         ("RegistryMirror/missing-key", "spec.endpoints[0].tls.caRef.configMapRef: ConfigMap regmirror-system/ca has no key \"nope.crt\""),

@@ -12,12 +12,14 @@ use prometheus_client::registry::Registry;
 use regmirror::controller::{reconcile as reconcile_pass, Metrics, Settings, Writer};
 use regmirror_core::api::{Endpoint, EndpointAuth, ObjectRef, RegistryMirror, RegistryMirrorSpec};
 use regmirror_core::contract::{
-    CONFIG_KEY, CONFIG_LABEL, CURRENT_CONFIG, DESIRED_CONFIG, MESSAGE, STATE,
+    CONFIG_KEY, CONFIG_LABEL, CURRENT_CONFIG, DESIRED_ACTIVATION, DESIRED_CONFIG, MESSAGE,
+    SEALED_CONFIG_KEY, STATE,
 };
+use regmirror_core::sources::ALLOWED_HOSTS;
 use regmirror_core::decide::Decision;
 use regmirror_core::plan::MaxUnavailable;
 use regmirror_testbed::api::{mock_client, Recorded};
-use regmirror_testbed::cluster::{ready_node, Cluster};
+use regmirror_testbed::cluster::{node_key, ready_node, sealing_key, sealing_key_secret, Cluster};
 
 #[path = "../benches/support/mod.rs"]
 mod support;
@@ -58,7 +60,7 @@ fn cluster() -> Cluster {
     Cluster {
         mirrors: vec![mirror],
         nodes: vec![ready_node("edge-1", "k3s"), ready_node("edge-2", "k3s")],
-        secrets: vec![pull_secret("one")],
+        secrets: vec![pull_secret("one"), sealing_key_secret(NS)],
         namespace: NS.into(),
         ..Cluster::default()
     }
@@ -120,6 +122,10 @@ fn pull_secret(password: &str) -> Secret {
         metadata: ObjectMeta {
             name: Some("mirror-pull".into()),
             namespace: Some(NS.into()),
+            annotations: Some(BTreeMap::from([(
+                ALLOWED_HOSTS.to_owned(),
+                "mirror.internal.example:5000".to_owned(),
+            )])),
             ..Default::default()
         },
         type_: Some("kubernetes.io/basic-auth".into()),
@@ -212,9 +218,13 @@ async fn first_rollout_stores_the_config_grants_it_and_points_a_node_at_it() {
     assert_eq!(secret["metadata"]["labels"][CONFIG_LABEL], json!("true"));
     assert_eq!(secret["immutable"], json!(true));
     assert_eq!(secret["type"], json!("regmirror.io/config"));
-    let stored: Value =
-        serde_json::from_slice(&base64_decode(secret["data"][CONFIG_KEY].as_str().unwrap()))
-            .unwrap();
+    let sealed = base64_decode(secret["data"][SEALED_CONFIG_KEY].as_str().unwrap());
+    assert!(
+        !String::from_utf8_lossy(&sealed).contains("puller"),
+        "the stored config is sealed"
+    );
+    let opened = sealing_key().open_config(&config, &sealed).unwrap();
+    let stored = serde_json::to_value(&opened).unwrap();
     let registries = stored["files"]["/etc/rancher/k3s/registries.yaml"]["content"]
         .as_str()
         .unwrap();
@@ -232,9 +242,19 @@ async fn first_rollout_stores_the_config_grants_it_and_points_a_node_at_it() {
         requests[1].body["rules"],
         json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"], "resourceNames": [config]}])
     );
+    let annotations = &requests[2].body["metadata"]["annotations"];
+    assert_eq!(annotations[DESIRED_CONFIG], json!(config));
     assert_eq!(
-        requests[2].body,
-        json!({"metadata": {"annotations": {DESIRED_CONFIG: config}}})
+        annotations[DESIRED_ACTIVATION],
+        json!("Restart"),
+        "the step the operator budgeted travels with the config"
+    );
+    let sealed_key = annotations[CONFIG_KEY].as_str().unwrap();
+    let key = node_key("edge-1").open_key(&config, sealed_key).unwrap();
+    assert_eq!(key.open_config(&config, &sealed).unwrap(), opened, "edge-1 opens it");
+    assert!(
+        node_key("edge-2").open_key(&config, sealed_key).is_err(),
+        "edge-2 cannot open edge-1's key"
     );
 
     let status = &requests[3].body["status"];
@@ -303,7 +323,14 @@ async fn a_rotated_password_restarts_one_node_at_a_time() {
     // edge-1 done: edge-2 moves; then the old config goes.
     let cluster = settled(&cluster, &decision);
     let (decision, requests) = reconcile(&cluster).await;
-    assert_eq!(decision.advance, [("edge-2".to_owned(), new.clone())]);
+    assert_eq!(
+        decision
+            .advance
+            .iter()
+            .map(|a| (a.node.as_str(), a.config.as_str()))
+            .collect::<Vec<_>>(),
+        [("edge-2", new.as_str())]
+    );
     assert!(lines(&requests).contains(&"PATCH /api/v1/nodes/edge-2?".to_owned()));
     let cluster = settled(&cluster, &decision);
     let (_, requests) = reconcile(&cluster).await;
@@ -396,6 +423,165 @@ async fn a_node_reporting_failure_halts_the_rollout_and_is_reported() {
         json!([{"node": "edge-1", "reason": "k3s-agent not active 300s after restart; restored the previous configuration"}])
     );
     assert_eq!(status["conditions"][0]["reason"], json!("NodesFailed"));
+}
+
+#[tokio::test]
+async fn without_a_sealing_key_the_first_pass_makes_one_and_decides_nothing() {
+    let mut cluster = cluster();
+    cluster
+        .secrets
+        .retain(|s| s.metadata.name.as_deref() != Some(regmirror_core::contract::SEALING_KEY_SECRET));
+    let (decision, requests) = reconcile(&cluster).await;
+    assert_eq!(decision.writes(), 0);
+    assert_eq!(
+        lines(&requests),
+        [format!("POST /api/v1/namespaces/{NS}/secrets?")]
+    );
+    let secret = &requests[0].body;
+    assert_eq!(secret["metadata"]["name"], json!("regmirror-sealing-key"));
+    assert_eq!(secret["immutable"], json!(true));
+    let key = base64_decode(secret["data"]["key"].as_str().unwrap());
+    assert_eq!(key.len(), 32);
+    assert_ne!(key, vec![0u8; 32]);
+}
+
+#[tokio::test]
+async fn a_node_deleted_between_read_and_write_holds_back_no_other_write() {
+    // Three containerd nodes take a hot change together; edge-2 is deleted before its write.
+    let mut cluster = cluster();
+    cluster.nodes = vec![
+        ready_node("edge-1", "containerd"),
+        ready_node("edge-2", "containerd"),
+        ready_node("edge-3", "containerd"),
+    ];
+    let (client, log) = mock_client(|r: &Recorded| {
+        if r.method == "PATCH" && r.path.starts_with("/api/v1/nodes/edge-2") {
+            return (
+                404,
+                regmirror_testbed::api::status_error(404, "NotFound", "nodes \"edge-2\" not found"),
+            );
+        }
+        answer(r)
+    });
+    let writer = Writer {
+        client: client.clone(),
+        namespace: NS.into(),
+        agent_role: ROLE.into(),
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "regmirror".into(),
+                instance: None,
+            },
+        ),
+    };
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let snapshot = support::snapshot(&cluster);
+    let failed = reconcile_pass(&snapshot, &settings(), &writer, &metrics)
+        .await
+        .unwrap_err();
+    assert!(failed.to_string().contains("annotate Node edge-2"), "{failed}");
+    let writes: Vec<String> = log
+        .take()
+        .iter()
+        .filter(|r| r.is_write() && !r.path.contains("/events"))
+        .map(Recorded::line)
+        .collect();
+    assert_eq!(
+        writes,
+        [
+            format!("POST /api/v1/namespaces/{NS}/secrets?"),
+            format!("PATCH /apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/roles/{ROLE}{APPLY}"),
+            "PATCH /api/v1/nodes/edge-1?".to_owned(),
+            "PATCH /api/v1/nodes/edge-2?".to_owned(),
+            "PATCH /api/v1/nodes/edge-3?".to_owned(),
+            format!("PATCH /apis/regmirror.io/v1alpha1/registrymirrors/docker-hub/status{APPLY}"),
+        ],
+        "every other write went through"
+    );
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains(r#"regmirror_write_failures_total{kind="node_annotate",reason="not_found"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"regmirror_writes_total{kind="node_annotate"} 2"#),
+        "{text}"
+    );
+
+    // The next pass, with edge-2 gone from the cache, has nothing left to do for it.
+    let mut next = cluster.clone();
+    next.nodes.retain(|n| n.metadata.name.as_deref() != Some("edge-2"));
+    let (decision, _) = reconcile(&next).await;
+    assert!(decision.advance.iter().all(|a| a.node != "edge-2"));
+}
+
+#[tokio::test]
+async fn a_secret_squatting_on_a_config_name_is_replaced_not_trusted() {
+    let cluster = cluster();
+    let first_post = std::sync::atomic::AtomicBool::new(true);
+    let (client, log) = mock_client(move |r: &Recorded| {
+        let path = r.path.split('?').next().unwrap();
+        if r.method == "POST"
+            && path.ends_with("/secrets")
+            && first_post.swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return (409, regmirror_testbed::api::status_error(409, "AlreadyExists", "exists"));
+        }
+        if r.method == "GET" && path.contains("/secrets/regmirror-config-") {
+            // Someone with create rights in the namespace got there first, with other content.
+            let name = path.rsplit('/').next().unwrap();
+            return (
+                200,
+                json!({"apiVersion": "v1", "kind": "Secret",
+                       "metadata": {"name": name, "namespace": NS, "labels": {CONFIG_LABEL: "true"}},
+                       "data": {SEALED_CONFIG_KEY: "Zm9yZ2Vk"}}),
+            );
+        }
+        answer(r)
+    });
+    let writer = Writer {
+        client: client.clone(),
+        namespace: NS.into(),
+        agent_role: ROLE.into(),
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "regmirror".into(),
+                instance: None,
+            },
+        ),
+    };
+    let metrics = Metrics::register(&mut Registry::default());
+    let snapshot = support::snapshot(&cluster);
+    let failed = reconcile_pass(&snapshot, &settings(), &writer, &metrics)
+        .await
+        .unwrap_err();
+    assert!(failed.to_string().contains("it was replaced"), "{failed}");
+    let lines: Vec<String> = log
+        .take()
+        .iter()
+        .filter(|r| !r.path.contains("/events"))
+        .map(Recorded::line)
+        .collect();
+    let config = &lines[1];
+    assert!(config.starts_with(&format!("GET /api/v1/namespaces/{NS}/secrets/regmirror-config-")));
+    let name = config.rsplit('/').next().unwrap().to_owned();
+    assert_eq!(
+        lines[..4],
+        [
+            format!("POST /api/v1/namespaces/{NS}/secrets?"),
+            format!("GET /api/v1/namespaces/{NS}/secrets/{name}"),
+            format!("DELETE /api/v1/namespaces/{NS}/secrets/{name}?"),
+            format!("POST /api/v1/namespaces/{NS}/secrets?"),
+        ]
+    );
+    assert!(
+        !lines.iter().any(|l| l.starts_with("PATCH /api/v1/nodes/")),
+        "no node is pointed at it in this pass: {lines:#?}"
+    );
 }
 
 fn base64_decode(text: &str) -> Vec<u8> {

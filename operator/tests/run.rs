@@ -7,7 +7,7 @@ use std::time::Duration;
 use regmirror::controller::{run, Settings};
 use regmirror_core::plan::MaxUnavailable;
 use regmirror_testbed::api::{mock_client, status_error, Recorded};
-use regmirror_testbed::cluster::ready_node;
+use regmirror_testbed::cluster::{ready_node, sealing_key_secret};
 use serde_json::{json, Value};
 
 fn answer(r: &Recorded) -> (u16, Value) {
@@ -30,6 +30,11 @@ fn answer(r: &Recorded) -> (u16, Value) {
             "v1",
             "NodeList",
             vec![serde_json::to_value(ready_node("edge-1", "k3s")).unwrap()],
+        ),
+        ("GET", "secrets") if path.contains("/regmirror-system/") => list(
+            "v1",
+            "SecretList",
+            vec![serde_json::to_value(sealing_key_secret("regmirror-system")).unwrap()],
         ),
         ("GET", "secrets") => list("v1", "SecretList", vec![]),
         ("GET", "configmaps") => list("v1", "ConfigMapList", vec![]),

@@ -48,14 +48,20 @@ impl World {
                 .map(|(k, v)| (k.to_string(), v.clone().into_bytes()))
                 .collect()
         };
+        // Credentials opt in to the one host they are for.
+        let registry_host = format!("{0}, http://{0}", registry.host());
         let basic = SourceObject {
             type_: Some("kubernetes.io/basic-auth".into()),
             data: text(&[("username", USER.into()), ("password", PASSWORD.into())]),
-        };
+            ..SourceObject::default()
+        }
+        .allowing_hosts(registry_host.clone());
         let wrong = SourceObject {
             type_: Some("kubernetes.io/basic-auth".into()),
             data: text(&[("username", USER.into()), ("password", "wrong".into())]),
-        };
+            ..SourceObject::default()
+        }
+        .allowing_hosts(registry_host.clone());
         sources.insert(SourceKind::Secret, NS, "mirror-pull", basic);
         sources.insert(SourceKind::Secret, NS, "wrong-pull", wrong);
         sources.insert(
@@ -65,6 +71,7 @@ impl World {
             SourceObject {
                 type_: None,
                 data: text(&[("ca.crt", pki.pem("ca.crt"))]),
+                ..SourceObject::default()
             },
         );
         let tls = SourceObject {
@@ -73,7 +80,9 @@ impl World {
                 ("tls.crt", pki.pem("client.crt")),
                 ("tls.key", pki.pem("client.key")),
             ]),
-        };
+            ..SourceObject::default()
+        }
+        .allowing_hosts(registry_host);
         sources.insert(SourceKind::Secret, NS, "node-client-tls", tls);
         let image = format!("127.0.0.1:{}/library/hello:v1", dead_port());
         World {
