@@ -11,6 +11,9 @@ from celpy import celtypes
 import chart_inputs as inputs
 
 AGENT = f"system:serviceaccount:{inputs.NAMESPACE}:regmirror-agent"
+CONFIG_A = "regmirror-config-0123456789abcdef0123"
+CONFIG_B = "regmirror-config-fedcba9876543210fedc"
+PUBLIC_KEY = "A" * 42 + "E="
 
 
 def join(lst, sep=celtypes.StringType("")):
@@ -70,7 +73,7 @@ NODE = {
     "metadata": {
         "name": "node-1",
         "labels": {"kubernetes.io/hostname": "node-1", "node-role.kubernetes.io/control-plane": "true"},
-        "annotations": {"regmirror.io/desired-config": "regmirror-config-aaaa",
+        "annotations": {"regmirror.io/desired-config": CONFIG_A,
                         "k3s.io/node-args": "[\"server\"]"},
     },
     "spec": {"podCIDR": "10.42.0.0/24",
@@ -111,7 +114,7 @@ def annotate(base=NODE, drop=(), **ann):
 
 
 BARE = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}, "spec": {}}
-APPLIED = annotate(**{"regmirror.io_current_config": "regmirror-config-aaaa", "regmirror.io_state": "Applied",
+APPLIED = annotate(**{"regmirror.io_current_config": CONFIG_A, "regmirror.io_state": "Applied",
                       "regmirror.io_flavor": "k3s", "regmirror.io_message": ""})
 
 # (name, old, new, userInfo, expected: None = admitted, else a substring of a denial message)
@@ -124,7 +127,7 @@ CASES = [
     ("agent removes all its annotations (old had only those)",
      annotate(BARE, **{"regmirror.io_state": "Applied"}), BARE, user(), None),
     ("operator (another user) changes desired-config", NODE,
-     annotate(**{"regmirror.io_desired_config": "regmirror-config-bbbb"}), user(name="system:serviceaccount:regmirror-system:regmirror-operator"), None),
+     annotate(**{"regmirror.io_desired_config": CONFIG_B}), user(name="system:serviceaccount:regmirror-system:regmirror-operator"), None),
     ("kubelet updates labels", NODE, changed(metadata__labels={"a": "b"}), user(node=None, name="system:node:node-1"), None),
     ("agent of another node", NODE, APPLIED, user(node="node-2"), "on node node-2 may not update Node node-1"),
     ("agent token without node binding (no extra)", NODE, APPLIED, user(node=None), "token names no node"),
@@ -142,10 +145,25 @@ CASES = [
     ("agent forges desired-config", APPLIED, annotate(APPLIED, **{"regmirror.io_desired_config": "regmirror-config-evil"}), user(),
      "regmirror.io/desired-config"),
     ("agent removes desired-config", APPLIED, annotate(APPLIED, drop=["regmirror.io/desired-config"]), user(),
-     "only the operator writes it"),
+     "only the operator writes regmirror.io/desired-config"),
     ("agent changes a foreign annotation", APPLIED, annotate(APPLIED, **{"k3s.io_node_args": "[]"}), user(), "not: k3s.io/node-args"),
     ("agent adds a foreign annotation", NODE, annotate(**{"example.com_x": "1", "regmirror.io_state": "Applied"}), user(), "not: example.com/x"),
     ("agent removes all annotations", NODE, changed(metadata__annotations=None), user(), "regmirror.io/desired-config"),
+    ("agent publishes its public key", APPLIED, annotate(APPLIED, **{"regmirror.io_public_key": PUBLIC_KEY}), user(), None),
+    ("agent names a Helm release Secret as its current config", APPLIED,
+     annotate(APPLIED, **{"regmirror.io_current_config": "sh.helm.release.v1.regmirror.v1"}), user(), "must name a config Secret"),
+    ("agent names a credential Secret as its current config", APPLIED,
+     annotate(APPLIED, **{"regmirror.io_current_config": "mirror-pull"}), user(), "must name a config Secret"),
+    ("agent names a config with upper-case digits", APPLIED,
+     annotate(APPLIED, **{"regmirror.io_current_config": CONFIG_A.upper()}), user(), "must name a config Secret"),
+    ("agent reports a state of its own invention", APPLIED, annotate(APPLIED, **{"regmirror.io_state": "Pwned"}), user(),
+     "regmirror.io/state must be"),
+    ("agent publishes a public key that is not one", APPLIED, annotate(APPLIED, **{"regmirror.io_public_key": "not-a-key"}), user(),
+     "regmirror.io/public-key must be"),
+    ("agent forges desired-activation", APPLIED, annotate(APPLIED, **{"regmirror.io_desired_activation": "Restart"}), user(),
+     "may not change regmirror.io/desired-activation"),
+    ("agent forges its config key", APPLIED, annotate(APPLIED, **{"regmirror.io_config_key": "v1.x.y.z"}), user(),
+     "may not change regmirror.io/config-key"),
 ]
 
 
