@@ -5,9 +5,11 @@
 //! carries CEL rules for whatever the API server can check at `kubectl apply` time; the same
 //! rules run offline in `regmirror validate` through kube's CEL evaluator.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use kube::{CustomResource, KubeSchema};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// API group of every regmirror resource.
 pub const GROUP: &str = "regmirror.io";
@@ -35,10 +37,13 @@ pub const VERSION: &str = "v1alpha1";
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RegistryMirrorSpec {
     /// The registry name as written in image references (`docker.io`, `quay.io`,
-    /// `registry.example.com:5000`), or `*` for every registry.
-    #[x_kube(validation = Rule::new(
-        "self == '*' || self.matches('^([a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?)(\\\\.[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?)*(:[0-9]{1,5})?$')"
-    ).message("registry must be a host name with an optional port (docker.io, registry.example.com:5000), or '*'"))]
+    /// `registry.example.com:5000`), or `*` for every registry. Lower case; Docker Hub is
+    /// `docker.io`.
+    #[x_kube(
+        validation = Rule::new(grammar::registry_rule()).message(grammar::REGISTRY_FORMAT),
+        validation = Rule::new(grammar::no_match("self", grammar::UPPER_CASE)).message(grammar::REGISTRY_CASE),
+        validation = Rule::new(grammar::no_match("self", grammar::DOCKER_HUB_ALIAS)).message(grammar::REGISTRY_DOCKER_HUB)
+    )]
     // Bounded so that the API server can estimate the CEL rules' cost.
     #[schemars(length(min = 1, max = 260))]
     pub registry: String,
@@ -54,20 +59,143 @@ pub struct RegistryMirrorSpec {
     #[schemars(length(max = 32))]
     pub rewrites: Vec<Rewrite>,
 
-    /// Which nodes get this configuration; empty or absent selects every node.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Which nodes get this configuration; empty or absent selects every node. Only
+    /// `matchLabels` and `matchExpressions` (`key`, `operator`, `values`): anything else is
+    /// refused, not ignored, since a mistyped selector would select every node.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict_selector"
+    )]
+    #[schemars(schema_with = "node_selector_schema")]
     pub node_selector: Option<LabelSelector>,
+}
+
+/// A `nodeSelector` as written: Kubernetes' LabelSelector, refusing unknown fields.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct StrictSelector {
+    #[serde(default)]
+    match_labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    match_expressions: Option<Vec<StrictRequirement>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StrictRequirement {
+    key: String,
+    operator: String,
+    #[serde(default)]
+    values: Option<Vec<String>>,
+}
+
+fn strict_selector<'de, D: Deserializer<'de>>(de: D) -> Result<Option<LabelSelector>, D::Error> {
+    let selector = Option::<StrictSelector>::deserialize(de)?;
+    Ok(selector.map(|s| LabelSelector {
+        match_labels: s.match_labels,
+        match_expressions: s.match_expressions.map(|es| {
+            es.into_iter()
+                .map(|e| LabelSelectorRequirement {
+                    key: e.key,
+                    operator: e.operator,
+                    values: e.values,
+                })
+                .collect()
+        }),
+    }))
+}
+
+/// The schema of `nodeSelector`. The API server prunes unknown fields silently, so a typo
+/// (`matchLabel`, a Pod-style `{region: eu}`) would leave an empty selector: every node.
+/// Unknown fields are therefore kept (`x-kubernetes-preserve-unknown-fields`) and refused by
+/// `anyOf` branches that allow no key beyond the known ones (`required` + `maxProperties`:
+/// CEL cannot see fields the schema does not declare).
+fn node_selector_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let only = |known: &[&str]| {
+        // Every subset of `known`, each with exactly its keys.
+        let mut branches = Vec::new();
+        for mask in 0u32..(1 << known.len()) {
+            let required: Vec<&str> = known
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| mask & (1 << i) != 0)
+                .map(|(_, k)| *k)
+                .collect();
+            let mut branch = serde_json::json!({"maxProperties": required.len()});
+            if !required.is_empty() {
+                branch["required"] = serde_json::json!(required);
+            }
+            branches.push(branch);
+        }
+        branches
+    };
+    // `key` and `operator` are required, so only `values` varies.
+    let requirement_branches = vec![
+        serde_json::json!({"maxProperties": 2}),
+        serde_json::json!({"required": ["values"], "maxProperties": 3}),
+    ];
+    let schema = serde_json::json!({
+        "description": "Which nodes get this configuration; empty or absent selects every node. \
+            Only matchLabels and matchExpressions (key, operator, values): anything else is \
+            refused, not ignored, since a mistyped selector would select every node.",
+        "nullable": true,
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+        "anyOf": only(&["matchLabels", "matchExpressions"]),
+        "properties": {
+            "matchLabels": {
+                "description": "Labels a node must have, with these values.",
+                "type": "object",
+                "additionalProperties": {"type": "string"}
+            },
+            "matchExpressions": {
+                "description": "Label requirements a node must meet, all of them.",
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "x-kubernetes-preserve-unknown-fields": true,
+                    "anyOf": requirement_branches,
+                    "required": ["key", "operator"],
+                    "properties": {
+                        "key": {"description": "The label key.", "type": "string"},
+                        "operator": {
+                            "description": "In, NotIn, Exists or DoesNotExist.",
+                            "type": "string",
+                            "enum": ["In", "NotIn", "Exists", "DoesNotExist"]
+                        },
+                        "values": {
+                            "description": "The values for In and NotIn; none for Exists and DoesNotExist.",
+                            "type": "array",
+                            "items": {"type": "string"}
+                        }
+                    },
+                    "x-kubernetes-validations": [{
+                        "rule": "(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)",
+                        "message": "operators In and NotIn need values; Exists and DoesNotExist take none"
+                    }]
+                }
+            }
+        }
+    });
+    schemars::Schema::try_from(schema).expect("the nodeSelector schema is an object")
 }
 
 /// One endpoint to pull from.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+#[x_kube(
+    validation = Rule::new(grammar::HTTP_WITHOUT_TLS_RULE).message(grammar::HTTP_WITH_TLS)
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Endpoint {
     /// `https://host[:port][/path]`; `http://` must be written out, and a URL without a scheme
     /// means https.
-    #[x_kube(validation = Rule::new(
-        "!self.contains('://') || self.startsWith('https://') || self.startsWith('http://')"
-    ).message("url scheme must be https:// or http://"))]
+    #[x_kube(
+        validation = Rule::new(grammar::SCHEME_RULE).message(grammar::URL_SCHEME),
+        validation = Rule::new(grammar::no_match("self", grammar::URL_FORBIDDEN_CHARACTER)).message(grammar::URL_CHARACTERS),
+        validation = Rule::new(grammar::must_match("self", grammar::URL)).message(grammar::URL_FORMAT),
+        validation = Rule::new(grammar::url_path_rule()).message(grammar::URL_PATH)
+    )]
     #[schemars(length(min = 1, max = 2048))]
     pub url: String,
 
@@ -209,11 +337,117 @@ impl KeyRef {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rewrite {
     /// Regular expression (Go RE2 syntax) matched against the repository path.
+    #[x_kube(
+        validation = Rule::new(grammar::no_match("self", grammar::CONTROL_CHARACTER)).message(grammar::PATTERN_CONTROL),
+        validation = Rule::new(grammar::no_match("self", grammar::BACKSLASH_OR_QUOTE)).message(grammar::PATTERN_ESCAPES)
+    )]
     #[schemars(length(min = 1, max = 1024))]
     pub pattern: String,
     /// What the matched repository path becomes.
+    #[x_kube(
+        validation = Rule::new(grammar::no_match("self", grammar::CONTROL_CHARACTER)).message(grammar::REPLACEMENT_CONTROL),
+        validation = Rule::new(grammar::no_match("self", grammar::BACKSLASH_OR_QUOTE)).message(grammar::REPLACEMENT_ESCAPES)
+    )]
     #[schemars(length(max = 1024))]
     pub replacement: String,
+}
+
+/// What the schema's CEL rules accept, as regular expressions that mean the same in Go's RE2
+/// (the API server), Rust's regex crate (`resolve`, and kube's CEL evaluator behind
+/// `regmirror validate`) and Python's `re` (the chart checks): one text, used by both sides, so
+/// that `kubectl apply` and the operator agree on what a valid RegistryMirror is.
+pub mod grammar {
+    macro_rules! label {
+        () => {
+            "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+        };
+    }
+    macro_rules! host {
+        () => {
+            concat!("(", label!(), "([.]", label!(), ")*|\\[[0-9A-Fa-f:.]+\\])")
+        };
+    }
+    macro_rules! port {
+        () => {
+            "(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+        };
+    }
+
+    /// `host[:port]`: a DNS name or IPv4 address (labels of at most 63 characters, no
+    /// trailing dot) or a bracketed IPv6 address, and a port from 1 to 65535.
+    pub const REGISTRY: &str = concat!("^", host!(), "(:", port!(), ")?$");
+    /// Registry names are lower case.
+    pub const UPPER_CASE: &str = "[A-Z]";
+    /// Docker Hub's other names.
+    pub const DOCKER_HUB_ALIAS: &str = "^(index|registry-1)[.]docker[.]io(:[0-9]+)?$";
+    /// `[scheme://]host[:port][/path]`, no user info, query or fragment.
+    pub const URL: &str = concat!(
+        "^([A-Za-z][A-Za-z0-9+.-]*://)?",
+        host!(),
+        "(:",
+        port!(),
+        ")?(/[^?#]*)?$"
+    );
+    /// Whitespace, control characters and backslashes (which URL parsers read as `/`).
+    pub const URL_FORBIDDEN_CHARACTER: &str = r"[\x00-\x20\x7f-\x9f\\]";
+    /// A `.` or `..` path segment.
+    pub const DOT_SEGMENT: &str = "/[.]{1,2}(/|$)";
+    /// A percent-encoded `.`, `/` or `\`.
+    pub const ENCODED_DOT_OR_SLASH: &str = "%(2[EeFf]|5[Cc])";
+    /// C0 and C1 control characters (a newline, a tab, ...).
+    pub const CONTROL_CHARACTER: &str = r"[\x00-\x1f\x7f-\x9f]";
+    /// What k3s copies into hosts.toml without escaping.
+    pub const BACKSLASH_OR_QUOTE: &str = r#"["\\]"#;
+
+    pub const SCHEME_RULE: &str =
+        "!self.contains('://') || self.startsWith('https://') || self.startsWith('http://')";
+    pub const HTTP_WITHOUT_TLS_RULE: &str = "!self.url.startsWith('http://') || !has(self.tls) || (!has(self.tls.caRef) && !has(self.tls.clientCertSecretRef) && (!has(self.tls.insecureSkipVerify) || !self.tls.insecureSkipVerify))";
+
+    pub const REGISTRY_FORMAT: &str = "registry must be a host name or IP address with an optional port (docker.io, registry.example.com:5000, [::1]:5000), or '*'";
+    pub const REGISTRY_CASE: &str = "registry must be lower case, as image references name it: containerd looks its configuration up by that name";
+    pub const REGISTRY_DOCKER_HUB: &str = "write docker.io: index.docker.io and registry-1.docker.io are other names of Docker Hub, whose images are named docker.io/...";
+    pub const URL_SCHEME: &str = "url scheme must be https:// or http://";
+    pub const URL_CHARACTERS: &str =
+        "url must not contain spaces, control characters or backslashes";
+    pub const URL_FORMAT: &str = "url must be [https://|http://]host[:port][/path]: a DNS name, IPv4 or [IPv6] host, a port from 1 to 65535, no user info, query or fragment";
+    pub const URL_PATH: &str = "url path must not contain '.' or '..' segments, nor percent-encoded dots, slashes or backslashes";
+    pub const HTTP_WITH_TLS: &str =
+        "TLS settings given for an http:// endpoint; use https:// or drop tls";
+    pub const PATTERN_CONTROL: &str =
+        "pattern must not contain control characters (a newline, a tab, ...)";
+    pub const PATTERN_ESCAPES: &str = "pattern must not contain a backslash or a double quote: k3s and RKE2, the only flavors with rewrites, copy them into hosts.toml unescaped (write [.] instead of \\.)";
+    pub const REPLACEMENT_CONTROL: &str =
+        "replacement must not contain control characters (a newline, a tab, ...)";
+    pub const REPLACEMENT_ESCAPES: &str = "replacement must not contain a backslash or a double quote: k3s and RKE2, the only flavors with rewrites, copy them into hosts.toml unescaped";
+
+    /// `re` as a CEL string literal.
+    pub fn cel_string(re: &str) -> String {
+        format!("'{}'", re.replace('\\', "\\\\").replace('\'', "\\'"))
+    }
+
+    /// A CEL rule: `value` matches `re`.
+    pub fn must_match(value: &str, re: &str) -> String {
+        format!("{value}.matches({})", cel_string(re))
+    }
+
+    /// A CEL rule: `value` does not match `re`.
+    pub fn no_match(value: &str, re: &str) -> String {
+        format!("!{}", must_match(value, re))
+    }
+
+    /// The CEL rule for `spec.registry`'s form.
+    pub fn registry_rule() -> String {
+        format!("self == '*' || {}", must_match("self", REGISTRY))
+    }
+
+    /// The CEL rule for an endpoint URL's path.
+    pub fn url_path_rule() -> String {
+        format!(
+            "{} && {}",
+            no_match("self", DOT_SEGMENT),
+            no_match("self", ENCODED_DOT_OR_SLASH)
+        )
+    }
 }
 
 /// Observed state, written by the operator only.

@@ -79,7 +79,37 @@ pub enum Reason {
         name: String,
         detail: String,
     },
+    /// A credential Secret does not list the endpoint's host in its allowed-hosts annotation.
+    #[error("Secret {namespace}/{name} does not allow its credentials to be sent to {endpoint}: add {entry:?} to its annotation {annotation} ({})", describe_allowed(current.as_deref(), invalid))]
+    NotAllowedHost {
+        namespace: String,
+        name: String,
+        /// `scheme://host[:port]`.
+        endpoint: String,
+        /// The entry that would allow it.
+        entry: String,
+        annotation: &'static str,
+        /// The annotation's value, if any.
+        current: Option<String>,
+        /// Entries of it that are not host patterns.
+        invalid: Vec<String>,
+    },
     /// Two endpoints of one RegistryMirror name the same host with different settings.
     #[error("host {host:?} is also endpoint {other} with different credentials or TLS settings; a node can hold only one per host")]
     HostSettingsDiffer { host: String, other: usize },
+}
+
+fn describe_allowed(current: Option<&str>, invalid: &[String]) -> String {
+    let now = match current {
+        None => "it has none".to_owned(),
+        Some(value) => format!("now {value:?}"),
+    };
+    if invalid.is_empty() {
+        now
+    } else {
+        format!(
+            "{now}; not host patterns, so allowing nothing: {}",
+            invalid.join(", ")
+        )
+    }
 }

@@ -7,22 +7,55 @@ use std::sync::LazyLock;
 use regex::Regex;
 use serde::Deserialize;
 
-use crate::api::{CaRef, Endpoint, EndpointAuth, EndpointTls, KeyRef, ObjectRef, RegistryMirror};
+use crate::api::{
+    grammar, CaRef, Endpoint, EndpointAuth, EndpointTls, KeyRef, ObjectRef, RegistryMirror,
+};
 use crate::model::{
     ClientCert, Credentials, EndpointUrl, HostSettings, ResolvedEndpoint, ResolvedMirror,
     ResolvedTls, Scheme,
 };
 use crate::problem::{FieldError, Reason};
 use crate::select;
-use crate::sources::{RefPolicy, SourceKind, SourceObject, Sources};
+use crate::sources::{
+    parse_allowed_hosts, split_host_port, RefPolicy, SourceKind, SourceObject, Sources,
+    ALLOWED_HOSTS,
+};
 
-/// The registry names the API accepts: a DNS name or IPv4 address with an optional port, a
-/// bracketed IPv6 literal with an optional port, or `*`. Checked here as well as in the CRD's
-/// CEL rule because the name becomes a directory name on the node.
-static REGISTRY_NAME: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"^(\*|([a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?)(\.[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?)*(:[0-9]{1,5})?|\[[0-9a-fA-F:.]+\](:[0-9]{1,5})?)$")
-        .expect("registry name pattern is valid")
+/// One of the schema's regular expressions ([`grammar`]), compiled.
+struct Grammar {
+    registry: Regex,
+    upper_case: Regex,
+    docker_hub_alias: Regex,
+    url: Regex,
+    url_forbidden: Regex,
+    dot_segment: Regex,
+    encoded: Regex,
+    control: Regex,
+    backslash_or_quote: Regex,
+}
+
+/// The same expressions as the CRD's CEL rules: the API server and the operator refuse the
+/// same names (the registry name becomes a directory name on the node, so it is checked here
+/// too, for objects that did not come through an API server).
+static GRAMMAR: LazyLock<Grammar> = LazyLock::new(|| {
+    let re = |s: &str| Regex::new(s).expect("the grammar's expressions are valid");
+    Grammar {
+        registry: re(grammar::REGISTRY),
+        upper_case: re(grammar::UPPER_CASE),
+        docker_hub_alias: re(grammar::DOCKER_HUB_ALIAS),
+        url: re(grammar::URL),
+        url_forbidden: re(grammar::URL_FORBIDDEN_CHARACTER),
+        dot_segment: re(grammar::DOT_SEGMENT),
+        encoded: re(grammar::ENCODED_DOT_OR_SLASH),
+        control: re(grammar::CONTROL_CHARACTER),
+        backslash_or_quote: re(grammar::BACKSLASH_OR_QUOTE),
+    }
 });
+
+/// The schema's bound on `spec.registry`.
+const REGISTRY_MAX_LEN: usize = 260;
+/// The schema's bound on an endpoint URL.
+const URL_MAX_LEN: usize = 2048;
 
 /// Resolves one RegistryMirror against `sources`, or says everything that is wrong with it.
 pub fn resolve(
@@ -30,16 +63,52 @@ pub fn resolve(
     sources: &Sources,
     policy: &RefPolicy,
 ) -> Result<ResolvedMirror, Vec<FieldError>> {
+    let (resolved, errors) = resolve_partially(mirror, sources, policy);
+    if errors.is_empty() {
+        Ok(resolved)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Whether `registry` is a valid `spec.registry`; the problems otherwise.
+pub fn check_registry(registry: &str) -> Vec<String> {
+    let g = &*GRAMMAR;
+    let mut problems = Vec::new();
+    if registry.is_empty() || registry.len() > REGISTRY_MAX_LEN {
+        problems.push(format!(
+            "registry must have 1 to {REGISTRY_MAX_LEN} characters, not {}",
+            registry.len()
+        ));
+    }
+    if registry != "*" && !g.registry.is_match(registry) {
+        problems.push(grammar::REGISTRY_FORMAT.to_owned());
+    }
+    if g.upper_case.is_match(registry) {
+        problems.push(grammar::REGISTRY_CASE.to_owned());
+    }
+    if g.docker_hub_alias.is_match(registry) {
+        problems.push(grammar::REGISTRY_DOCKER_HUB.to_owned());
+    }
+    problems
+}
+
+/// Resolves what it can of one RegistryMirror: the endpoints, credentials, certificates and
+/// rewrites that are valid, and every problem with the rest. For `validate`, which checks what
+/// each flavor can express even of a mirror with other problems; the partial mirror is never
+/// rendered for a node.
+pub fn resolve_partially(
+    mirror: &RegistryMirror,
+    sources: &Sources,
+    policy: &RefPolicy,
+) -> (ResolvedMirror, Vec<FieldError>) {
     let spec = &mirror.spec;
     let mut errors = Vec::new();
 
-    if !REGISTRY_NAME.is_match(&spec.registry) {
+    for problem in check_registry(&spec.registry) {
         errors.push(FieldError::new(
             "spec.registry",
-            Reason::Schema(format!(
-                "{:?} is not a registry host name with an optional port, or '*'",
-                spec.registry
-            )),
+            Reason::Schema(format!("{problem} (not {:?})", spec.registry)),
         ));
     }
     // The schema's bounds (maxItems), for input that did not come through the API server.
@@ -63,10 +132,10 @@ pub fn resolve(
 
     let mut endpoints = Vec::with_capacity(spec.endpoints.len());
     for (i, endpoint) in spec.endpoints.iter().enumerate() {
-        match resolve_endpoint(endpoint, &format!("spec.endpoints[{i}]"), sources, policy) {
-            Ok(resolved) => endpoints.push(resolved),
-            Err(mut e) => errors.append(&mut e),
-        }
+        let (resolved, mut problems) =
+            resolve_endpoint(endpoint, &format!("spec.endpoints[{i}]"), sources, policy);
+        endpoints.extend(resolved);
+        errors.append(&mut problems);
     }
     if errors.is_empty() {
         check_hosts_agree(&endpoints, &mut errors);
@@ -98,7 +167,32 @@ pub fn resolve(
             ));
             continue;
         }
+        let g = &*GRAMMAR;
+        for (field, value, control, escapes) in [
+            (
+                "pattern",
+                &rewrite.pattern,
+                grammar::PATTERN_CONTROL,
+                grammar::PATTERN_ESCAPES,
+            ),
+            (
+                "replacement",
+                &rewrite.replacement,
+                grammar::REPLACEMENT_CONTROL,
+                grammar::REPLACEMENT_ESCAPES,
+            ),
+        ] {
+            let field = format!("spec.rewrites[{i}].{field}");
+            if g.control.is_match(value) {
+                errors.push(FieldError::new(&field, Reason::Schema(control.into())));
+            }
+            if g.backslash_or_quote.is_match(value) {
+                errors.push(FieldError::new(&field, Reason::Schema(escapes.into())));
+            }
+        }
         match Regex::new(&rewrite.pattern) {
+            // Kept even with problems above, for the flavor checks: k3s and RKE2 take
+            // rewrites, the other flavors refuse them.
             Ok(_) => rewrites.push((rewrite.pattern.clone(), rewrite.replacement.clone())),
             Err(e) => errors.push(FieldError::new(
                 format!("spec.rewrites[{i}].pattern"),
@@ -119,16 +213,14 @@ pub fn resolve(
         }
     }
 
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    Ok(ResolvedMirror {
+    let resolved = ResolvedMirror {
         name: mirror.metadata.name.clone().unwrap_or_default(),
         registry: spec.registry.clone(),
         endpoints,
         rewrites,
         node_selector: spec.node_selector.clone(),
-    })
+    };
+    (resolved, errors)
 }
 
 /// Runtimes keep one set of credentials and TLS files per host: two endpoints of one mirror on
@@ -150,12 +242,13 @@ fn check_hosts_agree(endpoints: &[ResolvedEndpoint], errors: &mut Vec<FieldError
     }
 }
 
+/// One endpoint: what resolves of it (nothing if its URL does not parse), and its problems.
 fn resolve_endpoint(
     endpoint: &Endpoint,
     field: &str,
     sources: &Sources,
     policy: &RefPolicy,
-) -> Result<ResolvedEndpoint, Vec<FieldError>> {
+) -> (Option<ResolvedEndpoint>, Vec<FieldError>) {
     let mut errors = Vec::new();
     let url = parse_endpoint_url(&endpoint.url)
         .map_err(|detail| {
@@ -169,17 +262,19 @@ fn resolve_endpoint(
         })
         .ok();
 
-    let auth = match &endpoint.auth {
-        None => None,
-        Some(auth) => resolve_auth(
+    let auth = match (&endpoint.auth, &url) {
+        (Some(auth), Some(url)) => resolve_auth(
             auth,
-            url.as_ref(),
+            url,
             &format!("{field}.auth.secretRef"),
             sources,
             policy,
         )
         .map_err(|e| errors.push(e))
         .ok(),
+        // Without a URL there is no host to check the Secret's consent against; the URL's
+        // error is reported already.
+        _ => None,
     };
     let tls = match &endpoint.tls {
         None => ResolvedTls::default(),
@@ -189,30 +284,53 @@ fn resolve_endpoint(
             {
                 errors.push(FieldError::new(
                     format!("{field}.tls"),
-                    Reason::Schema(
-                        "TLS settings given for an http:// endpoint; use https:// or drop tls"
-                            .into(),
-                    ),
+                    Reason::Schema(grammar::HTTP_WITH_TLS.into()),
                 ));
             }
-            resolve_tls(tls, &format!("{field}.tls"), sources, policy, &mut errors)
+            resolve_tls(
+                tls,
+                url.as_ref(),
+                &format!("{field}.tls"),
+                sources,
+                policy,
+                &mut errors,
+            )
         }
     };
 
-    match (url, errors.is_empty()) {
-        (Some(url), true) => Ok(ResolvedEndpoint {
-            url,
-            settings: HostSettings {
-                auth: auth.flatten(),
-                tls,
-            },
-        }),
-        _ => Err(errors),
-    }
+    let resolved = url.map(|url| ResolvedEndpoint {
+        url,
+        settings: HostSettings {
+            auth: auth.flatten(),
+            tls,
+        },
+    });
+    (resolved, errors)
 }
 
 /// Parses an endpoint URL. A URL without a scheme means https; `http://` must be explicit.
+/// Refuses what the schema's rules refuse, and a host that URL parsing would read as another
+/// one (`0x7f.1` is `127.0.0.1`).
 pub fn parse_endpoint_url(raw: &str) -> Result<EndpointUrl, String> {
+    let g = &*GRAMMAR;
+    if raw.is_empty() || raw.len() > URL_MAX_LEN {
+        return Err(format!(
+            "url must have 1 to {URL_MAX_LEN} characters, not {}",
+            raw.len()
+        ));
+    }
+    if g.url_forbidden.is_match(raw) {
+        return Err(grammar::URL_CHARACTERS.into());
+    }
+    if raw.contains("://") && !(raw.starts_with("https://") || raw.starts_with("http://")) {
+        return Err(grammar::URL_SCHEME.into());
+    }
+    if !g.url.is_match(raw) {
+        return Err(grammar::URL_FORMAT.into());
+    }
+    if g.dot_segment.is_match(raw) || g.encoded.is_match(raw) {
+        return Err(grammar::URL_PATH.into());
+    }
     let with_scheme = if raw.contains("://") {
         raw.to_owned()
     } else {
@@ -230,6 +348,26 @@ pub fn parse_endpoint_url(raw: &str) -> Result<EndpointUrl, String> {
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err("a registry endpoint takes no query or fragment".into());
+    }
+    // The host as written (the grammar allows nothing before it but the scheme).
+    let written = with_scheme
+        .split_once("://")
+        .map_or("", |(_, rest)| rest)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let written = split_host_port(written).map_or(written, |(name, _)| name);
+    let same = match (
+        written.strip_prefix('[').and_then(|w| w.strip_suffix(']')),
+        host.strip_prefix('[').and_then(|h| h.strip_suffix(']')),
+    ) {
+        (Some(w), Some(h)) => w.parse::<std::net::Ipv6Addr>().ok() == h.parse().ok(),
+        _ => written.eq_ignore_ascii_case(host),
+    };
+    if !same {
+        return Err(format!(
+            "host {written:?} would be read as {host:?}; write {host:?}"
+        ));
     }
     let host = match url.port() {
         Some(port) => format!("{host}:{port}"),
@@ -279,6 +417,42 @@ fn lookup<'s>(
     }
 }
 
+/// A credential Secret may serve an endpoint only if its [`ALLOWED_HOSTS`] annotation lists
+/// the endpoint's host: RegistryMirrors are cluster-scoped, so without the Secret's consent
+/// whoever may write one could send the credentials anywhere.
+fn check_allowed(
+    secret: &SourceObject,
+    namespace: &str,
+    name: &str,
+    url: &EndpointUrl,
+    field: &str,
+) -> Result<(), FieldError> {
+    let (patterns, invalid) = secret
+        .allowed_hosts
+        .as_deref()
+        .map(parse_allowed_hosts)
+        .unwrap_or_default();
+    if patterns.iter().any(|p| p.matches(url)) {
+        return Ok(());
+    }
+    let entry = match url.scheme {
+        Scheme::Https => url.host.clone(),
+        Scheme::Http => format!("http://{}", url.host),
+    };
+    Err(FieldError::new(
+        field,
+        Reason::NotAllowedHost {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            endpoint: format!("{}://{}", url.scheme.as_str(), url.host),
+            entry,
+            annotation: ALLOWED_HOSTS,
+            current: secret.allowed_hosts.clone(),
+            invalid,
+        },
+    ))
+}
+
 /// Reads one key as UTF-8 text.
 fn text_key(
     object: &SourceObject,
@@ -312,7 +486,7 @@ fn text_key(
 
 fn resolve_auth(
     auth: &EndpointAuth,
-    url: Option<&EndpointUrl>,
+    url: &EndpointUrl,
     field: &str,
     sources: &Sources,
     policy: &RefPolicy,
@@ -326,6 +500,7 @@ fn resolve_auth(
         sources,
         policy,
     )?;
+    check_allowed(secret, &namespace, name, url, field)?;
     let bad = |detail: String| {
         FieldError::new(
             field,
@@ -338,30 +513,63 @@ fn resolve_auth(
     };
     let text = |key: &str| text_key(secret, SourceKind::Secret, &namespace, name, key, field);
 
-    match secret.type_.as_deref().unwrap_or("Opaque") {
-        "kubernetes.io/basic-auth" => Ok(Some(Credentials::Basic { username: text("username")?, password: text("password")? })),
+    let credentials = match secret.type_.as_deref().unwrap_or("Opaque") {
+        "kubernetes.io/basic-auth" => Credentials::Basic { username: text("username")?, password: text("password")? },
         "kubernetes.io/dockerconfigjson" => {
-            // Without a parsed URL there is no host to look up; the URL error is reported already.
-            let Some(url) = url else { return Ok(None) };
             let json = text(".dockerconfigjson")?;
-            docker_config_credentials(&json, &url.host).map(Some).map_err(bad)
+            docker_config_credentials(&json, &url.host).map_err(bad)?
         }
         "Opaque" => {
             let has = |key: &str| secret.data.contains_key(key);
             let forms: Vec<&str> = ["username", "auth", "identityToken", "token"].into_iter().filter(|k| has(k)).collect();
             match forms.as_slice() {
-                ["username"] => Ok(Some(Credentials::Basic { username: text("username")?, password: text("password")? })),
-                ["auth"] => decode_auth(&text("auth")?).map(Some).map_err(bad),
-                ["identityToken"] => Ok(Some(Credentials::IdentityToken(text("identityToken")?))),
-                ["token"] => Ok(Some(Credentials::BearerToken(text("token")?))),
-                [] => Err(bad("an Opaque credentials Secret needs username+password, auth, identityToken or token".into())),
-                several => Err(bad(format!("holds several kinds of credentials ({}); keep exactly one", several.join(", ")))),
+                ["username"] => Credentials::Basic { username: text("username")?, password: text("password")? },
+                ["auth"] => decode_auth(&text("auth")?).map_err(bad)?,
+                ["identityToken"] => Credentials::IdentityToken(text("identityToken")?),
+                ["token"] => Credentials::BearerToken(text("token")?),
+                [] => return Err(bad("an Opaque credentials Secret needs username+password, auth, identityToken or token".into())),
+                several => return Err(bad(format!("holds several kinds of credentials ({}); keep exactly one", several.join(", ")))),
             }
         }
-        other => Err(bad(format!(
+        other => return Err(bad(format!(
             "type {other:?} cannot hold registry credentials (use kubernetes.io/basic-auth, kubernetes.io/dockerconfigjson or Opaque)"
         ))),
+    };
+    check_credentials(&credentials).map_err(bad)?;
+    Ok(Some(credentials))
+}
+
+/// Credentials end up in generated files (registries.yaml, hosts.toml headers, auth.json):
+/// no control characters, never quoted back; a username with a colon cannot be sent as
+/// basic auth (`user:password`).
+fn check_credentials(credentials: &Credentials) -> Result<(), String> {
+    let control = |s: &str| s.chars().any(char::is_control);
+    let (what, bad) = match credentials {
+        Credentials::Basic { username, password } => {
+            if username.contains(':') {
+                return Err(
+                    "the username contains ':', which basic auth (user:password) cannot carry"
+                        .into(),
+                );
+            }
+            if username.is_empty() {
+                return Err("the username is empty".into());
+            }
+            (
+                "username or password",
+                control(username) || control(password),
+            )
+        }
+        Credentials::IdentityToken(token) | Credentials::BearerToken(token) => {
+            ("token", control(token) || token.is_empty())
+        }
+    };
+    if bad {
+        return Err(format!(
+            "the {what} is empty or contains control characters (a newline?), which would end up in the node's configuration files"
+        ));
     }
+    Ok(())
 }
 
 /// Decodes an `auth` value: base64 of `username:password`.
@@ -449,6 +657,7 @@ fn docker_config_credentials(json: &str, host: &str) -> Result<Credentials, Stri
 
 fn resolve_tls(
     tls: &EndpointTls,
+    url: Option<&EndpointUrl>,
     field: &str,
     sources: &Sources,
     policy: &RefPolicy,
@@ -459,11 +668,19 @@ fn resolve_tls(
             .map_err(|e| errors.push(e))
             .ok()
     });
-    let client = tls.client_cert_secret_ref.as_ref().and_then(|r| {
-        resolve_client_cert(r, &format!("{field}.clientCertSecretRef"), sources, policy)
-            .map_err(|e| errors.push(e))
-            .ok()
-    });
+    // A client key is a credential too; without a URL there is no host to check it for.
+    let client = match (&tls.client_cert_secret_ref, url) {
+        (Some(r), Some(url)) => resolve_client_cert(
+            r,
+            url,
+            &format!("{field}.clientCertSecretRef"),
+            sources,
+            policy,
+        )
+        .map_err(|e| errors.push(e))
+        .ok(),
+        _ => None,
+    };
     ResolvedTls {
         ca,
         client,
@@ -511,6 +728,7 @@ fn resolve_ca(
 
 fn resolve_client_cert(
     r: &ObjectRef,
+    url: &EndpointUrl,
     field: &str,
     sources: &Sources,
     policy: &RefPolicy,
@@ -524,6 +742,7 @@ fn resolve_client_cert(
         sources,
         policy,
     )?;
+    check_allowed(secret, &namespace, &r.name, url, field)?;
     let read = |key: &str, pem_kind: PemKind, expected: &'static str| {
         let pem = text_key(secret, kind, &namespace, &r.name, key, field)?;
         check_pem(&pem, pem_kind).map_err(|detail| {

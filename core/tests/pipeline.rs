@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use proptest::prelude::*;
+use regmirror_core::activation::{activation, Activation};
 use regmirror_core::api::{
     Endpoint, EndpointAuth, ObjectRef, RegistryMirror, RegistryMirrorSpec, Rewrite,
 };
@@ -11,12 +12,13 @@ use regmirror_core::assemble::{assemble, ConflictKind};
 use regmirror_core::model::{Credentials, ResolvedMirror};
 use regmirror_core::node::{Flavor, NodeInfo};
 use regmirror_core::problem::Reason;
-use regmirror_core::render::{activation, render, Activation};
+use regmirror_core::render::render;
 use regmirror_core::resolve::resolve;
 use regmirror_core::sources::{RefPolicy, SourceKind, SourceObject, Sources};
 
 const NS: &str = "regmirror-system";
 
+/// A credential Secret that lets endpoints below example.com use it.
 fn secret(type_: &str, pairs: &[(&str, &str)]) -> SourceObject {
     SourceObject {
         type_: Some(type_.into()),
@@ -24,6 +26,7 @@ fn secret(type_: &str, pairs: &[(&str, &str)]) -> SourceObject {
             .iter()
             .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
             .collect(),
+        allowed_hosts: Some("*.example.com".into()),
     }
 }
 
@@ -412,10 +415,15 @@ fn flavors_that_cannot_express_a_field_say_so() {
         .to_string()
         .contains("'*'"));
 
-    // k3s itself writes rewrites into hosts.toml unescaped: refuse what it would break.
+    // k3s itself writes rewrites into hosts.toml unescaped, and only k3s and RKE2 take
+    // rewrites: what k3s would break is refused for every flavor, up front.
     m.spec.rewrites[0].pattern = r"^rancher\.io/(.*)".into();
-    let resolved = resolve(&m, &Sources::new(), &RefPolicy::new(NS)).unwrap();
-    assert!(render(&[&resolved], &Flavor::K3s)
+    let errors = resolve(&m, &Sources::new(), &RefPolicy::new(NS)).unwrap_err();
+    assert_eq!(errors[0].field, "spec.rewrites[0].pattern");
+    assert!(errors[0].to_string().contains("unescaped"), "{}", errors[0]);
+    let (partial, _) =
+        regmirror_core::resolve::resolve_partially(&m, &Sources::new(), &RefPolicy::new(NS));
+    assert!(render(&[&partial], &Flavor::K3s)
         .unwrap_err()
         .what
         .contains("unescaped"));

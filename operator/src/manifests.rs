@@ -170,11 +170,17 @@ fn read_documents(file: &Path, text: &str, default_namespace: &str, manifests: &
                         .namespace
                         .as_deref()
                         .unwrap_or(default_namespace);
+                    let allowed_hosts =
+                        SourceObject::allowed_hosts_of(secret.metadata.annotations.as_ref());
                     manifests.sources.insert(
                         SourceKind::Secret,
                         namespace,
                         &name,
-                        SourceObject { type_, data },
+                        SourceObject {
+                            type_,
+                            data,
+                            allowed_hosts,
+                        },
                     );
                 }
                 Err(detail) => manifests.errors.push(invalid(detail)),
@@ -191,7 +197,11 @@ fn read_documents(file: &Path, text: &str, default_namespace: &str, manifests: &
                         SourceKind::ConfigMap,
                         namespace,
                         &name,
-                        SourceObject { type_: None, data },
+                        SourceObject {
+                            type_: None,
+                            data,
+                            allowed_hosts: None,
+                        },
                     );
                 }
                 Err(detail) => manifests.errors.push(invalid(detail)),

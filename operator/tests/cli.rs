@@ -292,3 +292,137 @@ fn render_never_prints_secret_files_to_logs_but_does_print_them_on_request() {
     let out = regmirror(&["render", "examples"]);
     assert!(text(&out.stdout).contains("password: change-me"));
 }
+
+/// Writes `yaml` into a temporary directory and validates it with `args`.
+fn validate_yaml(yaml: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mirrors.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let mut all = vec!["validate", file.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = regmirror(&all);
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
+fn assert_line(stderr: &str, parts: &[&str]) {
+    assert!(
+        stderr.lines().any(|l| parts.iter().all(|p| l.contains(p))),
+        "no line with {parts:?} in:\n{stderr}"
+    );
+}
+
+#[test]
+fn validate_without_flavor_checks_every_flavor_a_mirror_could_reach() {
+    let out = regmirror(&["validate", "examples/k3s-docs/03-rewrites"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    for flavor in ["containerd", "cri-o"] {
+        assert_line(
+            &stderr,
+            &[
+                "RegistryMirror/docker-hub",
+                &format!("spec.rewrites: {flavor} cannot express image rewrites"),
+            ],
+        );
+    }
+    assert!(!stderr.contains("k3s cannot"), "{stderr}");
+    // With --flavor, only those.
+    let out = regmirror(&[
+        "validate",
+        "examples/k3s-docs/03-rewrites",
+        "--flavor",
+        "rke2",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The top-level examples reach every flavor.
+    let out = regmirror(&["validate", "examples"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+const TWO_PROBLEMS: &str = r#"
+apiVersion: regmirror.io/v1alpha1
+kind: RegistryMirror
+metadata: {name: two-problems}
+spec:
+  registry: "*"
+  endpoints: [{url: "https://m.example.com", auth: {secretRef: {name: nowhere}}}]
+  rewrites: [{pattern: "^a\\.b/(.*)", replacement: "x/$1"}]
+"#;
+
+#[test]
+fn validate_reports_flavor_problems_alongside_other_errors() {
+    let (code, _, stderr) = validate_yaml(TWO_PROBLEMS, &[]);
+    assert_eq!(code, Some(1));
+    for parts in [
+        &["spec.endpoints[0].auth.secretRef: Secret regmirror-system/nowhere not found"][..],
+        &["spec.rewrites[0].pattern: pattern must not contain a backslash"],
+        &["spec.rewrites: containerd cannot express image rewrites"],
+        &["spec.registry: cri-o cannot express a mirror for every registry"],
+        &["spec.rewrites: cri-o cannot express image rewrites"],
+        &["spec.rewrites[0]: k3s cannot express a backslash"],
+    ] {
+        let mut parts = parts.to_vec();
+        parts.push("RegistryMirror/two-problems");
+        assert_line(&stderr, &parts);
+    }
+}
+
+#[test]
+fn validate_refuses_selector_typos_naming_the_field() {
+    for (selector, field) in [
+        ("{matchLabel: {region: eu}}", "spec.nodeSelector.matchLabel"),
+        ("{region: eu}", "spec.nodeSelector.region"),
+        (
+            "{matchExpressions: [{key: region, operator: In, value: [eu]}]}",
+            "spec.nodeSelector.matchExpressions[0].value",
+        ),
+    ] {
+        let yaml = format!(
+            "apiVersion: regmirror.io/v1alpha1\nkind: RegistryMirror\nmetadata: {{name: typo}}\nspec:\n  registry: docker.io\n  endpoints: [{{url: \"https://m.example.com\"}}]\n  nodeSelector: {selector}\n"
+        );
+        let (code, _, stderr) = validate_yaml(&yaml, &[]);
+        assert_eq!(code, Some(1), "{selector}");
+        assert_line(&stderr, &["RegistryMirror/typo", field, "unknown field"]);
+    }
+}
+
+const UNCONSENTED: &str = r#"
+apiVersion: regmirror.io/v1alpha1
+kind: RegistryMirror
+metadata: {name: exfiltrate}
+spec:
+  registry: docker.io
+  endpoints: [{url: "https://collector.attacker.example", auth: {secretRef: {name: mirror-pull}}}]
+---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: mirror-pull
+  namespace: regmirror-system
+  annotations: {regmirror.io/allowed-hosts: "mirror.internal.example.com:5000"}
+type: kubernetes.io/basic-auth
+stringData: {username: puller, password: change-me}
+"#;
+
+#[test]
+fn validate_refuses_credentials_for_a_host_their_secret_does_not_allow() {
+    let (code, _, stderr) = validate_yaml(UNCONSENTED, &[]);
+    assert_eq!(code, Some(1));
+    assert_line(
+        &stderr,
+        &[
+            "RegistryMirror/exfiltrate",
+            "spec.endpoints[0].auth.secretRef",
+            "Secret regmirror-system/mirror-pull does not allow its credentials to be sent to https://collector.attacker.example",
+            "add \"collector.attacker.example\" to its annotation regmirror.io/allowed-hosts",
+        ],
+    );
+    assert!(!stderr.contains("change-me"));
+    let allowed = UNCONSENTED.replace(
+        "mirror.internal.example.com:5000",
+        "mirror.internal.example.com:5000, collector.attacker.example",
+    );
+    let (code, stdout, stderr) = validate_yaml(&allowed, &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("1 RegistryMirror(s) valid"));
+}

@@ -35,7 +35,8 @@ struct AuthEntry {
 
 pub(super) fn render(
     mirrors: &[&ResolvedMirror],
-) -> Result<BTreeMap<String, RenderedFile>, RenderError> {
+) -> Result<BTreeMap<String, RenderedFile>, Vec<RenderError>> {
+    let mut problems = Vec::new();
     let unsupported = |mirror: &ResolvedMirror, field: &str, what: &str| RenderError {
         mirror: mirror.name.clone(),
         field: field.to_owned(),
@@ -46,14 +47,14 @@ pub(super) fn render(
     let mut auths = BTreeMap::new();
     for mirror in mirrors {
         if mirror.registry == "*" {
-            return Err(unsupported(
+            problems.push(unsupported(
                 mirror,
                 "spec.registry",
                 "a mirror for every registry ('*'); name the registry",
             ));
         }
         if !mirror.rewrites.is_empty() {
-            return Err(unsupported(
+            problems.push(unsupported(
                 mirror,
                 "spec.rewrites",
                 "image rewrites (only k3s and RKE2 support them)",
@@ -66,18 +67,31 @@ pub(super) fn render(
             quote(&mirror.registry)
         ));
         for (i, endpoint) in mirror.endpoints.iter().enumerate() {
-            if upstream.as_deref() == Some(api_host(&endpoint.url.host).as_str())
-                && endpoint.url.path.is_empty()
-            {
-                continue; // the registry itself is the last resort already.
-            }
+            let is_upstream = upstream.as_deref() == Some(api_host(&endpoint.url.host).as_str())
+                && endpoint.url.path.is_empty();
             let insecure =
                 endpoint.url.scheme == Scheme::Http || endpoint.settings.tls.insecure_skip_verify;
-            let location = format!("{}{}", endpoint.url.host, endpoint.url.path);
-            conf.push_str(&format!(
-                "\n[[registry.mirror]]\nlocation = {}\ninsecure = {insecure}\n",
-                quote(&location)
-            ));
+            // An insecure mirror falls back from https to plain http when https fails
+            // (containers/image), taking the auth file's credentials along.
+            if !is_upstream
+                && endpoint.settings.auth.is_some()
+                && endpoint.url.scheme == Scheme::Https
+                && endpoint.settings.tls.insecure_skip_verify
+            {
+                problems.push(unsupported(
+                    mirror,
+                    &format!("spec.endpoints[{i}].tls.insecureSkipVerify"),
+                    "credentials for an https endpoint with insecureSkipVerify: CRI-O marks the mirror insecure, and an insecure registry falls back to plain http when https fails, sending the credentials in clear text; trust its certificate with caRef instead",
+                ));
+            }
+            // The registry itself is the last resort already; only its credentials are written.
+            if !is_upstream {
+                let location = format!("{}{}", endpoint.url.host, endpoint.url.path);
+                conf.push_str(&format!(
+                    "\n[[registry.mirror]]\nlocation = {}\ninsecure = {insecure}\n",
+                    quote(&location)
+                ));
+            }
             if let Some(credentials) = &endpoint.settings.auth {
                 let entry = match credentials {
                     Credentials::Basic { username, password } => AuthEntry {
@@ -92,11 +106,12 @@ pub(super) fn render(
                         identitytoken: Some(token.clone()),
                     },
                     Credentials::BearerToken(_) => {
-                        return Err(unsupported(
+                        problems.push(unsupported(
                             mirror,
                             &format!("spec.endpoints[{i}].auth"),
                             "a static bearer token in an auth file",
-                        ))
+                        ));
+                        continue;
                     }
                 };
                 auths.insert(endpoint.url.host.clone(), entry);
@@ -104,6 +119,9 @@ pub(super) fn render(
         }
     }
 
+    if !problems.is_empty() {
+        return Err(problems);
+    }
     let mut files = BTreeMap::new();
     files.insert(REGISTRIES_CONF.to_owned(), RenderedFile::public(conf));
     for (host, settings) in hosts_toml::host_settings(mirrors) {

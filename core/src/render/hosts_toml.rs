@@ -11,8 +11,11 @@ use std::collections::BTreeMap;
 use base64::Engine;
 
 use super::toml_text::quote;
-use super::{default_server, registry_dir, RenderError, RenderedFile, MANAGED_HEADER};
-use crate::model::{api_host, Credentials, EndpointUrl, HostSettings, ResolvedMirror};
+use super::{
+    credentials_over_http_written, default_server, registry_dir, RenderError, RenderedFile,
+    MANAGED_HEADER,
+};
+use crate::model::{api_host, Credentials, EndpointUrl, HostSettings, ResolvedMirror, Scheme};
 
 /// Where the TLS files of one endpoint host are, as hosts.toml refers to them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -65,8 +68,28 @@ pub(super) fn hosts_files(
     mirrors: &[&ResolvedMirror],
     style: &Style<'_>,
     tls_paths: &dyn Fn(&str) -> TlsPaths,
-) -> Result<BTreeMap<String, HostsDoc>, RenderError> {
+) -> Result<BTreeMap<String, HostsDoc>, Vec<RenderError>> {
     let settings = host_settings(mirrors);
+    // The settings the default server gets: its host's, except credentials when it is spoken
+    // to in plain http (a loopback registry on a port) and the user never wrote http:// for
+    // that host with them. containerd sends the header on the first request, and with TLS
+    // settings it falls back from https to http for such a server.
+    let server_settings = |url: &EndpointUrl, host: &str| {
+        settings.get(host).map(|s| {
+            if url.scheme == Scheme::Http
+                && s.auth.is_some()
+                && !credentials_over_http_written(mirrors, host)
+            {
+                HostSettings {
+                    auth: None,
+                    tls: s.tls.clone(),
+                }
+            } else {
+                (*s).clone()
+            }
+        })
+    };
+    let mut problems = Vec::new();
     // The server's settings are those of its host; Docker Hub's may be keyed either way.
     let server_of = |registry: &str| {
         default_server(registry).map(|url| {
@@ -81,7 +104,7 @@ pub(super) fn hosts_files(
     let mut files = BTreeMap::new();
     for mirror in mirrors {
         if !style.rewrites && !mirror.rewrites.is_empty() {
-            return Err(RenderError {
+            problems.push(RenderError {
                 mirror: mirror.name.clone(),
                 field: "spec.rewrites".into(),
                 flavor: style.flavor,
@@ -90,13 +113,16 @@ pub(super) fn hosts_files(
         }
         let server = server_of(&mirror.registry);
         let mut doc = HostsToml::new(style.header);
+        let settings_of_server = server
+            .as_ref()
+            .and_then(|(url, host)| server_settings(url, host));
         doc.server(
             server.as_ref().map(|(url, host)| {
                 (
                     url,
                     host.as_str(),
                     tls_paths(host),
-                    settings.get(host.as_str()).copied(),
+                    settings_of_server.as_ref(),
                 )
             }),
             style,
@@ -127,12 +153,18 @@ pub(super) fn hosts_files(
             continue;
         }
         let mut doc = HostsToml::new(style.header);
-        let (url, _) = server_of(host).expect("an endpoint host is never '*'");
+        let Some((url, _)) = server_of(host) else {
+            continue; // an endpoint host is never '*'
+        };
+        let settings_of_server = server_settings(&url, host);
         doc.server(
-            Some((&url, host, tls_paths(host), Some(host_settings))),
+            Some((&url, host, tls_paths(host), settings_of_server.as_ref())),
             style,
         );
         files.insert((*host).to_owned(), doc.finish());
+    }
+    if !problems.is_empty() {
+        return Err(problems);
     }
     Ok(files)
 }
@@ -281,7 +313,7 @@ impl HostsToml {
 pub(super) fn render_containerd(
     mirrors: &[&ResolvedMirror],
     hosts_dir: &str,
-) -> Result<BTreeMap<String, RenderedFile>, RenderError> {
+) -> Result<BTreeMap<String, RenderedFile>, Vec<RenderError>> {
     let style = Style {
         header: MANAGED_HEADER,
         auth_headers: true,
@@ -292,9 +324,19 @@ pub(super) fn render_containerd(
     // Certificates live in `<registry dir>/<endpoint host>/`, referred to by relative paths
     // (containerd resolves them against the hosts.toml directory).
     let tls_paths = |host: &str| TlsPaths::in_dir(host, settings.get(host).copied());
-    check_credentials(mirrors, "containerd")?;
+    let mut problems = check_credentials(mirrors, "containerd");
+    let docs = match hosts_files(mirrors, &style, &tls_paths) {
+        Ok(docs) => docs,
+        Err(mut more) => {
+            problems.append(&mut more);
+            BTreeMap::new()
+        }
+    };
+    if !problems.is_empty() {
+        return Err(problems);
+    }
     let mut files = BTreeMap::new();
-    for (dir, doc) in hosts_files(mirrors, &style, &tls_paths)? {
+    for (dir, doc) in docs {
         let base = format!("{hosts_dir}/{dir}");
         for host in &doc.tls_hosts {
             for (name, file) in tls_files(settings[host.as_str()]) {
@@ -313,7 +355,8 @@ pub(super) fn render_containerd(
 
 /// Identity tokens cannot be sent by containerd from hosts.toml: refuse them up front, naming
 /// the mirror and endpoint.
-fn check_credentials(mirrors: &[&ResolvedMirror], flavor: &'static str) -> Result<(), RenderError> {
+fn check_credentials(mirrors: &[&ResolvedMirror], flavor: &'static str) -> Vec<RenderError> {
+    let mut problems = Vec::new();
     for mirror in mirrors {
         for (i, endpoint) in mirror.endpoints.iter().enumerate() {
             if endpoint
@@ -322,7 +365,7 @@ fn check_credentials(mirrors: &[&ResolvedMirror], flavor: &'static str) -> Resul
                 .as_ref()
                 .is_some_and(|auth| authorization(auth).is_none())
             {
-                return Err(RenderError {
+                problems.push(RenderError {
                     mirror: mirror.name.clone(),
                     field: format!("spec.endpoints[{i}].auth"),
                     flavor,
@@ -333,7 +376,7 @@ fn check_credentials(mirrors: &[&ResolvedMirror], flavor: &'static str) -> Resul
             }
         }
     }
-    Ok(())
+    problems
 }
 
 impl TlsPaths {

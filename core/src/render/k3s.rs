@@ -10,11 +10,14 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::hosts_toml::{self, Style, TlsPaths};
-use super::{sha256_hex, RenderError, RenderedFile, MANAGED_HEADER};
-use crate::model::{Credentials, ResolvedMirror};
+use super::{
+    credentials_over_http_written, is_loopback_with_port, sha256_hex, RenderError, RenderedFile,
+    MANAGED_HEADER,
+};
+use crate::model::{Credentials, ResolvedMirror, Scheme};
 
 /// The restart key of a configuration without credentials.
-pub(super) const NO_CREDENTIALS_KEY: &str = "";
+pub(crate) const NO_CREDENTIALS_KEY: &str = "";
 
 /// Where a k3s-like distribution keeps things.
 pub(super) struct Layout {
@@ -92,11 +95,12 @@ struct TlsYaml {
 }
 
 /// Renders registries.yaml, certificate files and hosts.toml files; returns them with the
-/// restart key.
+/// restart key, or everything the flavor cannot express.
 pub(super) fn render(
     mirrors: &[&ResolvedMirror],
     layout: &Layout,
-) -> Result<(BTreeMap<String, RenderedFile>, String), RenderError> {
+) -> Result<(BTreeMap<String, RenderedFile>, String), Vec<RenderError>> {
+    let mut problems = Vec::new();
     let settings = hosts_toml::host_settings(mirrors);
     let tls_paths =
         |host: &str| TlsPaths::in_dir(&layout.cert_dir(host), settings.get(host).copied());
@@ -115,7 +119,7 @@ pub(super) fn render(
             .iter()
             .position(|(p, r)| [p, r].iter().any(|s| s.contains(['\\', '"'])))
         {
-            return Err(RenderError {
+            problems.push(RenderError {
                 mirror: mirror.name.clone(),
                 field: format!("spec.rewrites[{i}]"),
                 flavor: layout.flavor,
@@ -126,18 +130,32 @@ pub(super) fn render(
         doc.mirrors
             .insert(mirror.registry.clone(), MirrorYaml { endpoint, rewrite });
         for (i, endpoint) in mirror.endpoints.iter().enumerate() {
-            let auth = endpoint
-                .settings
-                .auth
-                .as_ref()
-                .map(auth_yaml)
-                .transpose()
-                .map_err(|what| RenderError {
-                    mirror: mirror.name.clone(),
-                    field: format!("spec.endpoints[{i}].auth"),
-                    flavor: layout.flavor,
-                    what,
-                })?;
+            let problem = |what| RenderError {
+                mirror: mirror.name.clone(),
+                field: format!("spec.endpoints[{i}].auth"),
+                flavor: layout.flavor,
+                what,
+            };
+            // k3s keys credentials by host, for every scheme, and speaks plain http to a
+            // loopback host on a port (its default endpoint for images named after that host,
+            // in the hosts.toml it generates for it): https credentials would go there too.
+            let host = &endpoint.url.host;
+            if endpoint.settings.auth.is_some()
+                && endpoint.url.scheme == Scheme::Https
+                && is_loopback_with_port(host)
+                && !credentials_over_http_written(mirrors, host)
+            {
+                problems.push(problem(format!(
+                    "credentials for https://{host} alone: k3s speaks plain http to a loopback host on a port other than 443 (its default endpoint http://{host}), and would send them there too; write http:// if that registry is plain http, or reach it by a name that is not loopback"
+                )));
+            }
+            let auth = match endpoint.settings.auth.as_ref().map(auth_yaml).transpose() {
+                Ok(auth) => auth,
+                Err(what) => {
+                    problems.push(problem(what));
+                    None
+                }
+            };
             let paths = tls_paths(&endpoint.url.host);
             let tls = TlsYaml {
                 ca_file: paths.ca,
@@ -188,11 +206,19 @@ pub(super) fn render(
         rewrites: true,
         flavor: layout.flavor,
     };
-    for (dir, doc) in hosts_toml::hosts_files(mirrors, &style, &tls_paths)? {
-        files.insert(
-            format!("{}/{dir}/hosts.toml", layout.hosts_dir),
-            RenderedFile::public(doc.text),
-        );
+    match hosts_toml::hosts_files(mirrors, &style, &tls_paths) {
+        Ok(docs) => {
+            for (dir, doc) in docs {
+                files.insert(
+                    format!("{}/{dir}/hosts.toml", layout.hosts_dir),
+                    RenderedFile::public(doc.text),
+                );
+            }
+        }
+        Err(mut more) => problems.append(&mut more),
+    }
+    if !problems.is_empty() {
+        return Err(problems);
     }
     Ok((files, restart_key))
 }

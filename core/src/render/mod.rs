@@ -134,8 +134,22 @@ pub struct RenderError {
     pub what: String,
 }
 
-/// Renders the files a node of `flavor` needs for `mirrors` (already assembled: no conflicts).
+/// Renders the files a node of `flavor` needs for `mirrors` (already assembled: no conflicts),
+/// or says the first thing the flavor cannot express.
 pub fn render(mirrors: &[&ResolvedMirror], flavor: &Flavor) -> Result<RenderedConfig, RenderError> {
+    render_checked(mirrors, flavor).map_err(|mut problems| problems.swap_remove(0))
+}
+
+/// Everything `flavor` cannot express of `mirrors`, in the order [`render`] meets it: empty
+/// when they render. What `regmirror validate` reports.
+pub fn problems(mirrors: &[&ResolvedMirror], flavor: &Flavor) -> Vec<RenderError> {
+    render_checked(mirrors, flavor).err().unwrap_or_default()
+}
+
+fn render_checked(
+    mirrors: &[&ResolvedMirror],
+    flavor: &Flavor,
+) -> Result<RenderedConfig, Vec<RenderError>> {
     let mut sorted = mirrors.to_vec();
     sorted.sort_by(|a, b| {
         a.registry
@@ -186,6 +200,16 @@ fn default_server(registry: &str) -> Option<EndpointUrl> {
         host,
         path: String::new(),
     })
+}
+
+/// Whether the user wrote `http://host` for an endpoint with credentials: then, and only
+/// then, may credentials for `host` travel in plain http. Elsewhere http comes from
+/// containerd's and k3s's defaults (a loopback registry on a port), never chosen by the user.
+fn credentials_over_http_written(mirrors: &[&ResolvedMirror], host: &str) -> bool {
+    mirrors
+        .iter()
+        .flat_map(|m| &m.endpoints)
+        .any(|e| e.url.scheme == Scheme::Http && e.url.host == host && e.settings.auth.is_some())
 }
 
 /// `localhost` or a loopback address, with a port other than 443.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use regmirror_core::model::ResolvedMirror;
-use regmirror_core::resolve::resolve;
+use regmirror_core::resolve::resolve_partially;
 use regmirror_core::sources::RefPolicy;
 
 use super::InputArgs;
@@ -39,8 +39,11 @@ impl fmt::Display for Problem {
 pub struct Checked {
     /// The RegistryMirrors that are valid, resolved.
     pub resolved: Vec<ResolvedMirror>,
-    /// Where each valid mirror came from, by name.
+    /// Where each mirror came from, by name (valid or not).
     pub origins: BTreeMap<String, Origin>,
+    /// What resolved of the mirrors with problems: enough to check what each flavor can
+    /// express of them too, so that one problem does not hide another. Never rendered.
+    pub partial: Vec<ResolvedMirror>,
     pub problems: Vec<Problem>,
 }
 
@@ -92,21 +95,16 @@ pub fn check(args: &InputArgs) -> Checked {
                 problem(format!("{}: {}", e.field_path, e.message));
             }
         }
-        match resolve(mirror, &loaded.sources, &policy) {
-            Ok(resolved) if schema_fields.is_empty() => {
-                checked.origins.insert(name, origin.clone());
-                checked.resolved.push(resolved);
-            }
-            Ok(_) => {}
-            Err(errors) => {
-                // The same field may fail both the CEL rule and resolution: say it once.
-                for e in errors
-                    .into_iter()
-                    .filter(|e| !schema_fields.contains(&e.field))
-                {
-                    problem(e.to_string());
-                }
-            }
+        let (resolved, errors) = resolve_partially(mirror, &loaded.sources, &policy);
+        // The same field may fail both the CEL rule and resolution: say it once.
+        for e in errors.iter().filter(|e| !schema_fields.contains(&e.field)) {
+            problem(e.to_string());
+        }
+        checked.origins.insert(name, origin.clone());
+        if schema_fields.is_empty() && errors.is_empty() {
+            checked.resolved.push(resolved);
+        } else {
+            checked.partial.push(resolved);
         }
     }
     checked

@@ -5,7 +5,7 @@ use std::io::Write;
 
 use regmirror_core::assemble::possible_conflicts;
 use regmirror_core::node::Flavor;
-use regmirror_core::render::render;
+use regmirror_core::render::problems;
 
 use super::{check, InputArgs};
 
@@ -13,10 +13,19 @@ use super::{check, InputArgs};
 pub struct ValidateArgs {
     #[command(flatten)]
     pub input: InputArgs,
-    /// Also check that every mirror can be rendered for these node flavors (repeatable):
-    /// k3s, rke2, containerd, cri-o.
+    /// Check that every mirror can be rendered for these node flavors only (repeatable):
+    /// k3s, rke2, containerd, cri-o. Without it, for every flavor, since a mirror may reach
+    /// nodes of each.
     #[arg(long = "flavor")]
     pub flavors: Vec<Flavor>,
+}
+
+/// Every flavor a node can have: what `validate` checks without `--flavor`.
+pub fn all_flavors() -> Vec<Flavor> {
+    ["k3s", "rke2", "containerd", "cri-o"]
+        .iter()
+        .map(|f| f.parse().expect("a known flavor"))
+        .collect()
 }
 
 pub fn run(
@@ -33,17 +42,31 @@ pub fn run(
             message: conflict.to_string(),
         });
     }
-    for flavor in &args.flavors {
-        for mirror in &checked.resolved {
-            if let Err(e) = render(&[mirror], flavor) {
+    let flavors = if args.flavors.is_empty() {
+        all_flavors()
+    } else {
+        args.flavors.clone()
+    };
+    // Mirrors with other problems too: what resolved of them is checked as well, so that one
+    // problem does not hide what a flavor cannot express.
+    let mut flavor_problems = Vec::new();
+    for mirror in checked.resolved.iter().chain(&checked.partial) {
+        for flavor in &flavors {
+            for e in problems(&[mirror], flavor) {
                 let origin = checked.origins.get(&mirror.name).cloned();
                 let message = format!("{}: {} cannot express {}", e.field, e.flavor, e.what);
-                checked.problems.push(super::Problem {
+                flavor_problems.push(super::Problem {
                     origin,
                     object: Some(format!("RegistryMirror/{}", mirror.name)),
                     message,
                 });
             }
+        }
+    }
+    for problem in flavor_problems {
+        // Two flavors may refuse the same thing in the same words.
+        if !checked.problems.contains(&problem) {
+            checked.problems.push(problem);
         }
     }
 

@@ -69,7 +69,8 @@ pub fn node_fingerprint(node: &Node) -> u64 {
     super::hash(&(&view.labels, view.ready, &node.metadata.annotations))
 }
 
-/// A Secret's type and data.
+/// A Secret's type, data, and the hosts it allows its credentials to be sent to (its
+/// `regmirror.io/allowed-hosts` annotation; no other annotation is kept).
 pub fn secret_source(secret: &Secret) -> SourceObject {
     SourceObject {
         type_: secret.type_.clone(),
@@ -79,6 +80,7 @@ pub fn secret_source(secret: &Secret) -> SourceObject {
             .flatten()
             .map(|(k, v)| (k.clone(), v.0.clone()))
             .collect(),
+        allowed_hosts: SourceObject::allowed_hosts_of(secret.metadata.annotations.as_ref()),
     }
 }
 
@@ -97,6 +99,7 @@ pub fn config_map_source(config_map: &ConfigMap) -> SourceObject {
     SourceObject {
         type_: None,
         data: text.chain(binary).collect(),
+        allowed_hosts: None,
     }
 }
 
