@@ -126,6 +126,20 @@ fn managed_by<const N: usize>(labels: [(&str, &str); N]) -> BTreeMap<String, Str
         .collect()
 }
 
+/// Role labels of nodes that run the control plane (`master` on older k3s/RKE2) or are members
+/// of its etcd (k3s/RKE2 etcd-only servers): restarting two of them at once can lose etcd's
+/// quorum, so they restart one at a time.
+pub const CONTROL_PLANE_LABELS: [&str; 3] = [
+    "node-role.kubernetes.io/control-plane",
+    "node-role.kubernetes.io/master",
+    "node-role.kubernetes.io/etcd",
+];
+
+/// Whether a node with these labels counts as control plane for restarts.
+pub fn is_control_plane(labels: &BTreeMap<String, String>) -> bool {
+    CONTROL_PLANE_LABELS.iter().any(|l| labels.contains_key(*l))
+}
+
 /// A Node's `Ready` condition, as its kubelet last posted it.
 pub fn ready_condition(node: &Node) -> Option<&NodeCondition> {
     node.status

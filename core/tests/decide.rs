@@ -792,3 +792,48 @@ fn a_config_too_large_for_a_secret_holds_its_nodes_and_says_why() {
     assert!(message.contains("bytes, more than the"), "{message}");
     assert!(d.create.values().all(|config| config.sealed_size() <= regmirror_core::decide::MAX_CONFIG_BYTES));
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Whatever mix of roles the nodes carry — control-plane, legacy master, etcd-only
+    /// servers, workers — no two nodes that hold etcd's quorum are told to restart at once,
+    /// nor one while another such node is restarting.
+    #[test]
+    fn nodes_holding_quorum_restart_one_at_a_time_whatever_their_role_labels(
+        roles in proptest::collection::vec(0u8..16, 2..10),
+        budget in 1usize..5,
+    ) {
+        use regmirror_core::contract::{is_control_plane, CONTROL_PLANE_LABELS};
+        let nodes: Vec<NodeView> = roles.iter().enumerate().map(|(i, bits)| {
+            let mut labels: Vec<(&str, &str)> = CONTROL_PLANE_LABELS.iter().enumerate()
+                .filter(|(b, _)| bits & (1 << b) != 0)
+                .map(|(_, l)| (*l, "true"))
+                .collect();
+            if bits & 8 != 0 { labels.push(("node-role.kubernetes.io/worker", "true")); }
+            let mut n = node(&format!("n{i}"), Flavor::K3s, &labels);
+            n.control_plane = is_control_plane(&n.labels);
+            n
+        }).collect();
+        let mut c = Cluster::new(nodes);
+        c.max_unavailable = MaxUnavailable::Count(budget);
+        c.mirrors = vec![mirror("hub", "docker.io", "https://mirror.example:5000", Some(ObjectRef::named("pull")))];
+        converge(&mut c);
+        c.sources.insert(SourceKind::Secret, NS, "pull", basic_auth("alice", "rotated"));
+        for _ in 0..100 {
+            let d = c.decide();
+            if d.writes() == 0 { break; }
+            let quorum_restarts = d.advance.iter()
+                .filter(|a| a.activation == Activation::Restart)
+                .filter(|a| c.nodes.iter().any(|n| n.name == a.node && n.control_plane))
+                .count();
+            prop_assert!(quorum_restarts <= 1, "{quorum_restarts} quorum members told to restart together");
+            c.apply(&d);
+            c.agents_succeed();
+        }
+        prop_assert!(c.nodes.iter().all(|n| n.current == n.desired));
+        for (n, bits) in c.nodes.iter().zip(&roles) {
+            prop_assert_eq!(n.control_plane, bits & 7 != 0, "etcd-only counts too: {:?}", n.labels);
+        }
+    }
+}

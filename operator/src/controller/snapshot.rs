@@ -6,18 +6,14 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
 use k8s_openapi::api::rbac::v1::Role;
 use regmirror_core::api::RegistryMirror;
 use regmirror_core::contract::{
-    self, node_ready, read_config_secret, NodeState, CURRENT_CONFIG, DESIRED_CONFIG, FLAVOR,
-    MESSAGE, STATE,
+    self, is_config_name, node_ready, sealed_config, NodeState, CONFIG_KEY, CURRENT_CONFIG,
+    DESIRED_ACTIVATION, DESIRED_CONFIG, FLAVOR, MESSAGE, PUBLIC_KEY, SEALING_KEY_DATA,
+    SEALING_KEY_SECRET, STATE,
 };
 use regmirror_core::decide::NodeView;
 use regmirror_core::render::RenderedConfig;
+use regmirror_core::seal::{self, SealingKey};
 use regmirror_core::sources::SourceObject;
-
-/// Labels by which a node says it runs the control plane (`master` on older k3s/RKE2).
-const CONTROL_PLANE_LABELS: [&str; 2] = [
-    "node-role.kubernetes.io/control-plane",
-    "node-role.kubernetes.io/master",
-];
 
 /// A Node as the planner sees it: labels, role, readiness and the agent's annotations.
 pub fn node_view(node: &Node) -> NodeView {
@@ -27,7 +23,7 @@ pub fn node_view(node: &Node) -> NodeView {
     let ready = node_ready(node);
     NodeView {
         name: node.metadata.name.clone().unwrap_or_default(),
-        control_plane: CONTROL_PLANE_LABELS.iter().any(|l| labels.contains_key(*l)),
+        control_plane: contract::is_control_plane(&labels),
         labels,
         ready,
         flavor: annotation(FLAVOR).and_then(|f| f.parse().ok()),
@@ -35,6 +31,9 @@ pub fn node_view(node: &Node) -> NodeView {
         current: annotation(CURRENT_CONFIG),
         state: annotation(STATE).and_then(|s| NodeState::parse(&s)),
         message: annotation(MESSAGE),
+        public_key: annotation(PUBLIC_KEY),
+        key_recipient: annotation(CONFIG_KEY).and_then(|k| seal::recipient(&k).map(str::to_owned)),
+        desired_activation: annotation(DESIRED_ACTIVATION).and_then(|a| a.parse().ok()),
     }
 }
 
@@ -112,20 +111,45 @@ pub fn is_config(secret: &Secret) -> bool {
         .is_some_and(|l| l.contains_key(contract::CONFIG_LABEL))
 }
 
-/// The rendered configs among `secrets`, by name. One that does not decode is left out (and
-/// logged): it is not the operator's to delete or to point nodes at.
+/// The operator's sealing key, if the Secret holding it is among `secrets`.
+pub fn sealing_key<'s>(secrets: impl IntoIterator<Item = &'s Secret>) -> Option<SealingKey> {
+    let secret = secrets
+        .into_iter()
+        .find(|s| s.metadata.name.as_deref() == Some(SEALING_KEY_SECRET))?;
+    let bytes = secret.data.as_ref()?.get(SEALING_KEY_DATA)?;
+    match SealingKey::from_bytes(&bytes.0) {
+        Ok(key) => Some(key),
+        Err(e) => {
+            tracing::error!(secret = SEALING_KEY_SECRET, error = %e, "the sealing key is unusable");
+            None
+        }
+    }
+}
+
+/// The rendered configs among `secrets`, by name: those that carry the config label, a
+/// config's name, and content that opens with the sealing key and whose digest is its name.
+/// Anything else is left out (and logged): it is not the operator's, so it is neither
+/// deleted, nor reused, nor granted to the agents.
 pub fn stored_configs<'s>(
     secrets: impl IntoIterator<Item = &'s Secret>,
+    key: &SealingKey,
 ) -> BTreeMap<String, RenderedConfig> {
     secrets
         .into_iter()
         .filter(|s| is_config(s))
         .filter_map(|s| {
             let name = s.metadata.name.clone()?;
-            match read_config_secret(s) {
+            let opened = if is_config_name(&name) {
+                sealed_config(s)
+                    .map_err(|e| e.to_string())
+                    .and_then(|sealed| key.open_config(&name, sealed).map_err(|e| e.to_string()))
+            } else {
+                Err("its name is not a config's".to_owned())
+            };
+            match opened {
                 Ok(config) => Some((name, config)),
                 Err(e) => {
-                    tracing::warn!(secret = %name, error = %e, "not a config; leaving it alone");
+                    tracing::warn!(secret = %name, error = %e, "not a config of ours; leaving it alone");
                     None
                 }
             }
