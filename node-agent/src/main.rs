@@ -68,7 +68,7 @@ struct RunArgs {
 }
 
 fn run(root: PathBuf, args: RunArgs) -> Result<(), String> {
-    regmirror_runtime::logging::init();
+    regmirror_process::logging::init();
     let flavor = match args.flavor.as_str() {
         "auto" | "" => None,
         other => Some(other.parse::<Flavor>().map_err(|e| e.to_string())?),

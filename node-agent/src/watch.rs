@@ -23,8 +23,8 @@ use regmirror_core::seal::{ConfigKey, SealError};
 use regmirror_core::node::Flavor;
 use regmirror_core::activation::{agent_step, Activation};
 use regmirror_core::render::RenderedConfig;
-use regmirror_runtime::endpoints::{self, BindError, Health};
-use regmirror_runtime::shutdown;
+use regmirror_process::endpoints::{self, BindError, Health};
+use regmirror_process::shutdown;
 use thiserror::Error;
 use tokio::sync::watch;
 

@@ -53,7 +53,7 @@ pub struct ControllerArgs {
 
 /// Runs the operator until SIGTERM.
 pub fn run(args: ControllerArgs) -> Result<(), RunError> {
-    regmirror_runtime::logging::init();
+    regmirror_process::logging::init();
     let settings = Settings {
         namespace: args.namespace,
         allowed_namespaces: args

@@ -28,9 +28,9 @@ use regmirror_core::plan::MaxUnavailable;
 use regmirror_core::render::RenderedConfig;
 use regmirror_core::seal::SealingKey;
 use regmirror_core::sources::{RefPolicy, SourceKind, Sources};
-use regmirror_runtime::endpoints::{self, BindError, Health};
-use regmirror_runtime::lease::LeaseLock;
-use regmirror_runtime::shutdown;
+use regmirror_process::endpoints::{self, BindError, Health};
+use regmirror_process::lease::LeaseLock;
+use regmirror_process::shutdown;
 use thiserror::Error;
 use tokio::time::Instant;
 

@@ -2,7 +2,7 @@
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
-use regmirror_runtime::endpoints::{serve, Health};
+use regmirror_process::endpoints::{serve, Health};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

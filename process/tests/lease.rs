@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
-use regmirror_runtime::lease::LeaseLock;
+use regmirror_process::lease::LeaseLock;
 use regmirror_testbed::api::{mock_client, status_error, RequestLog};
 use serde_json::{json, Value};
 
