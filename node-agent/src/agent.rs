@@ -12,11 +12,12 @@ use regmirror_core::contract::{config_secret_name, NodeState};
 use regmirror_core::activation::Activation;
 use regmirror_core::render::RenderedConfig;
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 use crate::detect::Host;
-use crate::hostfs::HostFs;
-use crate::restart::Activator;
-use crate::verify;
+use crate::hostfs::{HostError, HostFs};
+use crate::restart::{Activator, RestartError};
+use crate::verify::{self, VerifyError};
 
 /// How long each check may take.
 #[derive(Debug, Clone, Copy)]
@@ -38,6 +39,28 @@ pub struct Outcome {
     /// The runtime was restarted or reloaded.
     pub activated: Option<Activation>,
     pub rolled_back: bool,
+}
+
+/// The node did not come back Ready after a restart or reload.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum NotReady {
+    #[error("node not Ready within {}s", .0.as_secs())]
+    Timeout(Duration),
+    #[error("the Node watch ended")]
+    WatchEnded,
+}
+
+/// Why a configuration did not take.
+#[derive(Debug, Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Activate(#[from] RestartError),
+    #[error(transparent)]
+    NotReady(#[from] NotReady),
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    #[error(transparent)]
+    Host(#[from] HostError),
 }
 
 /// The state-directory record of the last apply.
@@ -107,7 +130,7 @@ impl Agent {
     ) -> Outcome
     where
         R: Fn(Activation, Timestamp, Duration) -> F,
-        F: Future<Output = Result<(), String>>,
+        F: Future<Output = Result<(), NotReady>>,
     {
         let outcome = self.apply_and_check(name, config, step, node_ready).await;
         let report = Report {
@@ -131,7 +154,7 @@ impl Agent {
     ) -> Outcome
     where
         R: Fn(Activation, Timestamp, Duration) -> F,
-        F: Future<Output = Result<(), String>>,
+        F: Future<Output = Result<(), NotReady>>,
     {
         let previous_name = self.verified();
         let failed = |message: String, current: Option<String>, rolled_back| Outcome {
@@ -215,16 +238,14 @@ impl Agent {
         config: &RenderedConfig,
         step: Activation,
         node_ready: &R,
-    ) -> Result<Vec<String>, String>
+    ) -> Result<Vec<String>, ApplyError>
     where
         R: Fn(Activation, Timestamp, Duration) -> F,
-        F: Future<Output = Result<(), String>>,
+        F: Future<Output = Result<(), NotReady>>,
     {
         self.activate(step, node_ready).await?;
         match self.timeouts.probe {
-            Some(timeout) => verify::verify(config, &self.root, timeout)
-                .await
-                .map_err(|e| e.to_string()),
+            Some(timeout) => Ok(verify::verify(config, &self.root, timeout).await?),
             None => Ok(Vec::new()),
         }
     }
@@ -237,25 +258,22 @@ impl Agent {
         failed: &RenderedConfig,
         step: Activation,
         node_ready: &R,
-    ) -> Result<Option<String>, String>
+    ) -> Result<Option<String>, ApplyError>
     where
         R: Fn(Activation, Timestamp, Duration) -> F,
-        F: Future<Output = Result<(), String>>,
+        F: Future<Output = Result<(), NotReady>>,
     {
-        let good = self.host.last_good().map_err(|e| e.to_string())?;
+        let good = self.host.last_good()?;
         let target = good.clone().unwrap_or_else(|| RenderedConfig {
             flavor: failed.flavor.clone(),
             files: Default::default(),
             restart_key: String::new(),
             parts: Default::default(),
         });
-        self.host.apply(&target).map_err(|e| e.to_string())?;
+        self.host.apply(&target)?;
         if good.is_none() {
             // Never a good config of ours: the node gets back what it had before.
-            let restored = self
-                .host
-                .restore_backups(failed.files.keys())
-                .map_err(|e| e.to_string())?;
+            let restored = self.host.restore_backups(failed.files.keys())?;
             if !restored.is_empty() {
                 tracing::warn!(files = ?restored, "restored the hand-written files regmirror had replaced");
             }
@@ -265,16 +283,13 @@ impl Agent {
     }
 
     /// Restarts or reloads the runtime as `step` takes, then waits for the node to be Ready.
-    async fn activate<R, F>(&self, step: Activation, node_ready: &R) -> Result<(), String>
+    async fn activate<R, F>(&self, step: Activation, node_ready: &R) -> Result<(), ApplyError>
     where
         R: Fn(Activation, Timestamp, Duration) -> F,
-        F: Future<Output = Result<(), String>>,
+        F: Future<Output = Result<(), NotReady>>,
     {
         let started = Timestamp::now();
-        self.activator
-            .activate(step, self.timeouts.ready)
-            .await
-            .map_err(|e| e.to_string())?;
+        self.activator.activate(step, self.timeouts.ready).await?;
         if step != Activation::Hot {
             node_ready(step, started, self.timeouts.ready).await?;
         }

@@ -8,10 +8,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use regmirror_core::node::Flavor;
+use regmirror_core::node::{Flavor, UnknownFlavor};
 use regmirror_core::render::RenderedConfig;
 use regmirror_node_agent::agent::Timeouts;
-use regmirror_node_agent::hostfs::HostFs;
+use regmirror_node_agent::hostfs::{HostError, HostFs};
+use thiserror::Error;
 use regmirror_node_agent::watch::{self, Settings};
 
 #[derive(Parser)]
@@ -67,11 +68,38 @@ struct RunArgs {
     listen: SocketAddr,
 }
 
-fn run(root: PathBuf, args: RunArgs) -> Result<(), String> {
+/// Why the agent command stopped.
+#[derive(Debug, Error)]
+enum CliError {
+    #[error("--flavor: {0}")]
+    Flavor(#[from] UnknownFlavor),
+    #[error("cannot start the async runtime: {0}")]
+    AsyncRuntime(#[source] std::io::Error),
+    #[error("cannot build a Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+    #[error(transparent)]
+    Agent(#[from] watch::AgentError),
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: not a rendered config: {source}", path.display())]
+    NotAConfig {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+fn run(root: PathBuf, args: RunArgs) -> Result<(), CliError> {
     regmirror_process::logging::init();
     let flavor = match args.flavor.as_str() {
         "auto" | "" => None,
-        other => Some(other.parse::<Flavor>().map_err(|e| e.to_string())?),
+        other => Some(other.parse::<Flavor>()?),
     };
     let settings = Settings {
         node_name: args.node_name,
@@ -89,14 +117,12 @@ fn run(root: PathBuf, args: RunArgs) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+        .map_err(CliError::AsyncRuntime)?;
     runtime.block_on(async {
         let client = kube::Client::try_default()
             .await
-            .map_err(|e| format!("cannot build a Kubernetes client: {e}"))?;
-        watch::run(client, settings)
-            .await
-            .map_err(|e| e.to_string())
+            .map_err(CliError::Client)?;
+        Ok(watch::run(client, settings).await?)
     })
 }
 
@@ -106,15 +132,22 @@ fn main() {
     let result = match cli.command {
         Command::Run(args) => run(cli.root.clone(), args),
         Command::Apply { config, mark_good } => std::fs::read(&config)
-            .map_err(|e| format!("{}: {e}", config.display()))
-            .and_then(|bytes| {
-                serde_json::from_slice::<RenderedConfig>(&bytes)
-                    .map_err(|e| format!("{}: not a rendered config: {e}", config.display()))
+            .map_err(|source| CliError::Read {
+                path: config.clone(),
+                source,
             })
-            .and_then(|config| host.apply(&config).map_err(|e| e.to_string()))
+            .and_then(|bytes| {
+                serde_json::from_slice::<RenderedConfig>(&bytes).map_err(|source| {
+                    CliError::NotAConfig {
+                        path: config.clone(),
+                        source,
+                    }
+                })
+            })
+            .and_then(|config| Ok(host.apply(&config)?))
             .and_then(|report| {
                 if mark_good {
-                    host.mark_good().map_err(|e| e.to_string())?;
+                    host.mark_good()?;
                 }
                 println!(
                     "written: {}, removed: {}, backed up: {:?}",
@@ -126,7 +159,7 @@ fn main() {
             }),
         Command::Rollback => {
             host.rollback()
-                .map_err(|e| e.to_string())
+                .map_err(CliError::from)
                 .map(|report| match report {
                     Some(report) => println!(
                         "rolled back: written {}, removed {}",
@@ -136,7 +169,7 @@ fn main() {
                     None => println!("no verified configuration to roll back to"),
                 })
         }
-        Command::Recover => host.recover().map_err(|e| e.to_string()).map(|did| {
+        Command::Recover => host.recover().map_err(CliError::from).map(|did| {
             println!(
                 "{}",
                 if did {

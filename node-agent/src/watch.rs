@@ -16,7 +16,7 @@ use kube::api::Api;
 use kube::runtime::{watcher, WatchStreamExt};
 use prometheus_client::registry::Registry;
 use regmirror_core::contract::{
-    node_ready, ready_condition, sealed_config, NodeState, CONFIG_KEY, CURRENT_CONFIG,
+    node_ready, ready_condition, sealed_config, ConfigSecretError, NodeState, CONFIG_KEY, CURRENT_CONFIG,
     DESIRED_ACTIVATION, DESIRED_CONFIG,
 };
 use regmirror_core::seal::{ConfigKey, SealError};
@@ -27,8 +27,9 @@ use regmirror_process::endpoints::{self, BindError, Health};
 use regmirror_process::shutdown;
 use thiserror::Error;
 use tokio::sync::watch;
+use tracing::Instrument;
 
-use crate::agent::{Agent, Report, Timeouts};
+use crate::agent::{Agent, NotReady, Report, Timeouts};
 use crate::detect::{self, Detected, Host};
 use crate::metrics::Metrics;
 use crate::node_key;
@@ -62,6 +63,25 @@ pub enum AgentError {
     Bind(#[from] BindError),
     #[error("the watch of Node {0} ended")]
     WatchEnded(String),
+}
+
+/// Why a config Secret could not be had.
+#[derive(Debug, Error)]
+pub enum FetchError {
+    #[error("{name}: cannot read the config Secret: {source}")]
+    Read {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{name}: {source}")]
+    NotAConfig {
+        name: String,
+        #[source]
+        source: ConfigSecretError,
+    },
+    #[error(transparent)]
+    Open(#[from] SealError),
 }
 
 /// What the agent knows about its host, decided once at start.
@@ -262,7 +282,8 @@ impl Worker {
             .await;
         let config = match self.fetch(&desired, &config_key).await {
             Ok(config) => config,
-            Err(message) => {
+            Err(error) => {
+                let message = error.to_string();
                 // Not the config's fault (RBAC not yet propagated, the API server busy, a
                 // Secret the operator is about to replace): wait and read it again, without
                 // failing it.
@@ -272,10 +293,12 @@ impl Worker {
             }
         };
         let started = tokio::time::Instant::now();
+        let node_name = node.metadata.name.as_deref().unwrap_or_default();
         let mut outcome = agent
             .apply(&desired, &config, step, |step, since, timeout| {
                 wait_ready(latest.clone(), self.settle, step, since, timeout)
             })
+            .instrument(tracing::info_span!("apply", node = %node_name, config = %desired, activation = %step))
             .await;
         if let Some(note) = note {
             outcome.message.push_str(&format!("; note: {note}"));
@@ -320,14 +343,17 @@ impl Worker {
 
     /// Reads a config Secret and opens it: the content must open with the key the operator
     /// sealed for this node, and hash to the Secret's name.
-    async fn fetch(&self, name: &str, key: &ConfigKey) -> Result<RenderedConfig, String> {
-        let secret = self
-            .secrets
-            .get(name)
-            .await
-            .map_err(|e| format!("{name}: cannot read the config Secret: {e}"))?;
-        let sealed = sealed_config(&secret).map_err(|e| format!("{name}: {e}"))?;
-        key.open_config(name, sealed).map_err(|e| e.to_string())
+    async fn fetch(&self, name: &str, key: &ConfigKey) -> Result<RenderedConfig, FetchError> {
+        let read = |source| FetchError::Read {
+            name: name.to_owned(),
+            source,
+        };
+        let secret = self.secrets.get(name).await.map_err(read)?;
+        let sealed = sealed_config(&secret).map_err(|source| FetchError::NotAConfig {
+            name: name.to_owned(),
+            source,
+        })?;
+        Ok(key.open_config(name, sealed)?)
     }
 }
 
@@ -399,7 +425,7 @@ async fn wait_ready(
     step: Activation,
     since: Timestamp,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), NotReady> {
     tokio::time::sleep(settle).await;
     let is_ready = |n: &Option<Arc<Node>>| {
         n.as_deref().is_some_and(|n| {
@@ -409,7 +435,7 @@ async fn wait_ready(
     };
     tokio::time::timeout(timeout, latest.wait_for(is_ready))
         .await
-        .map_err(|_| format!("node not Ready within {}s", timeout.as_secs()))?
+        .map_err(|_| NotReady::Timeout(timeout))?
         .map(|_| ())
-        .map_err(|_| "the Node watch ended".to_owned())
+        .map_err(|_| NotReady::WatchEnded)
 }

@@ -12,11 +12,11 @@ use regmirror_core::contract::{config_secret_name, NodeState};
 use regmirror_core::node::Flavor;
 use regmirror_core::activation::{activation, Activation};
 use regmirror_core::render::{render, RenderedConfig};
-use regmirror_node_agent::agent::{Agent, Outcome, Timeouts};
+use regmirror_node_agent::agent::{Agent, NotReady, Outcome, Timeouts};
 use regmirror_node_agent::detect::Host;
 use regmirror_node_agent::restart::Activator;
 use regmirror_testbed::world::{
-    assert_failed_with, assert_pulled, containerd, dead_endpoint, secure, World,
+    assert_failed_with, assert_pulled, containerd, dead_endpoint, plain_with_auth, secure, World,
 };
 use regmirror_testbed::Containerd;
 
@@ -27,7 +27,7 @@ const TIMEOUTS: Timeouts = Timeouts {
     ready: Duration::from_secs(20),
 };
 
-async fn node_is_ready(_: Activation, _: Timestamp, _: Duration) -> Result<(), String> {
+async fn node_is_ready(_: Activation, _: Timestamp, _: Duration) -> Result<(), NotReady> {
     Ok(())
 }
 
@@ -202,7 +202,7 @@ async fn a_config_for_another_flavor_is_refused_untouched() {
     let k3s = render(
         &[&node
             .world
-            .resolved(vec![node.world.endpoint(true, Some("mirror-pull"))])],
+            .resolved(vec![node.world.endpoint(true, None)])],
         &Flavor::K3s,
     )
     .unwrap();
@@ -292,7 +292,7 @@ impl Drop for Service {
 
 #[tokio::test]
 async fn k3s_credentials_restart_the_runtime_through_the_configured_command() {
-    let world = World::new(secure());
+    let world = World::new(plain_with_auth());
     let root = tempfile::tempdir().unwrap();
     let service = Service::start(root.path());
     let before = service.pid();
@@ -308,7 +308,7 @@ async fn k3s_credentials_restart_the_runtime_through_the_configured_command() {
     };
     let agent = Agent::new(root.path(), runtime, activator, TIMEOUTS);
     let config = render(
-        &[&world.resolved(vec![world.endpoint(true, Some("mirror-pull"))])],
+        &[&world.resolved(vec![world.endpoint(false, Some("mirror-pull"))])],
         &Flavor::K3s,
     )
     .unwrap();
@@ -360,7 +360,7 @@ async fn k3s_credentials_restart_the_runtime_through_the_configured_command() {
 
 #[tokio::test]
 async fn a_runtime_that_does_not_come_back_is_rolled_back_and_restarted_again() {
-    let world = World::new(secure());
+    let world = World::new(plain_with_auth());
     let root = tempfile::tempdir().unwrap();
     let runtime = Host {
         flavor: Flavor::K3s,
@@ -373,7 +373,7 @@ async fn a_runtime_that_does_not_come_back_is_rolled_back_and_restarted_again() 
     };
     let agent = Agent::new(root.path(), runtime, activator, TIMEOUTS);
     let config = render(
-        &[&world.resolved(vec![world.endpoint(true, Some("mirror-pull"))])],
+        &[&world.resolved(vec![world.endpoint(false, Some("mirror-pull"))])],
         &Flavor::K3s,
     )
     .unwrap();
@@ -401,7 +401,7 @@ async fn a_runtime_that_does_not_come_back_is_rolled_back_and_restarted_again() 
 
 #[tokio::test]
 async fn a_failed_first_config_gives_the_node_its_hand_written_file_back() {
-    let world = World::new(secure());
+    let world = World::new(plain_with_auth());
     let root = tempfile::tempdir().unwrap();
     let registries = root.path().join("etc/rancher/k3s/registries.yaml");
     std::fs::create_dir_all(registries.parent().unwrap()).unwrap();
@@ -459,7 +459,7 @@ fn told(desired: &str, step: Activation, reported: Option<&str>) -> k8s_openapi:
 #[tokio::test]
 async fn k3s_nodes_whose_state_was_wiped_restart_nothing_on_a_hot_change() {
     use regmirror_node_agent::watch::step_for;
-    let world = World::new(secure());
+    let world = World::new(plain_with_auth());
     let root = tempfile::tempdir().unwrap();
     let service = Service::start(root.path());
     let runtime = Host {
@@ -476,7 +476,7 @@ async fn k3s_nodes_whose_state_was_wiped_restart_nothing_on_a_hot_change() {
         TIMEOUTS,
     );
     let first = render(
-        &[&world.resolved(vec![world.endpoint(true, Some("mirror-pull"))])],
+        &[&world.resolved(vec![world.endpoint(false, Some("mirror-pull"))])],
         &Flavor::K3s,
     )
     .unwrap();
@@ -514,7 +514,7 @@ async fn k3s_nodes_whose_state_was_wiped_restart_nothing_on_a_hot_change() {
     std::fs::remove_dir_all(root.path().join(regmirror_node_agent::hostfs::STATE_DIR)).unwrap();
     let second = render(
         &[&world.resolved(vec![
-            world.endpoint(true, Some("mirror-pull")),
+            world.endpoint(false, Some("mirror-pull")),
             dead_endpoint("https"),
         ])],
         &Flavor::K3s,

@@ -140,6 +140,16 @@ pub fn secure() -> RegistryOptions {
     }
 }
 
+/// Plain http with basic auth: credentials that go over http because the mirror says
+/// `http://` (what k3s tests use: k3s speaks http to a loopback registry on a port anyway).
+pub fn plain_with_auth() -> RegistryOptions {
+    RegistryOptions {
+        tls: false,
+        basic_auth: Some((USER.into(), PASSWORD.into())),
+        client_certs: false,
+    }
+}
+
 /// A private containerd in the world's directory.
 pub fn containerd(world: &World) -> Containerd {
     Containerd::start(&world.dir.path().join("containerd"))

@@ -7,7 +7,7 @@
 
 mod crio;
 mod hosts_toml;
-mod k3s;
+pub(crate) mod k3s;
 mod toml_text;
 
 use std::collections::BTreeMap;
@@ -84,43 +84,15 @@ impl RenderedFile {
 }
 
 impl RenderedConfig {
+    /// The bytes its config Secret holds: the JSON, sealed (a nonce and a tag more).
+    pub fn sealed_size(&self) -> usize {
+        serde_json::to_vec(self).map_or(usize::MAX, |json| json.len() + 40)
+    }
+
     /// Content digest (hex SHA-256 of the canonical JSON form): equal configs, equal digests.
     pub fn digest(&self) -> String {
         let json = serde_json::to_vec(self).expect("a rendered config always serializes");
         hex(&Sha256::digest(json))
-    }
-}
-
-/// How a node picks up a change from one configuration to another.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum Activation {
-    /// Nothing to do: the runtime reads the files live.
-    Hot,
-    /// The runtime re-reads its configuration on a reload (CRI-O's SIGHUP); pods keep running.
-    Reload,
-    /// The runtime service must restart: counts against the rollout's restart budget.
-    Restart,
-}
-
-/// What moving a node from `from` (none: nothing of ours yet) to `to` takes.
-pub fn activation(from: Option<&RenderedConfig>, to: &RenderedConfig) -> Activation {
-    if from == Some(to) {
-        return Activation::Hot;
-    }
-    match to.flavor.parse::<Flavor>() {
-        Ok(Flavor::Crio) => Activation::Reload,
-        Ok(Flavor::Containerd { .. }) => Activation::Hot,
-        // k3s / RKE2 read credentials only at start: a change there needs a restart. A first
-        // config needs one only if it carries credentials (the empty key is "none").
-        Ok(Flavor::K3s | Flavor::Rke2) | Err(_) => {
-            let from_key = from.map_or(k3s::NO_CREDENTIALS_KEY, |c| c.restart_key.as_str());
-            if from_key == to.restart_key {
-                Activation::Hot
-            } else {
-                Activation::Restart
-            }
-        }
     }
 }
 

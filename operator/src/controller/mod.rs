@@ -13,7 +13,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures::{stream, Stream, StreamExt};
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference, Secret};
 use k8s_openapi::api::rbac::v1::Role;
 use kube::api::Api;
@@ -140,19 +139,19 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Control
             },
         ),
     };
-    let mut lease = LeaseLock::new(
-        Api::<Lease>::namespaced(client.clone(), &settings.namespace),
+    let lease = LeaseLock::new(
+        client.clone(),
+        &settings.namespace,
         &settings.lease_name,
         &settings.identity,
         LEASE_DURATION,
     );
     let stop = shutdown::requested();
     tokio::pin!(stop);
-    tokio::select! {
+    let mut held = tokio::select! {
         _ = &mut stop => return Ok(()),
-        _ = lease.acquire() => {}
-    }
-    let mut held = lease.keep();
+        held = lease.acquire() => held,
+    };
     tracing::info!(identity = %settings.identity, "leading; reconciling");
     metrics.leader.set(1);
 
@@ -198,6 +197,7 @@ pub enum PassError {
 
 /// One pass: decide on `snapshot`, then write the decision. Before anything can be sealed,
 /// the operator's sealing key must exist: a pass without one creates it and decides nothing.
+#[tracing::instrument(name = "reconcile", skip_all, fields(mirrors = snapshot.mirrors.len(), nodes = snapshot.nodes.len()))]
 pub async fn reconcile(
     snapshot: &Snapshot,
     settings: &Settings,
@@ -217,7 +217,9 @@ pub async fn reconcile(
     metrics.reconciles.inc();
     metrics.observe(&decision);
     let written = writer
-        .write(&decision, key, metrics, |subject| snapshot.reference(subject))
+        .write(&decision, key, metrics, |subject| {
+            snapshot.reference(subject)
+        })
         .await;
     metrics.duration.observe(started.elapsed().as_secs_f64());
     match written {
@@ -503,11 +505,13 @@ where
         + 'static,
 {
     let mut seen: HashMap<String, u64> = HashMap::new();
+    let span = tracing::info_span!("watch", kind = %K::kind(&()), namespace = api_namespace(&api));
     watcher(api, config)
         .default_backoff()
         .modify(trim)
         .reflect(writer)
         .filter_map(move |event| {
+            let _in_watch = span.enter();
             let key = |o: &K| {
                 format!(
                     "{}/{}",
@@ -533,6 +537,17 @@ where
             futures::future::ready(relevant.then_some(()))
         })
         .boxed()
+}
+
+/// The namespace an Api is confined to, for the watch's span ("" for cluster-wide).
+fn api_namespace<K: Resource>(api: &Api<K>) -> String {
+    // Api has no accessor for its namespace; its URL path names it.
+    let path = api.resource_url();
+    path.split("/namespaces/")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// Any change of the object: its resourceVersion.

@@ -26,6 +26,7 @@ use regmirror_core::render::RenderedConfig;
 use regmirror_core::seal::{NodePublicKey, SealingKey};
 use serde_json::json;
 use thiserror::Error;
+use tracing::Instrument;
 
 use super::metrics::Metrics;
 
@@ -157,7 +158,10 @@ impl Writer {
 
         let mut unstored = BTreeSet::new();
         for (name, config) in &decision.create {
-            let result = self.create_config(name, config, key).await;
+            let result = self
+                .create_config(name, config, key)
+                .instrument(tracing::info_span!("store_config", config = %name))
+                .await;
             if !record(
                 WriteKind::ConfigCreate,
                 format!("create Secret {}/{name}", self.namespace),
@@ -180,8 +184,9 @@ impl Writer {
                 tracing::info!(node = %advance.node, config = %advance.config, "not pointing the node at a config its agent cannot read yet");
                 continue;
             }
-            tracing::info!(node = %advance.node, config = %advance.config, activation = %advance.activation, "node told to apply config");
-            let result = self.point_node(advance, key).await;
+            let span =
+                tracing::info_span!("point_node", node = %advance.node, config = %advance.config);
+            let result = self.point_node(advance, key).instrument(span).await;
             record(WriteKind::NodeAnnotate, action, result);
         }
         for (mirror, status) in &decision.statuses {
@@ -192,6 +197,7 @@ impl Writer {
                 "status": status,
             });
             let result = timed(api.patch_status(mirror, &apply_params(), &Patch::Apply(&patch)))
+                .instrument(tracing::info_span!("status", mirror = %mirror))
                 .await
                 .map(drop);
             record(
@@ -306,6 +312,7 @@ impl Writer {
     /// Points a node at its config: which one, the step it takes, and the key to open it,
     /// sealed to the node's own public key — in one write.
     async fn point_node(&self, advance: &Advance, key: &SealingKey) -> Result<(), WriteFailure> {
+        tracing::info!(activation = %advance.activation, "node told to apply config");
         let public = NodePublicKey::from_text(&advance.public_key).map_err(|e| {
             WriteFailure::BadPublicKey {
                 node: advance.node.clone(),
@@ -318,9 +325,13 @@ impl Writer {
             CONFIG_KEY: key.seal_key_for(&advance.config, &public),
         }}});
         let api: Api<Node> = Api::all(self.client.clone());
-        timed(api.patch(&advance.node, &PatchParams::default(), &Patch::Merge(&patch)))
-            .await
-            .map(drop)
+        timed(api.patch(
+            &advance.node,
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        ))
+        .await
+        .map(drop)
     }
 
     /// Lets the agents `get` exactly these Secrets.
