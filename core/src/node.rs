@@ -33,6 +33,39 @@ impl Flavor {
             Flavor::Crio => "cri-o",
         }
     }
+
+    /// The host paths a configuration of this flavor may write: a path is the flavor's when it
+    /// equals an entry, or when an entry ends in `/` and the path lies under it. Exactly what
+    /// the flavor's renderer produces and no more, so that a configuration can never reach
+    /// another file of the runtime (k3s's `config.yaml`, its auto-deployed
+    /// `/var/lib/rancher/k3s/server/manifests/`, CRI-O's other drop-ins, ...).
+    ///
+    /// A containerd `hosts_dir` of `/` owns nothing: that would be the whole host.
+    pub fn owned_prefixes(&self) -> Vec<String> {
+        let k3s_like = |dist: &str| {
+            vec![
+                format!("/etc/rancher/{dist}/registries.yaml"),
+                format!("/etc/rancher/{dist}/regmirror-certs/"),
+                format!("/var/lib/rancher/{dist}/agent/etc/containerd/certs.d/"),
+            ]
+        };
+        match self {
+            Flavor::K3s => k3s_like("k3s"),
+            Flavor::Rke2 => k3s_like("rke2"),
+            Flavor::Containerd { hosts_dir } => match hosts_dir.trim_end_matches('/') {
+                "" => Vec::new(),
+                dir => vec![format!("{dir}/")],
+            },
+            Flavor::Crio => [
+                "/etc/containers/registries.conf.d/",
+                "/etc/containers/certs.d/",
+                "/etc/crio/regmirror/auth.json",
+                "/etc/crio/crio.conf.d/50-regmirror-auth.conf",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
 }
 
 /// `k3s`, `rke2`, `cri-o`, `containerd` or `containerd:<hosts dir>`.
@@ -107,6 +140,32 @@ mod tests {
                 hosts_dir: DEFAULT_CONTAINERD_HOSTS_DIR.into()
             }
         );
+    }
+
+    #[test]
+    fn no_flavor_owns_k3s_manifests_and_a_root_hosts_dir_owns_nothing() {
+        for flavor in [
+            "k3s",
+            "rke2",
+            "cri-o",
+            "containerd",
+            "containerd:/opt/certs.d",
+        ] {
+            let owned = flavor.parse::<Flavor>().unwrap().owned_prefixes();
+            assert!(!owned.is_empty(), "{flavor}");
+            assert!(
+                owned
+                    .iter()
+                    .all(|p| !p.starts_with("/var/lib/rancher/k3s/server")
+                        && !"/var/lib/rancher/k3s/server/manifests/x.yaml".starts_with(p.as_str())),
+                "{flavor}: {owned:?}"
+            );
+        }
+        assert!("containerd:/"
+            .parse::<Flavor>()
+            .unwrap()
+            .owned_prefixes()
+            .is_empty());
     }
 
     #[test]

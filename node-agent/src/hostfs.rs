@@ -15,13 +15,31 @@
 //! After a crash, [`HostFs::recover`] rolls a committed apply forward and discards an
 //! uncommitted one: the host ends with the old files or the new ones, never a mix. Only files
 //! in the recorded configuration are ever removed.
+//!
+//! Nothing here follows a symbolic link below the root. Whoever can plant a link on the host
+//! (at a target, at a `.regmirror-new` file, at a backup, at any directory on the way) must not
+//! redirect a write — or a read — anywhere else, inside the root or out of it. So every path is
+//! walked one component at a time from the root (`openat` with `O_NOFOLLOW | O_DIRECTORY`),
+//! missing directories are made with `mkdirat` (and their parent fsynced), files are created
+//! with `O_CREAT | O_EXCL | O_NOFOLLOW` after `unlinkat` removed a stale one, and renamed with
+//! `renameat` inside the opened directory. A link or a non-directory on the way, or a link or
+//! special file where a file is read or replaced, is refused with [`HostError::Unsafe`].
+//!
+//! A configuration writes only under its flavor's paths ([`Flavor::owned_prefixes`]); anything
+//! else (k3s's auto-deployed manifests, say) is refused before anything is written.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use regmirror_core::node::Flavor;
 use regmirror_core::render::RenderedConfig;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -29,6 +47,14 @@ use thiserror::Error;
 pub const STATE_DIR: &str = "var/lib/regmirror";
 /// Suffix of files written but not yet in place.
 const STAGED_SUFFIX: &str = ".regmirror-new";
+/// Suffix of the file beside a backup that records the original file's mode.
+const MODE_SUFFIX: &str = ".regmirror-mode";
+/// Mode of a restored backup whose mode was not recorded (backups of older agents).
+const UNKNOWN_BACKUP_MODE: u32 = 0o600;
+/// Mode of directories made for configuration files (what the runtimes' own are).
+const HOST_DIR_MODE: u32 = 0o755;
+/// Mode of directories made for the agent's state: it holds credentials.
+const STATE_DIR_MODE: u32 = 0o700;
 
 /// What can go wrong on the host.
 #[derive(Debug, Error)]
@@ -43,11 +69,50 @@ pub enum HostError {
     State { path: PathBuf, detail: String },
     #[error("refusing path {0:?}: rendered paths must be absolute and stay inside the host root")]
     BadPath(String),
+    /// Something on the host where regmirror would have to follow a link or treat a special
+    /// file as its own: nothing is written through it.
+    #[error("refusing {}: {what}; regmirror never writes or reads through links", path.display())]
+    Unsafe { path: PathBuf, what: &'static str },
+    /// A path outside what the configuration's flavor may write.
+    #[error(
+        "refusing path {path:?}: not among the files a {flavor} configuration may write ({})",
+        describe(allowed)
+    )]
+    NotOwned {
+        path: String,
+        flavor: String,
+        allowed: Vec<String>,
+    },
+}
+
+fn describe(allowed: &[String]) -> String {
+    if allowed.is_empty() {
+        return "none".into();
+    }
+    let each: Vec<String> = allowed
+        .iter()
+        .map(|p| {
+            if p.ends_with('/') {
+                format!("under {p}")
+            } else {
+                p.clone()
+            }
+        })
+        .collect();
+    each.join(", ")
 }
 
 type Result<T> = std::result::Result<T, HostError>;
 
-fn io<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -> HostError + 'p {
+fn io<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(Errno) -> HostError + 'p {
+    move |errno| HostError::Io {
+        op,
+        path: path.to_owned(),
+        source: errno.into(),
+    }
+}
+
+fn std_io<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -> HostError + 'p {
     move |source| HostError::Io {
         op,
         path: path.to_owned(),
@@ -74,7 +139,27 @@ struct Journal {
 
 #[derive(Serialize, Deserialize)]
 struct Staging {
+    /// Staged files, as paths under the root.
     staged: Vec<PathBuf>,
+}
+
+/// A place under the root: the directory (relative to the root) and the name in it.
+#[derive(Debug, Clone)]
+struct Place {
+    dir: PathBuf,
+    name: OsString,
+}
+
+impl Place {
+    fn staged(&self) -> OsString {
+        suffixed(&self.name, STAGED_SUFFIX)
+    }
+}
+
+fn suffixed(name: &OsStr, suffix: &str) -> OsString {
+    let mut name = name.to_owned();
+    name.push(suffix);
+    name
 }
 
 /// The host's filesystem, seen through its root mount.
@@ -88,39 +173,115 @@ impl HostFs {
         Self { root: root.into() }
     }
 
-    fn state(&self, name: &str) -> PathBuf {
-        self.root.join(STATE_DIR).join(name)
+    fn state(&self, name: &str) -> Place {
+        Place {
+            dir: PathBuf::from(STATE_DIR),
+            name: name.into(),
+        }
     }
 
-    /// Maps an absolute host path under the root, refusing anything that could escape it.
-    fn host_path(&self, path: &str) -> Result<PathBuf> {
-        let relative = Path::new(path)
-            .strip_prefix("/")
-            .map_err(|_| HostError::BadPath(path.to_owned()))?;
+    /// Where the backup of the file at `place` is kept.
+    fn backup(&self, place: &Place) -> Place {
+        Place {
+            dir: Path::new(STATE_DIR).join("backup").join(&place.dir),
+            name: place.name.clone(),
+        }
+    }
+
+    /// Maps an absolute host path under the root, refusing anything that could escape it or
+    /// that is not written the one plain way (`//`, `.`, a trailing `/`).
+    fn host_path(&self, path: &str) -> Result<Place> {
+        let bad = || HostError::BadPath(path.to_owned());
+        let relative = Path::new(path).strip_prefix("/").map_err(|_| bad())?;
         if relative.as_os_str().is_empty()
             || relative
                 .components()
                 .any(|c| !matches!(c, Component::Normal(_)))
+            || relative.components().collect::<PathBuf>().as_os_str() != relative.as_os_str()
         {
-            return Err(HostError::BadPath(path.to_owned()));
+            return Err(bad());
         }
-        Ok(self.root.join(relative))
+        let name = relative.file_name().ok_or_else(bad)?.to_owned();
+        let dir = relative.parent().unwrap_or(Path::new("")).to_owned();
+        Ok(Place { dir, name })
+    }
+
+    /// Maps a path of `config` like [`Self::host_path`], and refuses it unless the config's
+    /// flavor owns it. The agent's own state directory is nobody's.
+    fn config_path(&self, config: &RenderedConfig, path: &str) -> Result<Place> {
+        let place = self.host_path(path)?;
+        let allowed = config
+            .flavor
+            .parse::<Flavor>()
+            .map(|f| f.owned_prefixes())
+            .unwrap_or_default();
+        let owned = allowed.iter().any(|prefix| match prefix.strip_suffix('/') {
+            Some(_) => path.len() > prefix.len() && path.starts_with(prefix.as_str()),
+            None => path == prefix,
+        });
+        let state = format!("/{STATE_DIR}/");
+        if !owned || path.starts_with(&state) {
+            return Err(HostError::NotOwned {
+                path: path.to_owned(),
+                flavor: config.flavor.clone(),
+                allowed,
+            });
+        }
+        Ok(place)
+    }
+
+    /// Opens the root. A missing root is made when `create` (it is the agent's own
+    /// configuration, the one path whose links are followed), else `None`.
+    fn open_root(&self, create: bool) -> Result<Option<Dir>> {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let fd = match rustix::fs::open(&self.root, flags, Mode::empty()) {
+            Err(Errno::NOENT) if create => {
+                std::fs::create_dir_all(&self.root)
+                    .map_err(std_io("create directory", &self.root))?;
+                rustix::fs::open(&self.root, flags, Mode::empty())
+            }
+            Err(Errno::NOENT) => return Ok(None),
+            other => other,
+        }
+        .map_err(io("open host root", &self.root))?;
+        Ok(Some(Dir {
+            fd,
+            path: self.root.clone(),
+        }))
+    }
+
+    /// Opens directory `dir` (relative to the root) without following any link. Missing
+    /// directories are made with `create`'s mode; without it, a missing one is `None`.
+    fn open_dir(&self, dir: &Path, create: Option<u32>) -> Result<Option<Dir>> {
+        let Some(mut open) = self.open_root(create.is_some())? else {
+            return Ok(None);
+        };
+        for component in dir.components() {
+            let Component::Normal(name) = component else {
+                return Err(HostError::BadPath(dir.display().to_string()));
+            };
+            open = match open.subdir(name, create)? {
+                Some(sub) => sub,
+                None => return Ok(None),
+            };
+        }
+        Ok(Some(open))
     }
 
     /// The configuration on the host now, if regmirror put one there.
     pub fn current(&self) -> Result<Option<RenderedConfig>> {
-        read_json(&self.state("current.json"))
+        self.read_json(&self.state("current.json"))
     }
 
     /// The last configuration that was verified on this node.
     pub fn last_good(&self) -> Result<Option<RenderedConfig>> {
-        read_json(&self.state("last-good.json"))
+        self.read_json(&self.state("last-good.json"))
     }
 
     /// Records the current configuration as verified: the one a rollback returns to.
     pub fn mark_good(&self) -> Result<()> {
         if let Some(current) = self.current()? {
-            write_json_atomic(&self.state("last-good.json"), &current)?;
+            self.write_json_atomic(&self.state("last-good.json"), &current)?;
         }
         Ok(())
     }
@@ -128,23 +289,41 @@ impl HostFs {
     /// Finishes an apply a crash interrupted after its commit point, or discards one that
     /// crashed before it. Returns whether there was anything to do.
     pub fn recover(&self) -> Result<bool> {
-        if let Some(journal) = read_json::<Journal>(&self.state("journal.json"))? {
+        if let Some(journal) = self.read_json::<Journal>(&self.state("journal.json"))? {
             self.roll_forward(&journal)?;
             return Ok(true);
         }
-        let Some(staging) = read_json::<Staging>(&self.state("staging.json"))? else {
+        let Some(staging) = self.read_json::<Staging>(&self.state("staging.json"))? else {
             return Ok(false);
         };
         for staged in &staging.staged {
-            remove_if_exists(staged)?;
+            // Only staged files under the root are ever removed here.
+            let Some(place) = staged
+                .strip_prefix(&self.root)
+                .ok()
+                .and_then(|relative| self.host_path(&format!("/{}", relative.display())).ok())
+                .filter(|place| place.name.as_bytes().ends_with(STAGED_SUFFIX.as_bytes()))
+            else {
+                tracing::warn!(path = %staged.display(), "ignoring a staged file outside the host root");
+                continue;
+            };
+            if let Some(dir) = self.open_dir(&place.dir, None)? {
+                dir.remove(&place.name)?;
+            }
         }
-        remove_if_exists(&self.state("staging.json"))?;
+        self.remove_state("staging.json")?;
         Ok(true)
     }
 
     /// Puts `config` onto the host. Safe to call again with the same config (it then writes
     /// nothing).
     pub fn apply(&self, config: &RenderedConfig) -> Result<ApplyReport> {
+        // Every path is checked before anything is touched.
+        let places = config
+            .files
+            .keys()
+            .map(|path| self.config_path(config, path))
+            .collect::<Result<Vec<_>>>()?;
         self.recover()?;
         let previous = self.current()?;
         let owned = |path: &str| {
@@ -156,12 +335,14 @@ impl HostFs {
 
         // Which files change, where they go.
         let mut changes = Vec::new();
-        for (path, file) in &config.files {
-            let target = self.host_path(path)?;
-            if on_disk_matches(&target, file.content.as_bytes(), file.mode) {
-                continue;
+        for ((path, file), place) in config.files.iter().zip(places) {
+            let on_disk = self.read_file(&place)?;
+            let matches = on_disk.as_ref().is_some_and(|(content, mode)| {
+                *mode == file.mode && content.as_slice() == file.content.as_bytes()
+            });
+            if !matches {
+                changes.push((path.clone(), place, file, on_disk));
             }
-            changes.push((path.clone(), target, file));
         }
         let remove: Vec<String> = previous
             .iter()
@@ -176,33 +357,43 @@ impl HostFs {
         // 1-2. Stage every new file beside its target.
         let staged: Vec<PathBuf> = changes
             .iter()
-            .map(|(_, target, _)| staged_path(target))
+            .map(|(_, place, _, _)| self.root.join(&place.dir).join(place.staged()))
             .collect();
-        write_json_atomic(
+        self.write_json_atomic(
             &self.state("staging.json"),
             &Staging {
                 staged: staged.clone(),
             },
         )?;
-        for ((_, target, file), staged) in changes.iter().zip(&staged) {
-            let dir = target.parent().expect("host paths have a parent");
-            fs::create_dir_all(dir).map_err(io("create directory", dir))?;
-            write_file(staged, file.content.as_bytes(), file.mode)?;
+        for (_, place, file, _) in &changes {
+            let dir = self
+                .open_dir(&place.dir, Some(HOST_DIR_MODE))?
+                .expect("created");
+            dir.create_file(&place.staged(), file.content.as_bytes(), file.mode)?;
         }
         crash_point("staged");
 
-        // 3. A file regmirror does not own is saved once before it is replaced.
-        for (path, target, _) in &changes {
-            if target.exists() && !owned(path) {
-                let backup = self.state("backup").join(path.trim_start_matches('/'));
-                if !backup.exists() {
-                    fs::create_dir_all(backup.parent().unwrap())
-                        .map_err(io("create directory", &backup))?;
-                    let content = fs::read(target).map_err(io("read", target))?;
-                    write_file(&backup, &content, 0o600)?;
-                    report.backed_up.push(path.clone());
-                }
+        // 3. A file regmirror does not own is saved once before it is replaced, with its mode.
+        for (path, place, _, on_disk) in &changes {
+            let Some((content, mode)) = on_disk else {
+                continue;
+            };
+            if owned(path) {
+                continue;
             }
+            let backup = self.backup(place);
+            let dir = self
+                .open_dir(&backup.dir, Some(STATE_DIR_MODE))?
+                .expect("created");
+            if dir.kind(&backup.name)?.is_some() {
+                dir.read(&backup.name)?; // refuses a link or special file there
+                continue;
+            }
+            // The mode first: a backup without its record would come back 0600.
+            let mode_name = suffixed(&backup.name, MODE_SUFFIX);
+            dir.replace(&mode_name, format!("{mode:o}\n").as_bytes(), 0o600)?;
+            dir.replace(&backup.name, content, 0o600)?;
+            report.backed_up.push(path.clone());
         }
 
         // 4. The commit point.
@@ -210,45 +401,60 @@ impl HostFs {
             config: config.clone(),
             remove: remove.clone(),
         };
-        write_json_atomic(&self.state("journal.json"), &journal)?;
+        self.write_json_atomic(&self.state("journal.json"), &journal)?;
         crash_point("journaled");
 
         // 5. Into place.
         self.roll_forward(&journal)?;
-        report.written = changes.into_iter().map(|(path, _, _)| path).collect();
+        report.written = changes.into_iter().map(|(path, ..)| path).collect();
         report.removed = remove;
         Ok(report)
     }
 
     /// Reads a record the agent keeps in its state directory.
     pub fn read_state<T: for<'de> Deserialize<'de>>(&self, name: &str) -> Result<Option<T>> {
-        read_json(&self.state(name))
+        self.read_json(&self.state(name))
     }
 
     /// Writes a record into the state directory, atomically.
     pub fn write_state<T: Serialize>(&self, name: &str, value: &T) -> Result<()> {
-        write_json_atomic(&self.state(name), value)
+        self.write_json_atomic(&self.state(name), value)
     }
 
     /// Puts back hand-written files regmirror backed up before replacing them, where nothing
-    /// of regmirror's stands now. For a node that never had a good configuration of ours:
-    /// after a failed first apply it gets its own files back. Returns the paths restored.
+    /// of regmirror's stands now, with the mode they had. For a node that never had a good
+    /// configuration of ours: after a failed first apply it gets its own files back. Returns
+    /// the paths restored.
     pub fn restore_backups<'p>(
         &self,
         paths: impl IntoIterator<Item = &'p String>,
     ) -> Result<Vec<String>> {
         let mut restored = Vec::new();
         for path in paths {
-            let backup = self.state("backup").join(path.trim_start_matches('/'));
-            let target = self.host_path(path)?;
-            if !backup.is_file() || target.exists() {
+            let place = self.host_path(path)?;
+            let backup = self.backup(&place);
+            let Some(backup_dir) = self.open_dir(&backup.dir, None)? else {
+                continue;
+            };
+            let Some((content, _)) = backup_dir.read(&backup.name)? else {
+                continue;
+            };
+            let mode = match backup_dir.read(&suffixed(&backup.name, MODE_SUFFIX))? {
+                Some((text, _)) => std::str::from_utf8(&text)
+                    .ok()
+                    .and_then(|t| u32::from_str_radix(t.trim(), 8).ok())
+                    // Permission bits only: a record never makes a file setuid.
+                    .map_or(UNKNOWN_BACKUP_MODE, |m| m & 0o777),
+                None => UNKNOWN_BACKUP_MODE,
+            };
+            let dir = self
+                .open_dir(&place.dir, Some(HOST_DIR_MODE))?
+                .expect("created");
+            if dir.kind(&place.name)?.is_some() {
+                dir.read(&place.name)?; // refuses a link or special file there
                 continue;
             }
-            let content = fs::read(&backup).map_err(io("read", &backup))?;
-            let staged = staged_path(&target);
-            write_file(&staged, &content, 0o600)?;
-            fs::rename(&staged, &target).map_err(io("rename into place", &target))?;
-            sync_dir(target.parent().expect("host paths have a parent"))?;
+            dir.replace(&place.name, &content, mode)?;
             restored.push(path.clone());
         }
         Ok(restored)
@@ -264,99 +470,210 @@ impl HostFs {
 
     fn roll_forward(&self, journal: &Journal) -> Result<()> {
         for (i, path) in journal.config.files.keys().enumerate() {
-            let target = self.host_path(path)?;
-            let staged = staged_path(&target);
-            if staged.exists() {
-                fs::rename(&staged, &target).map_err(io("rename into place", &target))?;
-                sync_dir(target.parent().unwrap())?;
+            let place = self.host_path(path)?;
+            if let Some(dir) = self.open_dir(&place.dir, None)? {
+                let staged = place.staged();
+                match dir.kind(&staged)? {
+                    Some(FileType::RegularFile) => {
+                        dir.rename(&staged, &place.name)?;
+                        dir.sync()?;
+                    }
+                    Some(_) => {
+                        return Err(HostError::Unsafe {
+                            path: dir.path.join(&staged),
+                            what: "not a regular file",
+                        })
+                    }
+                    None => {}
+                }
             }
             if i == 0 {
                 crash_point("installing");
             }
         }
         for path in &journal.remove {
-            let target = self.host_path(path)?;
-            remove_if_exists(&target)?;
+            let place = self.host_path(path)?;
+            if let Some(dir) = self.open_dir(&place.dir, None)? {
+                if dir.remove(&place.name)? {
+                    dir.sync()?;
+                }
+            }
         }
-        write_json_atomic(&self.state("current.json"), &journal.config)?;
-        remove_if_exists(&self.state("journal.json"))?;
-        remove_if_exists(&self.state("staging.json"))?;
-        sync_dir(&self.root.join(STATE_DIR))
+        self.write_json_atomic(&self.state("current.json"), &journal.config)?;
+        self.remove_state("journal.json")?;
+        self.remove_state("staging.json")
     }
-}
 
-fn staged_path(target: &Path) -> PathBuf {
-    let mut name = target
-        .file_name()
-        .expect("host paths name a file")
-        .to_owned();
-    name.push(STAGED_SUFFIX);
-    target.with_file_name(name)
-}
+    /// Reads the file at `place` and its permission bits; `None` when nothing is there (or a
+    /// directory on the way is missing). A link or special file there, or on the way, is an
+    /// error.
+    fn read_file(&self, place: &Place) -> Result<Option<(Vec<u8>, u32)>> {
+        match self.open_dir(&place.dir, None)? {
+            Some(dir) => dir.read(&place.name),
+            None => Ok(None),
+        }
+    }
 
-fn on_disk_matches(target: &Path, content: &[u8], mode: u32) -> bool {
-    let same_mode = fs::metadata(target).is_ok_and(|m| m.permissions().mode() & 0o7777 == mode);
-    same_mode && fs::read(target).is_ok_and(|on_disk| on_disk == content)
-}
+    fn write_json_atomic<T: Serialize>(&self, place: &Place, value: &T) -> Result<()> {
+        let json = serde_json::to_vec(value).expect("state serializes");
+        let dir = self
+            .open_dir(&place.dir, Some(STATE_DIR_MODE))?
+            .expect("created");
+        // State files hold rendered configurations, credentials included.
+        dir.replace(&place.name, &json, 0o600)
+    }
 
-/// Writes and fsyncs a file with exactly `mode` (whatever the umask).
-fn write_file(path: &Path, content: &[u8], mode: u32) -> Result<()> {
-    let mut file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(mode)
-        .open(path)
-        .map_err(io("create", path))?;
-    file.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(io("chmod", path))?;
-    file.write_all(content).map_err(io("write", path))?;
-    file.sync_all().map_err(io("fsync", path))
-}
-
-fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let dir = path.parent().unwrap();
-    fs::create_dir_all(dir).map_err(io("create directory", dir))?;
-    let json = serde_json::to_vec(value).expect("state serializes");
-    let tmp = staged_path(path);
-    // State files hold rendered configurations, credentials included.
-    write_file(&tmp, &json, 0o600)?;
-    fs::rename(&tmp, path).map_err(io("rename into place", path))?;
-    sync_dir(dir)
-}
-
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
-    match fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
+    fn read_json<T: for<'de> Deserialize<'de>>(&self, place: &Place) -> Result<Option<T>> {
+        let Some((bytes, _)) = self.read_file(place)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| HostError::State {
-                path: path.to_owned(),
+                path: self.root.join(&place.dir).join(&place.name),
                 detail: e.to_string(),
-            }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(HostError::Io {
-            op: "read",
-            path: path.to_owned(),
-            source: e,
-        }),
+            })
+    }
+
+    fn remove_state(&self, name: &str) -> Result<()> {
+        let place = self.state(name);
+        if let Some(dir) = self.open_dir(&place.dir, None)? {
+            if dir.remove(&place.name)? {
+                dir.sync()?;
+            }
+        }
+        Ok(())
     }
 }
 
-fn remove_if_exists(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(HostError::Io {
-            op: "remove",
-            path: path.to_owned(),
-            source: e,
-        }),
-        _ => Ok(()),
-    }
+/// A directory under the root, opened without following links, and where it is (for
+/// messages).
+struct Dir {
+    fd: OwnedFd,
+    path: PathBuf,
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("fsync directory", dir))
+impl Dir {
+    /// Opens (or, with `create`, makes) the directory `name` in this one. A link or anything
+    /// else than a directory there is refused.
+    fn subdir(&self, name: &OsStr, create: Option<u32>) -> Result<Option<Dir>> {
+        let path = self.path.join(name);
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let mut made = false;
+        loop {
+            match rustix::fs::openat(&self.fd, name, flags, Mode::empty()) {
+                Ok(fd) => return Ok(Some(Dir { fd, path })),
+                Err(Errno::NOENT) => {
+                    let Some(mode) = create else {
+                        return Ok(None);
+                    };
+                    if made {
+                        return Err(io("open directory", &path)(Errno::NOENT));
+                    }
+                    match rustix::fs::mkdirat(&self.fd, name, Mode::from_raw_mode(mode)) {
+                        // The new entry is durable only once its parent is.
+                        Ok(()) => self.sync()?,
+                        Err(Errno::EXIST) => {}
+                        Err(e) => return Err(io("create directory", &path)(e)),
+                    }
+                    made = true;
+                }
+                Err(Errno::LOOP | Errno::NOTDIR) => {
+                    return Err(self.refusal(name, "not a directory"));
+                }
+                Err(e) => return Err(io("open directory", &path)(e)),
+            }
+        }
+    }
+
+    /// What is at `name`, without following a link; `None` when nothing is.
+    fn kind(&self, name: &OsStr) -> Result<Option<FileType>> {
+        match rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => Ok(Some(FileType::from_raw_mode(stat.st_mode))),
+            Err(Errno::NOENT) => Ok(None),
+            Err(e) => Err(io("stat", &self.path.join(name))(e)),
+        }
+    }
+
+    /// The error for `name`, which is not what it should be: a link, or `otherwise`.
+    fn refusal(&self, name: &OsStr, otherwise: &'static str) -> HostError {
+        let what = match self.kind(name) {
+            Ok(Some(FileType::Symlink)) => "it is a symbolic link",
+            _ => otherwise,
+        };
+        HostError::Unsafe {
+            path: self.path.join(name),
+            what,
+        }
+    }
+
+    /// Reads the regular file `name` and its permission bits; `None` when nothing is there.
+    fn read(&self, name: &OsStr) -> Result<Option<(Vec<u8>, u32)>> {
+        let path = self.path.join(name);
+        // Non-blocking: a FIFO planted there must not hang the agent.
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let fd = match rustix::fs::openat(&self.fd, name, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Ok(None),
+            Err(Errno::LOOP) => return Err(self.refusal(name, "not a regular file")),
+            Err(e) => return Err(io("open", &path)(e)),
+        };
+        let mut file = File::from(fd);
+        let meta = file.metadata().map_err(std_io("stat", &path))?;
+        if !meta.file_type().is_file() {
+            return Err(HostError::Unsafe {
+                path,
+                what: "not a regular file",
+            });
+        }
+        let mut content = Vec::with_capacity(meta.size() as usize);
+        file.read_to_end(&mut content)
+            .map_err(std_io("read", &path))?;
+        Ok(Some((content, meta.permissions().mode() & 0o7777)))
+    }
+
+    /// Creates the file `name` afresh (a stale one, or a link, there is removed first, never
+    /// followed) with exactly `mode` whatever the umask, and fsyncs it.
+    fn create_file(&self, name: &OsStr, content: &[u8], mode: u32) -> Result<()> {
+        let path = self.path.join(name);
+        self.remove(name)?;
+        let flags =
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = rustix::fs::openat(&self.fd, name, flags, Mode::from_raw_mode(mode))
+            .map_err(io("create", &path))?;
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode)).map_err(io("chmod", &path))?;
+        let mut file = File::from(fd);
+        file.write_all(content).map_err(std_io("write", &path))?;
+        file.sync_all().map_err(std_io("fsync", &path))
+    }
+
+    /// Atomically replaces `name` with `content`: written beside it, renamed over it, and the
+    /// directory fsynced.
+    fn replace(&self, name: &OsStr, content: &[u8], mode: u32) -> Result<()> {
+        let staged = suffixed(name, STAGED_SUFFIX);
+        self.create_file(&staged, content, mode)?;
+        self.rename(&staged, name)?;
+        self.sync()
+    }
+
+    fn rename(&self, from: &OsStr, to: &OsStr) -> Result<()> {
+        rustix::fs::renameat(&self.fd, from, &self.fd, to)
+            .map_err(io("rename into place", &self.path.join(to)))
+    }
+
+    /// Removes the entry `name` (a link itself, never what it points to). Returns whether
+    /// there was one.
+    fn remove(&self, name: &OsStr) -> Result<bool> {
+        match rustix::fs::unlinkat(&self.fd, name, AtFlags::empty()) {
+            Ok(()) => Ok(true),
+            Err(Errno::NOENT) => Ok(false),
+            Err(e) => Err(io("remove", &self.path.join(name))(e)),
+        }
+    }
+
+    fn sync(&self) -> Result<()> {
+        rustix::fs::fsync(&self.fd).map_err(io("fsync directory", &self.path))
+    }
 }
 
 /// Fault injection for the crash tests: `REGMIRROR_CRASH_AT=<step>` aborts the process there,
