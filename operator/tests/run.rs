@@ -10,7 +10,9 @@ use regmirror_testbed::api::{mock_client, status_error, Recorded};
 use regmirror_testbed::cluster::{ready_node, sealing_key_secret};
 use serde_json::{json, Value};
 
-fn answer(r: &Recorded) -> (u16, Value) {
+/// `lease`: the Lease as stored, which kube-lease-manager creates, then claims and renews with
+/// patches.
+fn answer(lease: &mut Option<Value>, r: &Recorded) -> (u16, Value) {
     let path = r.path.split('?').next().unwrap();
     let query = r.path.split_once('?').map_or("", |(_, q)| q);
     if query.contains("watch=true") {
@@ -39,11 +41,29 @@ fn answer(r: &Recorded) -> (u16, Value) {
         ("GET", "secrets") => list("v1", "SecretList", vec![]),
         ("GET", "configmaps") => list("v1", "ConfigMapList", vec![]),
         ("GET", "roles") => list("rbac.authorization.k8s.io/v1", "RoleList", vec![]),
-        ("GET", "regmirror-controller") => (404, status_error(404, "NotFound", "leases not found")),
+        ("GET", "regmirror-controller") => lease.clone().map_or_else(
+            || (404, status_error(404, "NotFound", "leases not found")),
+            |lease| (200, lease),
+        ),
         ("POST", "leases") => {
-            let mut lease = r.body.clone();
-            lease["metadata"]["resourceVersion"] = json!("1");
-            (201, lease)
+            let mut created = r.body.clone();
+            created["metadata"]["resourceVersion"] = json!("1");
+            *lease = Some(created.clone());
+            (201, created)
+        }
+        ("PATCH", "regmirror-controller") => {
+            let Some(stored) = lease.as_mut() else {
+                return (404, status_error(404, "NotFound", "leases not found"));
+            };
+            for (field, value) in r.body["spec"].as_object().into_iter().flatten() {
+                match stored["spec"].as_object_mut() {
+                    Some(spec) if value.is_null() => {
+                        spec.remove(field);
+                    }
+                    _ => stored["spec"][field] = value.clone(),
+                }
+            }
+            (200, stored.clone())
         }
         ("PATCH", _) => {
             let mut body = r.body.clone();
@@ -69,7 +89,8 @@ async fn ready(port: u16) -> bool {
 
 #[tokio::test]
 async fn the_controller_fills_its_caches_leads_and_reconciles() {
-    let (client, log) = mock_client(answer);
+    let mut lease = None;
+    let (client, log) = mock_client(move |r| answer(&mut lease, r));
     let port = regmirror_testbed::free_port();
     let settings = Settings {
         namespace: "regmirror-system".into(),
@@ -86,7 +107,10 @@ async fn the_controller_fills_its_caches_leads_and_reconciles() {
     for _ in 0..200 {
         tokio::time::sleep(Duration::from_millis(50)).await;
         requests = log.snapshot();
-        if requests.iter().any(|r| r.method == "PATCH") {
+        if requests
+            .iter()
+            .any(|r| r.method == "PATCH" && r.path.contains("/roles/"))
+        {
             break;
         }
     }
@@ -114,16 +138,21 @@ async fn the_controller_fills_its_caches_leads_and_reconciles() {
         writes.iter().map(|r| r.line()).collect::<Vec<_>>(),
         [
             "POST /apis/coordination.k8s.io/v1/namespaces/regmirror-system/leases?".to_owned(),
+            // kube-lease-manager claims the lease (server-side apply), then counts the
+            // transition.
+            "PATCH /apis/coordination.k8s.io/v1/namespaces/regmirror-system/leases/regmirror-controller?&fieldManager=kube-lease-manager-regmirror-operator-0".to_owned(),
+            "PATCH /apis/coordination.k8s.io/v1/namespaces/regmirror-system/leases/regmirror-controller?&fieldManager=kube-lease-manager-regmirror-operator-0".to_owned(),
             "PATCH /apis/rbac.authorization.k8s.io/v1/namespaces/regmirror-system/roles/regmirror-agent-configs?&force=true&fieldManager=regmirror".to_owned(),
         ],
         "a node with nothing to get is left alone"
     );
+    assert_eq!(writes[1].content_type, "application/apply-patch+yaml");
     assert_eq!(
-        writes[0].body["spec"]["holderIdentity"],
+        writes[1].body["spec"]["holderIdentity"],
         json!("regmirror-operator-0")
     );
     assert_eq!(
-        writes[1].body["rules"][0]["resourceNames"],
+        writes[3].body["rules"][0]["resourceNames"],
         json!(["regmirror-config-none"])
     );
 }

@@ -1,137 +1,191 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, so that of several replicas exactly
 //! one writes.
 //!
-//! Hand-written rather than taken from a crate: the published lease crates trail kube's major
-//! versions (kube 5 here), and what is needed is small. The rules are client-go's: the holder
-//! renews well within `leaseDurationSeconds`; another candidate takes over only when it has
-//! seen the lease *unchanged* for a whole duration, by its own clock (so clock skew between
-//! nodes does not matter); every write carries the `resourceVersion` it read, so two
-//! candidates racing for an expired lease cannot both win.
+//! The election itself is [`kube_lease_manager`]'s. Its rules: the holder renews a third of
+//! the duration after each renewal; another candidate takes over only once the holder's
+//! `renewTime` plus `leaseDurationSeconds` has passed by the candidate's own clock: it clears
+//! the expired holder, waits a random 0.1–1 s, and claims the lease with server-side apply
+//! under a field manager of its own (`kube-lease-manager-<identity>`), so that of two
+//! candidates claiming at once the API server refuses the second (409 Conflict).
+//!
+//! This module adds what a process needs around it: [`LeaseLock::acquire`] waits until the
+//! lease is ours (a follower retries errors; it has nothing to lose by waiting), [`Held`]
+//! renews it in a task of its own so that long work under it does not delay renewal,
+//! [`Held::lost`] says when leadership is gone — another holder, or no renewal confirmed by
+//! the API server for a whole duration (kube-lease-manager alone would keep retrying and go on
+//! saying we lead) — and [`Held::release`] hands the lease back on shutdown.
 
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, PostParams};
+use futures::Future;
+use http::{Method, Request, Response};
+use http_body_util::BodyExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::client::Body;
+use kube::Client;
+use kube_lease_manager::{LeaseCreateMode, LeaseManager, LeaseManagerError, LeaseParams};
 use tokio::time::Instant;
+
+/// Leadership ends this long before a whole duration without a confirmed renewal, for the
+/// time a renewal takes to reach the API server.
+const MARGIN: Duration = Duration::from_secs(1);
 
 /// One candidate for one Lease.
 pub struct LeaseLock {
-    api: Api<Lease>,
+    /// The client, seen through [`Witness`].
+    client: Client,
+    namespace: String,
     name: String,
     identity: String,
-    duration: Duration,
-    /// The lease as last seen, and when (by our clock) it last changed.
-    observed: Option<(Observed, Instant)>,
+    /// Whole seconds, at least 2: the Lease counts in seconds, and renewal comes before expiry.
+    duration: u64,
+    confirmed: Confirmed,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Observed {
-    holder: Option<String>,
-    renew_time: Option<MicroTime>,
-}
+/// When (by our clock) the last write was sent that the API server answered with a Lease
+/// naming us as holder.
+type Confirmed = Arc<Mutex<Option<Instant>>>;
 
 impl LeaseLock {
-    pub fn new(api: Api<Lease>, name: &str, identity: &str, duration: Duration) -> Self {
+    /// A candidate `identity` for the Lease `namespace/name`, held for `duration` (whole
+    /// seconds, at least 2) after each renewal.
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        name: &str,
+        identity: &str,
+        duration: Duration,
+    ) -> Self {
+        assert!(
+            duration >= Duration::from_secs(2),
+            "a lease duration under 2 s leaves no time to renew"
+        );
+        let confirmed = Confirmed::default();
+        let witness = Witness {
+            client: client.clone(),
+            identity: identity.to_owned(),
+            confirmed: confirmed.clone(),
+        };
         LeaseLock {
-            api,
+            client: Client::new(witness, client.default_namespace().to_owned()),
+            namespace: namespace.to_owned(),
             name: name.to_owned(),
             identity: identity.to_owned(),
-            duration,
-            observed: None,
+            duration: duration.as_secs(),
+            confirmed,
         }
     }
 
-    /// How often the holder should renew: a third of the duration, as client-go does.
+    /// How often the holder renews: a third of the duration, as client-go does.
     pub fn renew_interval(&self) -> Duration {
-        self.duration / 3
+        Duration::from_secs((self.duration / 3).max(1))
     }
 
-    /// Takes or renews the lease. `Ok(true)`: we lead until `duration` from now.
-    pub async fn try_acquire_or_renew(&mut self) -> Result<bool, kube::Error> {
-        let Some(lease) = self.api.get_opt(&self.name).await? else {
-            let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(self.name.clone()),
-                    ..ObjectMeta::default()
-                },
-                spec: Some(self.claim(None)),
-            };
-            return self.won(self.api.create(&PostParams::default(), &lease).await);
-        };
-        let spec = lease.spec.clone().unwrap_or_default();
-        let seen = Observed {
-            holder: spec.holder_identity.clone().filter(|h| !h.is_empty()),
-            renew_time: spec.renew_time.clone(),
-        };
-        let now = Instant::now();
-        let since = match &self.observed {
-            Some((before, at)) if *before == seen => *at,
-            _ => now,
-        };
-        self.observed = Some((seen.clone(), since));
-        let ours = seen.holder.as_deref() == Some(self.identity.as_str());
-        let expired = seen.holder.is_none() || now.duration_since(since) >= self.duration;
-        if !ours && !expired {
-            return Ok(false);
-        }
-        let mut claimed = lease.clone();
-        claimed.spec = Some(self.claim(Some(&spec)));
-        self.won(
-            self.api
-                .replace(&self.name, &PostParams::default(), &claimed)
-                .await,
+    fn params(&self) -> LeaseParams {
+        // kube-lease-manager renews `grace` seconds before the lease expires.
+        let grace = self.duration - self.renew_interval().as_secs();
+        LeaseParams::new(self.identity.clone(), self.duration, grace)
+    }
+
+    async fn manager(&self) -> Result<LeaseManager, LeaseManagerError> {
+        LeaseManager::new(
+            self.client.clone(),
+            &self.name,
+            &self.namespace,
+            self.params(),
+            LeaseCreateMode::AutoCreate,
         )
+        .await
     }
 
-    /// Gives the lease up on shutdown, so another replica need not wait for it to expire.
-    pub async fn release(&mut self) -> Result<(), kube::Error> {
-        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
-            return Ok(());
+    /// Waits until the lease is ours (creating it if there is none), then keeps it: see
+    /// [`Held`]. Errors talking to the API server are logged and retried.
+    pub async fn acquire(self) -> Held {
+        let manager = loop {
+            let manager = match self.manager().await {
+                Ok(manager) => manager,
+                Err(e) => {
+                    tracing::warn!(lease = %self.name, error = %e, "cannot read the lease; retrying");
+                    tokio::time::sleep(self.renew_interval()).await;
+                    continue;
+                }
+            };
+            let leading = loop {
+                match manager.changed().await {
+                    Ok(true) => break true,
+                    Ok(false) => {}
+                    // Deleted under us: start again, which creates it.
+                    Err(LeaseManagerError::NonexistentLease(_)) => break false,
+                    Err(e) => {
+                        tracing::warn!(lease = %self.name, error = %e, "cannot take the lease; retrying");
+                        tokio::time::sleep(self.renew_interval()).await;
+                    }
+                }
+            };
+            if leading {
+                break manager;
+            }
         };
-        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
-            return Ok(());
-        }
-        spec.holder_identity = None;
-        spec.acquire_time = None;
-        spec.renew_time = None;
-        self.api
-            .replace(&self.name, &PostParams::default(), &lease)
-            .await?;
-        Ok(())
+        self.keep(manager).await
     }
 
-    /// The spec that says we hold the lease, continuing `previous`.
-    fn claim(&self, previous: Option<&LeaseSpec>) -> LeaseSpec {
-        let now = MicroTime(Timestamp::now());
-        let ours = previous.and_then(|p| p.holder_identity.as_deref()) == Some(&self.identity);
-        let transitions = previous.and_then(|p| p.lease_transitions).unwrap_or(0);
-        LeaseSpec {
-            holder_identity: Some(self.identity.clone()),
-            lease_duration_seconds: Some(self.duration.as_secs() as i32),
-            acquire_time: if ours {
-                previous.and_then(|p| p.acquire_time.clone())
-            } else {
-                Some(now.clone())
-            },
-            renew_time: Some(now),
-            lease_transitions: Some(if ours || previous.is_none() {
-                transitions
-            } else {
-                transitions + 1
-            }),
-            ..LeaseSpec::default()
-        }
-    }
-
-    /// A write that lost a race (409 Conflict) means someone else leads.
-    fn won(&mut self, written: Result<Lease, kube::Error>) -> Result<bool, kube::Error> {
-        match written {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
-            Err(e) => Err(e),
+    async fn keep(self, manager: LeaseManager) -> Held {
+        let limit = Duration::from_secs(self.duration).saturating_sub(MARGIN);
+        let confirmed = self.confirmed;
+        confirmed
+            .lock()
+            .expect("lease confirmation lock")
+            .get_or_insert_with(Instant::now);
+        let name = self.name;
+        let (mut leading, watcher) = manager.watch().await;
+        let (lost_tx, lost) = tokio::sync::watch::channel(false);
+        let (stop, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let stopped = loop {
+                let last = *confirmed.lock().expect("lease confirmation lock");
+                let deadline = last.map_or_else(Instant::now, |at| at + limit);
+                tokio::select! {
+                    _ = &mut stop_rx => break true,
+                    changed = leading.changed() => {
+                        if changed.is_err() || !*leading.borrow_and_update() {
+                            tracing::error!(lease = %name, "the lease has another holder");
+                            break false;
+                        }
+                    }
+                    _ = tokio::time::sleep_until(deadline) => {
+                        if *confirmed.lock().expect("lease confirmation lock") == last {
+                            tracing::error!(lease = %name, "could not renew the lease in time");
+                            break false;
+                        }
+                    }
+                }
+            };
+            if !stopped {
+                // Not ours any more: neither renew nor release it.
+                watcher.abort();
+                let _ = lost_tx.send(true);
+                return;
+            }
+            // With the last receiver gone, kube-lease-manager releases the lease and ends.
+            drop(leading);
+            match tokio::time::timeout(limit, watcher).await {
+                Ok(Ok(Ok(_))) => tracing::info!(lease = %name, "released the lease"),
+                Ok(Ok(Err(e))) => {
+                    tracing::warn!(lease = %name, error = %e, "releasing the lease failed; another replica takes over when it expires")
+                }
+                Ok(Err(e)) => tracing::warn!(lease = %name, error = %e, "the lease task failed"),
+                Err(_) => {
+                    tracing::warn!(lease = %name, "releasing the lease timed out; another replica takes over when it expires")
+                }
+            }
+        });
+        Held {
+            lost,
+            stop: Some(stop),
+            task,
         }
     }
 }
@@ -141,67 +195,6 @@ pub struct Held {
     lost: tokio::sync::watch::Receiver<bool>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
-}
-
-impl LeaseLock {
-    /// Waits until the lease is ours. Errors talking to the API server are logged and retried:
-    /// a follower has nothing to lose by waiting.
-    pub async fn acquire(&mut self) {
-        loop {
-            match self.try_acquire_or_renew().await {
-                Ok(true) => return,
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(lease = %self.name, error = %e, "cannot read the lease; retrying")
-                }
-            }
-            tokio::time::sleep(self.renew_interval()).await;
-        }
-    }
-
-    /// Keeps renewing the lease in a task of its own, so that long work under it does not
-    /// delay renewal. Leadership is lost when a renewal finds another holder, or when renewals
-    /// fail for a whole duration.
-    pub fn keep(mut self) -> Held {
-        let (lost_tx, lost) = tokio::sync::watch::channel(false);
-        let (stop, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let mut renewed = Instant::now();
-            let mut wait = self.renew_interval();
-            loop {
-                tokio::select! {
-                    _ = &mut stop_rx => {
-                        if let Err(e) = self.release().await {
-                            tracing::warn!(error = %e, "releasing the lease failed; another replica takes over when it expires");
-                        }
-                        return;
-                    }
-                    _ = tokio::time::sleep(wait) => {}
-                }
-                match self.try_acquire_or_renew().await {
-                    Ok(true) => {
-                        renewed = Instant::now();
-                        wait = self.renew_interval();
-                    }
-                    Ok(false) => break,
-                    Err(e) if renewed.elapsed() + Duration::from_secs(1) < self.duration => {
-                        tracing::warn!(lease = %self.name, error = %e, "renewing the lease failed; retrying");
-                        wait = Duration::from_secs(1);
-                    }
-                    Err(e) => {
-                        tracing::error!(lease = %self.name, error = %e, "could not renew the lease in time");
-                        break;
-                    }
-                }
-            }
-            let _ = lost_tx.send(true);
-        });
-        Held {
-            lost,
-            stop: Some(stop),
-            task,
-        }
-    }
 }
 
 impl Held {
@@ -216,5 +209,49 @@ impl Held {
             let _ = stop.send(());
         }
         let _ = (&mut self.task).await;
+    }
+}
+
+/// The client kube-lease-manager talks through: it passes every request on, and notes when a
+/// write was sent that the API server answered with a Lease naming us as holder. That is the
+/// one thing kube-lease-manager does not tell: whether its renewals go through.
+#[derive(Clone)]
+struct Witness {
+    client: Client,
+    identity: String,
+    confirmed: Confirmed,
+}
+
+type Answer = Pin<Box<dyn Future<Output = Result<Response<Body>, kube::Error>> + Send>>;
+
+impl tower_service::Service<Request<Body>> for Witness {
+    type Response = Response<Body>;
+    type Error = kube::Error;
+    type Future = Answer;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), kube::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Answer {
+        let this = self.clone();
+        Box::pin(async move {
+            let write = request.method() == Method::PATCH;
+            let sent = Instant::now();
+            let response = this.client.send(request).await?;
+            if !write || !response.status().is_success() {
+                return Ok(response);
+            }
+            let (parts, body) = response.into_parts();
+            let bytes = body.collect().await?.to_bytes();
+            let holder = serde_json::from_slice::<Lease>(&bytes)
+                .ok()
+                .and_then(|lease| lease.spec?.holder_identity);
+            if holder.as_deref() == Some(this.identity.as_str()) {
+                let mut confirmed = this.confirmed.lock().expect("lease confirmation lock");
+                *confirmed = Some(confirmed.map_or(sent, |at| at.max(sent)));
+            }
+            Ok(Response::from_parts(parts, Body::from(bytes)))
+        })
     }
 }

@@ -17,6 +17,9 @@ pub struct Recorded {
     pub path: String,
     /// The JSON body; `Value::Null` when there was none.
     pub body: Value,
+    /// The `Content-Type` header, e.g. `application/apply-patch+yaml` for server-side apply;
+    /// empty when there was none.
+    pub content_type: String,
 }
 
 impl Recorded {
@@ -68,6 +71,12 @@ pub fn mock_client(
                     .path_and_query()
                     .map(ToString::to_string)
                     .unwrap_or_default(),
+                content_type: parts
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned(),
                 body: if bytes.is_empty() {
                     Value::Null
                 } else {

@@ -124,7 +124,7 @@ def test_operator_role_is_least_privilege(rendering):
         r([""], ["secrets"], ["get", "list", "watch", "create", "delete"]),
         r([""], ["configmaps"], ["get", "list", "watch"]),
         r(["coordination.k8s.io"], ["leases"], ["create"]),
-        r(["coordination.k8s.io"], ["leases"], ["get", "update"], ["regmirror-controller"]),
+        r(["coordination.k8s.io"], ["leases"], ["get", "patch"], ["regmirror-controller"]),
         r(["rbac.authorization.k8s.io"], ["roles"], ["create"]),
         r(["rbac.authorization.k8s.io"], ["roles"], ["get", "list", "watch", "update", "patch"], [AGENT_ROLE]),
     ]), f"Role {NAMESPACE}/regmirror-operator rules differ from the least-privilege set: {got}"
