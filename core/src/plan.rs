@@ -13,19 +13,20 @@ use thiserror::Error;
 use crate::contract::NodeState;
 use crate::activation::Activation;
 
-/// One node, as the planner sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeRollout {
-    pub name: String,
+/// One node, as the planner sees it (borrowed from the decision's view: a pass over thousands
+/// of nodes copies none of their names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeRollout<'a> {
+    pub name: &'a str,
     pub control_plane: bool,
     pub ready: bool,
     /// The config the operator last told the node to apply (`desired-config`).
-    pub desired: Option<String>,
+    pub desired: Option<&'a str>,
     /// The config the node reports running (`current-config`).
-    pub current: Option<String>,
+    pub current: Option<&'a str>,
     pub state: Option<NodeState>,
     /// The config the node should end up with.
-    pub target: String,
+    pub target: &'a str,
     /// What moving from `current` to `target` takes.
     pub activation: Activation,
     /// The step the node was told for the move it is making now (`desired-activation`), if
@@ -36,7 +37,7 @@ pub struct NodeRollout {
     pub paused: bool,
 }
 
-impl NodeRollout {
+impl NodeRollout<'_> {
     /// Told to move and not done yet.
     fn in_flight(&self) -> bool {
         self.desired.is_some()
@@ -85,24 +86,27 @@ impl MaxUnavailable {
 
 /// What to do now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Plan {
+pub struct Plan<'a> {
     /// Nodes whose `desired-config` is to be set to their target, in name order.
-    pub advance: Vec<String>,
+    pub advance: Vec<&'a str>,
     /// Target configs held back because a node failed on them.
-    pub halted: BTreeSet<String>,
+    pub halted: BTreeSet<&'a str>,
     /// Nodes waiting for restart budget.
-    pub waiting: Vec<String>,
+    pub waiting: Vec<&'a str>,
 }
 
 /// Decides which nodes advance now.
-pub fn plan(nodes: &[NodeRollout], max_unavailable: MaxUnavailable) -> Plan {
+pub fn plan<'a>(nodes: &[NodeRollout<'a>], max_unavailable: MaxUnavailable) -> Plan<'a> {
+    // Callers with many nodes pass them in name order already; sorting is then one pass.
     let mut sorted: Vec<&NodeRollout> = nodes.iter().collect();
-    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    if !sorted.is_sorted_by(|a, b| a.name <= b.name) {
+        sorted.sort_by(|a, b| a.name.cmp(b.name));
+    }
 
-    let halted: BTreeSet<String> = sorted
+    let halted: BTreeSet<&'a str> = sorted
         .iter()
         .filter(|n| n.state == Some(NodeState::Failed))
-        .filter_map(|n| n.desired.clone())
+        .filter_map(|n| n.desired)
         .collect();
     let restarting =
         |n: &&NodeRollout| n.in_flight() && n.told.unwrap_or(n.activation) == Activation::Restart;
@@ -111,7 +115,7 @@ pub fn plan(nodes: &[NodeRollout], max_unavailable: MaxUnavailable) -> Plan {
     let busy_control_plane: Vec<&str> = sorted
         .iter()
         .filter(|n| n.control_plane && (!n.ready || restarting(n)))
-        .map(|n| n.name.as_str())
+        .map(|n| n.name)
         .collect();
     let mut control_plane_advanced = false;
 
@@ -120,7 +124,7 @@ pub fn plan(nodes: &[NodeRollout], max_unavailable: MaxUnavailable) -> Plan {
         ..Plan::default()
     };
     for node in sorted {
-        let settled = node.desired.as_deref() == Some(node.target.as_str());
+        let settled = node.desired == Some(node.target);
         if settled
             || node.paused
             || halted.contains(&node.target)
@@ -129,7 +133,7 @@ pub fn plan(nodes: &[NodeRollout], max_unavailable: MaxUnavailable) -> Plan {
             continue;
         }
         if node.activation != Activation::Restart {
-            plan.advance.push(node.name.clone());
+            plan.advance.push(node.name);
             continue;
         }
         // A node that is already down costs no extra budget to restart.
@@ -137,12 +141,12 @@ pub fn plan(nodes: &[NodeRollout], max_unavailable: MaxUnavailable) -> Plan {
         let other_control_plane_busy =
             control_plane_advanced || busy_control_plane.iter().any(|n| *n != node.name);
         if unavailable + cost > budget || (node.control_plane && other_control_plane_busy) {
-            plan.waiting.push(node.name.clone());
+            plan.waiting.push(node.name);
             continue;
         }
         unavailable += cost;
         control_plane_advanced |= node.control_plane;
-        plan.advance.push(node.name.clone());
+        plan.advance.push(node.name);
     }
     plan
 }

@@ -5,9 +5,14 @@ use regmirror_core::contract::NodeState;
 use regmirror_core::plan::{plan, MaxUnavailable, NodeRollout};
 use regmirror_core::activation::Activation;
 
-fn node(name: &str, control_plane: bool, activation: Activation) -> NodeRollout {
+/// A name that lives as long as the test binary: rollouts borrow their names.
+fn name(text: String) -> &'static str {
+    Box::leak(text.into_boxed_str())
+}
+
+fn node(name: &'static str, control_plane: bool, activation: Activation) -> NodeRollout<'static> {
     NodeRollout {
-        name: name.into(),
+        name,
         control_plane,
         ready: true,
         desired: Some("old".into()),
@@ -50,7 +55,7 @@ fn max_unavailable_parses_counts_and_percentages() {
 #[test]
 fn hot_changes_are_not_held_back_by_the_restart_budget() {
     let nodes: Vec<_> = (0..10)
-        .map(|i| node(&format!("n{i}"), false, Activation::Hot))
+        .map(|i| node(name(format!("n{i}")), false, Activation::Hot))
         .collect();
     assert_eq!(plan(&nodes, MaxUnavailable::Count(1)).advance.len(), 10);
 }
@@ -58,9 +63,9 @@ fn hot_changes_are_not_held_back_by_the_restart_budget() {
 #[test]
 fn restarts_respect_the_budget_and_one_control_plane_node_at_a_time() {
     let mut nodes: Vec<_> = (0..3)
-        .map(|i| node(&format!("cp{i}"), true, Activation::Restart))
+        .map(|i| node(name(format!("cp{i}")), true, Activation::Restart))
         .collect();
-    nodes.extend((0..6).map(|i| node(&format!("w{i}"), false, Activation::Restart)));
+    nodes.extend((0..6).map(|i| node(name(format!("w{i}")), false, Activation::Restart)));
     let p = plan(&nodes, MaxUnavailable::Count(3));
     assert_eq!(p.advance, ["cp0", "w0", "w1"]);
     assert_eq!(p.waiting.len(), 6);
@@ -74,15 +79,15 @@ fn no_control_plane_restart_while_another_control_plane_node_is_not_ready() {
     ];
     nodes[1].ready = false;
     let p = plan(&nodes, MaxUnavailable::Count(5));
-    assert!(!p.advance.contains(&"cp0".to_string()), "{p:?}");
+    assert!(!p.advance.contains(&"cp0"), "{p:?}");
     // The node that is down may itself take its new config: it costs nothing more.
-    assert!(p.advance.contains(&"cp1".to_string()), "{p:?}");
+    assert!(p.advance.contains(&"cp1"), "{p:?}");
 }
 
 #[test]
 fn a_failed_config_is_not_spread_and_a_paused_mirror_freezes() {
     let mut nodes: Vec<_> = (0..4)
-        .map(|i| node(&format!("n{i}"), false, Activation::Hot))
+        .map(|i| node(name(format!("n{i}")), false, Activation::Hot))
         .collect();
     nodes[0].desired = Some("new".into());
     nodes[0].state = Some(NodeState::Failed);
@@ -91,13 +96,13 @@ fn a_failed_config_is_not_spread_and_a_paused_mirror_freezes() {
     assert!(p.halted.contains("new"));
 
     let mut nodes: Vec<_> = (0..2)
-        .map(|i| node(&format!("n{i}"), false, Activation::Hot))
+        .map(|i| node(name(format!("n{i}")), false, Activation::Hot))
         .collect();
     nodes[1].paused = true;
     assert_eq!(plan(&nodes, MaxUnavailable::Count(1)).advance, ["n0"]);
 }
 
-fn cluster() -> impl Strategy<Value = Vec<NodeRollout>> {
+fn cluster() -> impl Strategy<Value = Vec<NodeRollout<'static>>> {
     prop::collection::vec(
         (
             any::<bool>(),
@@ -116,7 +121,7 @@ fn cluster() -> impl Strategy<Value = Vec<NodeRollout>> {
             .into_iter()
             .enumerate()
             .map(|(i, (cp, ready, activation, phase))| {
-                let mut n = node(&format!("n{i:02}"), cp && i < 5, activation);
+                let mut n = node(name(format!("n{i:02}")), cp && i < 5, activation);
                 n.ready = ready;
                 match phase {
                     0 => {}                                                                 // not started
@@ -143,7 +148,7 @@ proptest! {
         let p = plan(&nodes, MaxUnavailable::Count(budget));
         let mut after = nodes.clone();
         for n in after.iter_mut().filter(|n| p.advance.contains(&n.name)) {
-            n.desired = Some(n.target.clone());
+            n.desired = Some(n.target);
         }
         prop_assert!(restarting_or_down(&after) <= budget.max(before), "{} > {budget} (was {before})", restarting_or_down(&after));
     }
@@ -165,9 +170,9 @@ proptest! {
         for _round in 0..=nodes.len() {
             let p = plan(&nodes, MaxUnavailable::Count(budget));
             for n in nodes.iter_mut() {
-                if p.advance.contains(&n.name) { n.desired = Some(n.target.clone()); }
+                if p.advance.contains(&n.name) { n.desired = Some(n.target); }
                 // The agent applies whatever it was told, successfully.
-                n.current = n.desired.clone();
+                n.current = n.desired;
                 n.state = Some(NodeState::Applied);
             }
         }

@@ -1,0 +1,171 @@
+//! How far the rollout may take each node now: which nodes advance to their target (within
+//! the restart budget), which need their key sealed again, which configs live on.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use super::{Advance, ClusterView, Decision, Notice, Placement, Subject, NO_CONFIG_PLACEHOLDER};
+use crate::activation::{activation, Activation};
+use crate::contract::is_config_name;
+use crate::plan::{plan, NodeRollout};
+
+/// Points the nodes the planner lets go at their targets, creating the configs they need.
+pub(super) fn advance_nodes(placement: &Placement, view: &ClusterView, decision: &mut Decision) {
+    // What a move takes is the same for every node going from one config to the same group.
+    let mut steps: HashMap<(Option<&str>, usize), Activation> = HashMap::new();
+    let rollouts: Vec<(NodeRollout, (usize, usize))> = placement
+        .order()
+        .iter()
+        .filter_map(|&index| {
+            let node = &view.nodes[index];
+            let g = placement.target(index)?;
+            let group = placement.group(g);
+            // A node that never had anything of ours and gets nothing is left alone.
+            if group.mirrors.is_empty() && node.desired.is_none() {
+                return None;
+            }
+            let step = *steps.entry((node.current.as_deref(), g)).or_insert_with(|| {
+                activation(
+                    node.current.as_ref().and_then(|c| view.stored.get(c)),
+                    &group.config,
+                )
+            });
+            let rollout = NodeRollout {
+                name: &node.name,
+                control_plane: node.control_plane,
+                ready: node.ready,
+                desired: node.desired.as_deref(),
+                current: node.current.as_deref(),
+                state: node.state,
+                target: &group.config_name,
+                activation: step,
+                told: node.desired_activation,
+                paused: placement.held(index),
+            };
+            Some((rollout, (g, index)))
+        })
+        .collect();
+    let (nodes, targets): (Vec<NodeRollout>, Vec<(usize, usize)>) = rollouts.into_iter().unzip();
+    let plan = plan(&nodes, view.max_unavailable);
+
+    let mut advancing = plan.advance.iter().peekable();
+    for (rollout, &(g, index)) in nodes.iter().zip(&targets) {
+        let group = placement.group(g);
+        if advancing.peek() == Some(&&rollout.name) {
+            advancing.next();
+            if !view.stored.contains_key(&group.config_name) {
+                decision
+                    .create
+                    .entry(group.config_name.clone())
+                    .or_insert_with(|| group.config.clone());
+            }
+            decision.advance.push(Advance {
+                node: rollout.name.to_owned(),
+                config: group.config_name.clone(),
+                activation: rollout.activation,
+                public_key: view.nodes[index]
+                    .public_key
+                    .clone()
+                    .expect("only nodes with a public key have targets"),
+            });
+            decision.notices.push(Notice {
+                subject: Subject::Node(rollout.name.to_owned()),
+                warning: false,
+                reason: "ConfigScheduled",
+                note: format!("told to apply {}", group.config_name),
+            });
+        } else if rollout.desired == Some(group.config_name.as_str())
+            && !view.stored.contains_key(&group.config_name)
+        {
+            // A config a node is already told to have must exist: recreate it if it went
+            // missing (deleted by hand, or by a pass that saw the node's annotation late).
+            decision
+                .create
+                .entry(group.config_name.clone())
+                .or_insert_with(|| group.config.clone());
+        }
+    }
+}
+
+/// Nodes whose config key was sealed to a key they no longer hold get it sealed again, for
+/// the config they are told to have. The step goes with it again: none, if the node already
+/// runs that config (its agent only lost its local state); else the one it was told.
+pub(super) fn reseal_for_new_keys(view: &ClusterView, decision: &mut Decision) {
+    let advanced: HashSet<&str> = decision.advance.iter().map(|a| a.node.as_str()).collect();
+    for node in view.nodes {
+        let (Some(desired), Some(public_key)) = (&node.desired, &node.public_key) else {
+            continue;
+        };
+        if node.key_recipient.as_ref() == Some(public_key)
+            || advanced.contains(node.name.as_str())
+            || !is_config_name(desired)
+        {
+            continue;
+        }
+        let step = if node.current.as_ref() == Some(desired) {
+            Activation::Hot
+        } else {
+            node.desired_activation.unwrap_or_else(|| {
+                view.stored.get(desired).map_or(Activation::Hot, |to| {
+                    activation(node.current.as_ref().and_then(|c| view.stored.get(c)), to)
+                })
+            })
+        };
+        decision.rekey.push(Advance {
+            node: node.name.clone(),
+            config: desired.clone(),
+            activation: step,
+            public_key: public_key.clone(),
+        });
+    }
+}
+
+/// Configs some node has, is told to have, or is headed for stay; the rest go. The agents may
+/// read exactly the ones nodes have or are told to have — named whether or not the cache has
+/// caught up with the Secret yet, so an agent is never pointed at a config it cannot read.
+///
+/// Only configs the operator made are ever granted: a name an agent reports as its current
+/// config counts only if it is a config this decision knows (stored and verified, created
+/// now, or some node's target). An agent that reports another Secret's name gains nothing.
+pub(super) fn keep_only_live_configs(
+    placement: &Placement,
+    view: &ClusterView,
+    decision: &mut Decision,
+) {
+    let advanced: HashMap<&str, &str> = decision
+        .advance
+        .iter()
+        .map(|a| (a.node.as_str(), a.config.as_str()))
+        .collect();
+    let headed_for: BTreeSet<&str> = placement
+        .configs()
+        .map(|g| g.config_name.as_str())
+        .collect();
+    let ours = |c: &&str| {
+        is_config_name(c)
+            && (view.stored.contains_key(*c)
+                || decision.create.contains_key(*c)
+                || headed_for.contains(c))
+    };
+    let mut live: BTreeSet<&str> = BTreeSet::new();
+    for node in view.nodes {
+        let desired = advanced
+            .get(node.name.as_str())
+            .copied()
+            .or(node.desired.as_deref());
+        live.extend(desired.into_iter().chain(node.current.as_deref()).filter(ours));
+    }
+    let delete: Vec<String> = view
+        .stored
+        .keys()
+        .filter(|c| !live.contains(c.as_str()) && !headed_for.contains(c.as_str()))
+        .cloned()
+        .collect();
+    let mut names: Vec<String> = live.into_iter().map(str::to_owned).collect();
+    if names.is_empty() {
+        names.push(NO_CONFIG_PLACEHOLDER.to_owned());
+    }
+    if view.agent_role != Some(names.as_slice()) {
+        decision.agent_role = Some(names);
+    }
+    decision.delete = delete;
+}
