@@ -19,6 +19,7 @@ fn config(password: &str) -> RenderedConfig {
         )]),
         restart_key: "k".into(),
         parts: BTreeMap::new(),
+        probes: BTreeMap::new(),
     }
 }
 

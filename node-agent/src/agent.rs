@@ -269,6 +269,7 @@ impl Agent {
             files: Default::default(),
             restart_key: String::new(),
             parts: Default::default(),
+            probes: Default::default(),
         });
         self.host.apply(&target)?;
         if good.is_none() {

@@ -1,41 +1,51 @@
 //! Checking a configuration after it is on disk, the way the runtime will use it: every mirror
-//! endpoint in the hosts.toml files answers the registry API over TLS with the CA and client
-//! certificate configured for it.
+//! endpoint the configuration lists answers the registry API, over TLS with the CA and client
+//! certificate files configured for it.
 //!
-//! containerd reads hosts.toml at every pull and never says that a file is wrong: a CA path
-//! that does not exist, a CA that does not match, or an endpoint that does not answer only
-//! show up as failed pulls later. The agent finds them now, so that it can roll back and
-//! report, and the operator can stop the rollout.
+//! containerd reads hosts.toml at every pull and never says that a file is wrong; CRI-O takes a
+//! registries.conf on reload just as quietly: a CA path that does not exist, a CA that does not
+//! match, or an endpoint that does not answer only show up as failed pulls later. The agent
+//! finds them now, so that it can roll back and report, and the operator can stop the rollout.
+//!
+//! What to probe comes with the configuration ([`RenderedConfig::probes`]): the renderer lists,
+//! per registry and for every flavor, the mirror endpoints in the order the runtime tries them
+//! and the host paths of the TLS files it will use. Nothing is parsed back from the runtime's
+//! files. The registry's own default endpoint is never among them (it is public, or reached in
+//! ways the agent cannot see — k3s even derives its scheme from the name), so air-gapped nodes
+//! verify fine; a registry configured only with credentials or TLS for itself therefore goes
+//! unprobed. A configuration made by an operator older than probe targets carries none, and is
+//! not probed.
 //!
 //! A registry's configuration is broken when a TLS file it names cannot be used, or when none
 //! of its endpoints answers; one endpoint down among others that answer is what fallback is
-//! for, and only a warning.
+//! for, and only a warning. Without a configured CA the certificate chain is not judged here
+//! (the host's own trust store, which the agent cannot see, decides).
 //!
-//! Only the `[host."…"]` mirrors are probed, never a file's `server`: that is the registry's
-//! default endpoint (public, or reached in ways the agent cannot see — k3s even derives its
-//! scheme from the name), so air-gapped nodes verify fine. A registry configured only with
-//! credentials or TLS for itself therefore goes unprobed. Without a configured CA the certificate
-//! chain is not judged here (the host's own trust store, which the agent cannot see, decides).
+//! Requests go through hyper's client (hyper-util's legacy client over hyper-rustls, with the
+//! ring provider the agent's rustls already uses), one client per endpoint since each has its
+//! own TLS files: `GET <API root>/` must answer 200 or 401.
 
+use std::error::Error as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use regmirror_core::render::RenderedConfig;
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use hyper::{Request, Uri};
+use hyper_util::client::legacy::connect::{Connect, HttpConnector};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use regmirror_core::render::{ProbeTarget, RenderedConfig};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 
 /// Why a configuration does not work.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum VerifyError {
-    #[error("{file}: not valid hosts.toml: {detail}")]
-    BadHostsFile { file: String, detail: String },
     #[error("{endpoint}: {what} file {path}: {detail}")]
     BadTlsFile {
         endpoint: String,
@@ -47,123 +57,33 @@ pub enum VerifyError {
     Unreachable { endpoint: String, detail: String },
     #[error("{endpoint}: answered {status} to GET /v2/, not the registry API")]
     NotARegistry { endpoint: String, status: u16 },
-    #[error("no endpoint in {file} answers: {}", reasons.join("; "))]
-    NoEndpointAnswers { file: String, reasons: Vec<String> },
+    #[error("no endpoint in the configuration of {registry} answers: {}", reasons.join("; "))]
+    NoEndpointAnswers {
+        registry: String,
+        reasons: Vec<String>,
+    },
 }
 
-/// The endpoints one hosts.toml file configures.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostsFile {
-    /// Its path on the host.
-    pub path: String,
-    pub endpoints: Vec<Endpoint>,
-}
-
-/// One endpoint as a hosts.toml file configures it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
-    /// The URL as written, e.g. `https://mirror:5000/v2`.
-    pub url: String,
-    /// CA files, as host paths.
-    pub ca: Vec<String>,
-    /// Client certificate and key, as host paths.
-    pub client: Option<(String, String)>,
-    pub skip_verify: bool,
-}
-
-/// The endpoints `config`'s hosts.toml files configure, with their paths made absolute.
-pub fn endpoints(config: &RenderedConfig) -> Result<Vec<HostsFile>, VerifyError> {
-    let mut files = Vec::new();
-    for (path, file) in &config.files {
-        let mut all = Vec::new();
-        if !path.ends_with("/hosts.toml") {
-            continue;
-        }
-        let bad = |detail: String| VerifyError::BadHostsFile {
-            file: path.clone(),
-            detail,
-        };
-        let doc: toml::Table = toml::from_str(&file.content).map_err(|e| bad(e.to_string()))?;
-        let dir = Path::new(path).parent().unwrap_or(Path::new("/"));
-        if let Some(hosts) = doc.get("host").and_then(|h| h.as_table()) {
-            for (url, table) in hosts {
-                if let Some(table) = table.as_table() {
-                    all.push(endpoint(url, table, dir).map_err(bad)?);
-                }
-            }
-        }
-        if !all.is_empty() {
-            files.push(HostsFile {
-                path: path.clone(),
-                endpoints: all,
-            });
-        }
-    }
-    Ok(files)
-}
-
-fn endpoint(url: &str, table: &toml::Table, dir: &Path) -> Result<Endpoint, String> {
-    let absolute = |p: &str| -> String {
-        if p.starts_with('/') {
-            p.to_owned()
-        } else {
-            dir.join(p).display().to_string()
-        }
-    };
-    let strings = |v: &toml::Value| -> Vec<String> {
-        match v {
-            toml::Value::String(s) => vec![s.clone()],
-            toml::Value::Array(a) => a
-                .iter()
-                .filter_map(|x| x.as_str())
-                .map(String::from)
-                .collect(),
-            _ => vec![],
-        }
-    };
-    let ca = table.get("ca").map(strings).unwrap_or_default();
-    let client = match table.get("client") {
-        None => None,
-        Some(toml::Value::Array(pairs)) => match pairs.first() {
-            Some(toml::Value::Array(pair)) if pair.len() == 2 => Some((
-                absolute(pair[0].as_str().unwrap_or_default()),
-                absolute(pair[1].as_str().unwrap_or_default()),
-            )),
-            _ => return Err(format!("{url}: client must be [[cert, key]]")),
-        },
-        Some(_) => return Err(format!("{url}: client must be [[cert, key]]")),
-    };
-    Ok(Endpoint {
-        url: url.to_owned(),
-        ca: ca.iter().map(|p| absolute(p)).collect(),
-        client,
-        skip_verify: table
-            .get("skip_verify")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false),
-    })
-}
-
-/// Probes the endpoints of `config` (files read under `root`). Returns warnings about
-/// endpoints that do not answer while another one for the same registry does.
+/// Probes the targets of `config` (TLS files read under `root`), registry by registry. Returns
+/// warnings about endpoints that do not answer while another one for the same registry does.
 pub async fn verify(
     config: &RenderedConfig,
     root: &Path,
     timeout: Duration,
 ) -> Result<Vec<String>, VerifyError> {
     let mut warnings = Vec::new();
-    for file in endpoints(config)? {
+    for (registry, targets) in &config.probes {
         let mut reasons = Vec::new();
-        for endpoint in &file.endpoints {
-            match probe(endpoint, root, timeout).await {
+        for target in targets {
+            match probe(target, root, timeout).await {
                 Ok(()) => {}
                 Err(e @ VerifyError::BadTlsFile { .. }) => return Err(e),
                 Err(e) => reasons.push(e.to_string()),
             }
         }
-        if reasons.len() == file.endpoints.len() {
+        if !targets.is_empty() && reasons.len() == targets.len() {
             return Err(VerifyError::NoEndpointAnswers {
-                file: file.path,
+                registry: registry.clone(),
                 reasons,
             });
         }
@@ -172,86 +92,116 @@ pub async fn verify(
     Ok(warnings)
 }
 
-/// Asks one endpoint for `GET <path>/`, the registry API root: 200 or 401 means a registry
-/// answered.
-pub async fn probe(endpoint: &Endpoint, root: &Path, timeout: Duration) -> Result<(), VerifyError> {
+/// Asks one endpoint for `GET <API root>/`: 200 or 401 means a registry answered.
+pub async fn probe(
+    target: &ProbeTarget,
+    root: &Path,
+    timeout: Duration,
+) -> Result<(), VerifyError> {
     let unreachable = |detail: String| VerifyError::Unreachable {
-        endpoint: endpoint.url.clone(),
+        endpoint: target.url.clone(),
         detail,
     };
-    let url = url::Url::parse(&endpoint.url).map_err(|e| unreachable(format!("bad URL: {e}")))?;
-    let host = url
-        .host_str()
-        .ok_or_else(|| unreachable("URL has no host".into()))?;
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let port = url.port_or_known_default().unwrap_or(443);
-    let path = format!("{}/", url.path().trim_end_matches('/'));
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: regmirror-agent\r\nConnection: close\r\n\r\n",
-        url.host_str().unwrap_or_default()
-    );
-
-    let work = async {
-        let tcp = TcpStream::connect((host.as_str(), port))
-            .await
-            .map_err(|e| unreachable(format!("cannot connect to {host}:{port}: {e}")))?;
-        if url.scheme() == "http" {
-            return exchange(tcp, &request)
-                .await
-                .map_err(|e| unreachable(e.to_string()));
+    let uri: Uri = format!("{}/", target.url.trim_end_matches('/'))
+        .parse()
+        .map_err(|e| unreachable(format!("bad URL: {e}")))?;
+    let authority = uri
+        .authority()
+        .ok_or_else(|| unreachable("URL has no host".into()))?
+        .to_string();
+    let answer = match uri.scheme_str() {
+        Some("http") => get(HttpConnector::new(), uri, timeout).await,
+        Some("https") => {
+            let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls_config(target, root)?)
+                .https_only()
+                .enable_http1()
+                .build();
+            get(connector, uri, timeout).await
         }
-        let tls = tls_config(endpoint, root)?;
-        let name = ServerName::try_from(host.clone())
-            .map_err(|e| unreachable(format!("bad server name: {e}")))?;
-        let stream = TlsConnector::from(Arc::new(tls))
-            .connect(name, tcp)
-            .await
-            .map_err(|e| unreachable(format!("TLS: {e}")))?;
-        exchange(stream, &request)
-            .await
-            .map_err(|e| unreachable(e.to_string()))
+        _ => return Err(unreachable("not an http or https URL".into())),
     };
-    let status = tokio::time::timeout(timeout, work)
-        .await
-        .map_err(|_| unreachable(format!("no answer within {}s", timeout.as_secs())))??;
+    let status = match answer {
+        Some(Ok(status)) => status,
+        Some(Err(e)) => return Err(unreachable(describe(&e, &authority))),
+        None => {
+            return Err(unreachable(format!(
+                "no answer within {}s",
+                timeout.as_secs()
+            )))
+        }
+    };
     match status {
         200 | 401 => Ok(()),
         status => Err(VerifyError::NotARegistry {
-            endpoint: endpoint.url.clone(),
+            endpoint: target.url.clone(),
             status,
         }),
     }
 }
 
-/// Sends the request; returns the HTTP status code.
-async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
-    request: &str,
-) -> std::io::Result<u16> {
-    stream.write_all(request.as_bytes()).await?;
-    let mut head = [0u8; 64];
-    let mut read = 0;
-    while read < 12 {
-        let n = stream.read(&mut head[read..]).await?;
-        if n == 0 {
-            break;
-        }
-        read += n;
-    }
-    let line = String::from_utf8_lossy(&head[..read]);
-    line.get(9..12)
-        .and_then(|code| code.parse().ok())
-        .filter(|_| line.starts_with("HTTP/1."))
-        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {line:?}")))
+/// Sends `GET uri` through `connector`; the status, or `None` when nothing came back within
+/// `timeout` (connecting included).
+async fn get<C>(
+    connector: C,
+    uri: Uri,
+    timeout: Duration,
+) -> Option<Result<u16, hyper_util::client::legacy::Error>>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    let client: Client<C, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(connector);
+    let request = Request::get(uri)
+        .header(hyper::header::USER_AGENT, "regmirror-agent")
+        .body(Empty::new())
+        .expect("a GET with a parsed URI is a valid request");
+    tokio::time::timeout(timeout, client.request(request))
+        .await
+        .ok()
+        .map(|answer| answer.map(|response| response.status().as_u16()))
 }
 
-fn tls_config(endpoint: &Endpoint, root: &Path) -> Result<ClientConfig, VerifyError> {
+/// What went wrong, for people: the TLS error if the handshake failed, "cannot connect" if the
+/// connection could not be made, else the error's causes.
+fn describe(error: &hyper_util::client::legacy::Error, authority: &str) -> String {
+    let mut causes = Vec::new();
+    let mut tls = None;
+    let mut source = error.source();
+    while let Some(cause) = source {
+        causes.push(cause.to_string());
+        if let Some(e) = rustls_error(cause) {
+            tls.get_or_insert_with(|| e.to_string());
+        }
+        source = cause.source();
+    }
+    let causes = if causes.is_empty() {
+        error.to_string()
+    } else {
+        causes.join(": ")
+    };
+    match tls {
+        Some(tls) => format!("TLS: {tls}"),
+        None if error.is_connect() => format!("cannot connect to {authority}: {causes}"),
+        None => causes,
+    }
+}
+
+/// The rustls error in `error`, also when it travels inside `io::Error`s (as tokio-rustls and
+/// hyper-rustls pass it on).
+fn rustls_error<'e>(error: &'e (dyn std::error::Error + 'static)) -> Option<&'e rustls::Error> {
+    if let Some(tls) = error.downcast_ref::<rustls::Error>() {
+        return Some(tls);
+    }
+    let inner = error.downcast_ref::<std::io::Error>()?.get_ref()?;
+    rustls_error(inner)
+}
+
+fn tls_config(target: &ProbeTarget, root: &Path) -> Result<ClientConfig, VerifyError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let bad_file = |what: &'static str, path: &str, detail: String| VerifyError::BadTlsFile {
-        endpoint: endpoint.url.clone(),
+        endpoint: target.url.clone(),
         what,
         path: path.to_owned(),
         detail,
@@ -262,31 +212,29 @@ fn tls_config(endpoint: &Endpoint, root: &Path) -> Result<ClientConfig, VerifyEr
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions");
-    let builder = if endpoint.skip_verify || endpoint.ca.is_empty() {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
-    } else {
-        let mut roots = RootCertStore::empty();
-        for path in &endpoint.ca {
+    let builder = match (&target.ca_file, target.insecure_skip_verify) {
+        (Some(path), false) => {
             let pem = read("CA", path)?;
-            let mut found = 0;
+            let mut roots = RootCertStore::empty();
             for cert in CertificateDer::pem_slice_iter(&pem) {
                 let cert = cert.map_err(|e| bad_file("CA", path, e.to_string()))?;
                 roots
                     .add(cert)
                     .map_err(|e| bad_file("CA", path, e.to_string()))?;
-                found += 1;
             }
-            if found == 0 {
+            if roots.is_empty() {
                 return Err(bad_file("CA", path, "holds no PEM certificate".into()));
             }
+            builder.with_root_certificates(roots)
         }
-        builder.with_root_certificates(roots)
+        _ => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider))),
     };
-    match &endpoint.client {
+    match &target.client {
         None => Ok(builder.with_no_client_auth()),
-        Some((cert, key)) => {
+        Some(client) => {
+            let (cert, key) = (&client.cert_file, &client.key_file);
             let chain: Vec<CertificateDer<'static>> =
                 CertificateDer::pem_slice_iter(&read("client certificate", cert)?)
                     .collect::<Result<_, _>>()

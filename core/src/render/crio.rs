@@ -1,6 +1,11 @@
 //! CRI-O: a containers-registries.conf(5) drop-in, a certs.d directory per endpoint host, and
 //! an auth file that a crio.conf drop-in names as CRI-O's global auth file. CRI-O re-reads
 //! registries.conf on reload (SIGHUP), so no restart is ever needed.
+//!
+//! The probe targets are the `[[registry.mirror]]` entries in order: containers/image reaches a
+//! mirror's API at `/v2` on its host (a location's path is a repository prefix, not an API
+//! root), trusting the `*.crt` files of its certs.d directory and presenting its
+//! `client.cert` / `client.key`.
 
 use std::collections::BTreeMap;
 
@@ -8,8 +13,11 @@ use base64::Engine;
 use serde::Serialize;
 
 use super::toml_text::quote;
-use super::{default_server, hosts_toml, RenderError, RenderedFile, MANAGED_HEADER};
-use crate::model::{api_host, Credentials, ResolvedMirror, Scheme};
+use super::{
+    default_server, hosts_toml, ClientFiles, Output, ProbeTarget, RenderError, RenderedFile,
+    MANAGED_HEADER,
+};
+use crate::model::{api_host, Credentials, ResolvedEndpoint, ResolvedMirror, Scheme};
 
 /// The registries.conf drop-in.
 pub const REGISTRIES_CONF: &str = "/etc/containers/registries.conf.d/50-regmirror.conf";
@@ -33,9 +41,7 @@ struct AuthEntry {
     identitytoken: Option<String>,
 }
 
-pub(super) fn render(
-    mirrors: &[&ResolvedMirror],
-) -> Result<BTreeMap<String, RenderedFile>, Vec<RenderError>> {
+pub(super) fn render(mirrors: &[&ResolvedMirror]) -> Result<Output, Vec<RenderError>> {
     let mut problems = Vec::new();
     let unsupported = |mirror: &ResolvedMirror, field: &str, what: &str| RenderError {
         mirror: mirror.name.clone(),
@@ -45,6 +51,7 @@ pub(super) fn render(
     };
     let mut conf = format!("{MANAGED_HEADER}\n");
     let mut auths = BTreeMap::new();
+    let mut probes = BTreeMap::new();
     for mirror in mirrors {
         if mirror.registry == "*" {
             problems.push(unsupported(
@@ -61,6 +68,7 @@ pub(super) fn render(
             ));
         }
         let upstream = default_server(&mirror.registry).map(|url| url.host);
+        let mut targets = Vec::new();
         conf.push_str(&format!(
             "\n[[registry]]\nprefix = {}\nlocation = {}\n",
             quote(&mirror.registry),
@@ -91,6 +99,7 @@ pub(super) fn render(
                     "\n[[registry.mirror]]\nlocation = {}\ninsecure = {insecure}\n",
                     quote(&location)
                 ));
+                targets.push(probe_target(endpoint));
             }
             if let Some(credentials) = &endpoint.settings.auth {
                 let entry = match credentials {
@@ -116,6 +125,9 @@ pub(super) fn render(
                 };
                 auths.insert(endpoint.url.host.clone(), entry);
             }
+        }
+        if !targets.is_empty() {
+            probes.insert(mirror.registry.clone(), targets);
         }
     }
 
@@ -149,5 +161,26 @@ pub(super) fn render(
             )),
         );
     }
-    Ok(files)
+    Ok(Output {
+        files,
+        restart_key: String::new(),
+        probes,
+    })
+}
+
+/// What to probe of a mirror endpoint: its host's API root, with the files written for the
+/// host under [`CERTS_DIR`].
+fn probe_target(endpoint: &ResolvedEndpoint) -> ProbeTarget {
+    let host = &endpoint.url.host;
+    let tls = &endpoint.settings.tls;
+    let dir = format!("{CERTS_DIR}/{host}");
+    ProbeTarget {
+        url: format!("{}://{}/v2", endpoint.url.scheme.as_str(), api_host(host)),
+        ca_file: tls.ca.as_ref().map(|_| format!("{dir}/ca.crt")),
+        client: tls.client.as_ref().map(|_| ClientFiles {
+            cert_file: format!("{dir}/client.cert"),
+            key_file: format!("{dir}/client.key"),
+        }),
+        insecure_skip_verify: tls.insecure_skip_verify,
+    }
 }

@@ -12,8 +12,8 @@ use base64::Engine;
 
 use super::toml_text::quote;
 use super::{
-    credentials_over_http_written, default_server, registry_dir, RenderError, RenderedFile,
-    MANAGED_HEADER,
+    credentials_over_http_written, default_server, registry_dir, ClientFiles, Output, ProbeTarget,
+    RenderError, RenderedFile, MANAGED_HEADER,
 };
 use crate::model::{api_host, Credentials, EndpointUrl, HostSettings, ResolvedMirror, Scheme};
 
@@ -59,6 +59,11 @@ pub(super) struct HostsDoc {
     pub has_secret: bool,
     /// The hosts whose TLS files it refers to.
     pub tls_hosts: Vec<String>,
+    /// The registry it configures mirrors for; `None` for the file of an endpoint host.
+    pub registry: Option<String>,
+    /// Its `[host."…"]` endpoints in file order, the way containerd tries them, with the TLS
+    /// paths as written (relative ones are relative to the file's directory).
+    pub probes: Vec<ProbeTarget>,
 }
 
 /// The hosts.toml files for `mirrors`, keyed by the registry directory name (`_default` for
@@ -146,7 +151,11 @@ pub(super) fn hosts_files(
                 style,
             );
         }
-        files.insert(registry_dir(&mirror.registry).to_owned(), doc.finish());
+        let doc = HostsDoc {
+            registry: Some(mirror.registry.clone()),
+            ..doc.finish()
+        };
+        files.insert(registry_dir(&mirror.registry).to_owned(), doc);
     }
     for (host, host_settings) in &settings {
         if files.contains_key(*host) || host_settings.is_empty() {
@@ -205,6 +214,8 @@ impl HostsToml {
                 text: format!("{header}\n"),
                 has_secret: false,
                 tls_hosts: Vec::new(),
+                registry: None,
+                probes: Vec::new(),
             },
         }
     }
@@ -244,6 +255,7 @@ impl HostsToml {
     ) {
         let url_host = url.host.clone();
         let (url, override_path) = host_url(url);
+        self.doc.probes.push(tls.probe_target(url.clone()));
         let table = format!("host.{}", quote(&url));
         self.doc.text.push_str(&format!(
             "\n[{table}]\n  capabilities = [\"pull\", \"resolve\"]\n"
@@ -313,7 +325,7 @@ impl HostsToml {
 pub(super) fn render_containerd(
     mirrors: &[&ResolvedMirror],
     hosts_dir: &str,
-) -> Result<BTreeMap<String, RenderedFile>, Vec<RenderError>> {
+) -> Result<Output, Vec<RenderError>> {
     let style = Style {
         header: MANAGED_HEADER,
         auth_headers: true,
@@ -336,8 +348,13 @@ pub(super) fn render_containerd(
         return Err(problems);
     }
     let mut files = BTreeMap::new();
+    let mut probes = BTreeMap::new();
     for (dir, doc) in docs {
         let base = format!("{hosts_dir}/{dir}");
+        if let (Some(registry), false) = (doc.registry, doc.probes.is_empty()) {
+            let targets = doc.probes.into_iter().map(|t| t.in_dir(&base)).collect();
+            probes.insert(registry, targets);
+        }
         for host in &doc.tls_hosts {
             for (name, file) in tls_files(settings[host.as_str()]) {
                 files.insert(format!("{base}/{host}/{name}"), file);
@@ -350,7 +367,32 @@ pub(super) fn render_containerd(
         };
         files.insert(format!("{base}/hosts.toml"), file);
     }
-    Ok(files)
+    Ok(Output {
+        files,
+        restart_key: String::new(),
+        probes,
+    })
+}
+
+impl ProbeTarget {
+    /// The target with its relative paths taken relative to `dir`, as containerd reads them.
+    fn in_dir(self, dir: &str) -> ProbeTarget {
+        let absolute = |path: String| {
+            if path.starts_with('/') {
+                path
+            } else {
+                format!("{dir}/{path}")
+            }
+        };
+        ProbeTarget {
+            ca_file: self.ca_file.map(absolute),
+            client: self.client.map(|c| ClientFiles {
+                cert_file: absolute(c.cert_file),
+                key_file: absolute(c.key_file),
+            }),
+            ..self
+        }
+    }
 }
 
 /// Identity tokens cannot be sent by containerd from hosts.toml: refuse them up front, naming
@@ -380,6 +422,22 @@ fn check_credentials(mirrors: &[&ResolvedMirror], flavor: &'static str) -> Vec<R
 }
 
 impl TlsPaths {
+    /// What to probe at `url` (an API root as hosts.toml names it) with these files.
+    pub(super) fn probe_target(&self, url: String) -> ProbeTarget {
+        ProbeTarget {
+            url,
+            ca_file: self.ca.clone(),
+            client: self
+                .client
+                .clone()
+                .map(|(cert_file, key_file)| ClientFiles {
+                    cert_file,
+                    key_file,
+                }),
+            insecure_skip_verify: self.skip_verify,
+        }
+    }
+
     /// Where the TLS files of a host with `settings` are, when they live in `dir`.
     pub(super) fn in_dir(dir: &str, settings: Option<&HostSettings>) -> TlsPaths {
         let Some(settings) = settings else {

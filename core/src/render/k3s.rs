@@ -11,8 +11,8 @@ use serde::Serialize;
 
 use super::hosts_toml::{self, Style, TlsPaths};
 use super::{
-    credentials_over_http_written, is_loopback_with_port, sha256_hex, RenderError, RenderedFile,
-    MANAGED_HEADER,
+    credentials_over_http_written, is_loopback_with_port, sha256_hex, Output, RenderError,
+    RenderedFile, MANAGED_HEADER,
 };
 use crate::model::{Credentials, ResolvedMirror, Scheme};
 
@@ -95,11 +95,12 @@ struct TlsYaml {
 }
 
 /// Renders registries.yaml, certificate files and hosts.toml files; returns them with the
-/// restart key, or everything the flavor cannot express.
+/// restart key and the probe targets (the hosts.toml mirrors: what k3s's containerd tries), or
+/// everything the flavor cannot express.
 pub(super) fn render(
     mirrors: &[&ResolvedMirror],
     layout: &Layout,
-) -> Result<(BTreeMap<String, RenderedFile>, String), Vec<RenderError>> {
+) -> Result<Output, Vec<RenderError>> {
     let mut problems = Vec::new();
     let settings = hosts_toml::host_settings(mirrors);
     let tls_paths =
@@ -206,9 +207,14 @@ pub(super) fn render(
         rewrites: true,
         flavor: layout.flavor,
     };
+    let mut probes = BTreeMap::new();
     match hosts_toml::hosts_files(mirrors, &style, &tls_paths) {
         Ok(docs) => {
             for (dir, doc) in docs {
+                // The certificate paths are absolute already.
+                if let (Some(registry), false) = (doc.registry, doc.probes.is_empty()) {
+                    probes.insert(registry, doc.probes);
+                }
                 files.insert(
                     format!("{}/{dir}/hosts.toml", layout.hosts_dir),
                     RenderedFile::public(doc.text),
@@ -220,7 +226,11 @@ pub(super) fn render(
     if !problems.is_empty() {
         return Err(problems);
     }
-    Ok((files, restart_key))
+    Ok(Output {
+        files,
+        restart_key,
+        probes,
+    })
 }
 
 fn auth_yaml(credentials: &Credentials) -> Result<AuthYaml, String> {

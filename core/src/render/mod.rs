@@ -44,6 +44,42 @@ pub struct RenderedConfig {
     /// config. Filled by the operator; empty from `render`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub parts: BTreeMap<String, String>,
+    /// What to verify once the files are on the host: per registry (as in image refs, `*` for
+    /// every registry), the mirror endpoints its runtime will try, in order, each with the TLS
+    /// files the runtime will use for it. Computed by the renderer from the mirrors, so the
+    /// agent never parses a runtime's files back. The registry's own default endpoint is never
+    /// among them (it is public, or reached in ways a node cannot judge), and a registry with
+    /// no mirror endpoint is not listed. Empty, it is left out of the JSON: a config without
+    /// mirror endpoints keeps the digest it had before probes existed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub probes: BTreeMap<String, Vec<ProbeTarget>>,
+}
+
+/// One endpoint to check after an apply: `GET <url>/` must answer like a registry's API root,
+/// over TLS with the files the runtime itself will use.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct ProbeTarget {
+    /// The endpoint's API root as the runtime reaches it, e.g. `https://mirror:5000/v2`, or an
+    /// endpoint's own path where the runtime uses it verbatim (containerd's `override_path`).
+    pub url: String,
+    /// Host path of the CA bundle the runtime trusts for it; none: the host's trust store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// Host paths of the client certificate and key the runtime presents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<ClientFiles>,
+    /// The runtime does not verify the server's certificate.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_skip_verify: bool,
+}
+
+/// Where a client certificate and its key are, as host paths.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientFiles {
+    pub cert_file: String,
+    pub key_file: String,
 }
 
 /// One file: its mode and content.
@@ -128,21 +164,31 @@ fn render_checked(
             .cmp(&b.registry)
             .then_with(|| a.name.cmp(&b.name))
     });
-    let (files, restart_key) = match flavor {
+    let Output {
+        files,
+        restart_key,
+        probes,
+    } = match flavor {
         Flavor::K3s => k3s::render(&sorted, &k3s::Layout::K3S)?,
         Flavor::Rke2 => k3s::render(&sorted, &k3s::Layout::RKE2)?,
-        Flavor::Containerd { hosts_dir } => (
-            hosts_toml::render_containerd(&sorted, hosts_dir)?,
-            String::new(),
-        ),
-        Flavor::Crio => (crio::render(&sorted)?, String::new()),
+        Flavor::Containerd { hosts_dir } => hosts_toml::render_containerd(&sorted, hosts_dir)?,
+        Flavor::Crio => crio::render(&sorted)?,
     };
     Ok(RenderedConfig {
         flavor: flavor.to_string(),
         files,
         restart_key,
         parts: BTreeMap::new(),
+        probes,
     })
+}
+
+/// What a flavor's renderer makes.
+struct Output {
+    files: BTreeMap<String, RenderedFile>,
+    /// Empty for flavors that never restart for a change.
+    restart_key: String,
+    probes: BTreeMap<String, Vec<ProbeTarget>>,
 }
 
 /// The directory name containerd and CRI-O use for a registry: `_default` stands for `*`.
