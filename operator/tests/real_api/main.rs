@@ -1,0 +1,20 @@
+//! regmirror against a real Kubernetes API server: the control plane of `regmirror_testbed`
+//! (etcd, kube-apiserver, kube-controller-manager and kubectl built from the official Go modules
+//! by `testbed/kube/build`), one per test binary, shared by every test here.
+//!
+//! - [`crd`]: the CRD applied with kubectl; a table of valid and invalid RegistryMirrors, each
+//!   accepted or refused by the API server with its rule's message, and the same table through
+//!   `regmirror validate`;
+//! - [`chart`]: `helm install`, `upgrade` and `uninstall` of charts/regmirror with every value set
+//!   scripts/chart-checks renders, and `helm template | kubectl apply --dry-run=server`;
+//! - [`privilege`]: the chart's ServiceAccounts with TokenRequest tokens: a `kubectl auth can-i`
+//!   matrix, real reads, and the chart's ValidatingAdmissionPolicy on the node updates of
+//!   tests/chart/test_admission_policy.py.
+//!
+//! The chart's objects have fixed names (one installation per cluster), so the tests that
+//! install it take [`support::chart_lock`] and leave the cluster as they found it.
+
+mod chart;
+mod crd;
+mod privilege;
+mod support;
