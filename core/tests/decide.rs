@@ -8,7 +8,8 @@ use proptest::prelude::*;
 use regmirror_core::api::{Endpoint, EndpointAuth, ObjectRef, RegistryMirror, RegistryMirrorSpec};
 use regmirror_core::contract::{NodeState, PAUSED};
 use regmirror_core::decide::{
-    decide, ClusterView, Decision, NodeView, Subject, NO_CONFIG_PLACEHOLDER,
+    conclude, decide, place, ClusterView, Decision, NodeView, Placement, Subject,
+    NO_CONFIG_PLACEHOLDER,
 };
 use regmirror_core::node::Flavor;
 use regmirror_core::plan::MaxUnavailable;
@@ -44,17 +45,26 @@ impl Cluster {
         }
     }
 
-    fn decide(&self) -> Decision {
-        decide(&ClusterView {
+    fn view<'a>(&'a self, policy: &'a RefPolicy) -> ClusterView<'a> {
+        ClusterView {
             mirrors: &self.mirrors,
             sources: &self.sources,
-            policy: &RefPolicy::new(NS),
+            policy,
             nodes: &self.nodes,
             stored: &self.stored,
             agent_role: self.agent_role.as_deref(),
             max_unavailable: self.max_unavailable,
             now: NOW,
-        })
+        }
+    }
+
+    fn decide(&self) -> Decision {
+        decide(&self.view(&RefPolicy::new(NS)))
+    }
+
+    /// Where the nodes go, as of now.
+    fn place(&self) -> Placement {
+        place(&self.mirrors, &self.sources, &RefPolicy::new(NS), &self.nodes)
     }
 
     /// What the API server would hold after the operator's writes.
@@ -626,19 +636,29 @@ proptest! {
         let mut hosts = vec![Host::default(); c.nodes.len()];
         let mut password = 0;
         let mut endpoint = 0;
+        // The placement a controller keeps while only node states change.
+        let mut placement = c.place();
         for event in history {
             match event {
                 Event::RotatePassword => {
                     password += 1;
                     c.sources.insert(SourceKind::Secret, NS, "pull", basic_auth("alice", &format!("p{password}")));
+                    placement = c.place();
                 }
                 Event::MoveEndpoint => {
                     endpoint += 1;
                     c.mirrors[0].spec.endpoints[0].url = format!("https://mirror-{endpoint}.example:5000");
                     c.mirrors[0].metadata.generation = Some(endpoint + 1);
+                    placement = c.place();
                 }
                 Event::Pass { node_writes } => {
                     let mut d = c.decide();
+                    let policy = RefPolicy::new(NS);
+                    prop_assert_eq!(
+                        &conclude(&placement, &c.view(&policy)),
+                        &d,
+                        "concluding on the kept placement decides what a whole decision does"
+                    );
                     if let Some(n) = node_writes {
                         d.advance.truncate(n);
                         d.rekey.truncate(n);

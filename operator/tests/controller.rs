@@ -9,7 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
 use kube::runtime::events::{Recorder, Reporter};
 use prometheus_client::registry::Registry;
-use regmirror::controller::{reconcile as reconcile_pass, Metrics, Settings, Writer};
+use regmirror::controller::{reconcile as reconcile_pass, Metrics, Settings, Snapshot, Writer};
 use regmirror_core::api::{Endpoint, EndpointAuth, ObjectRef, RegistryMirror, RegistryMirrorSpec};
 use regmirror_core::contract::{
     CONFIG_KEY, CONFIG_LABEL, CURRENT_CONFIG, DESIRED_ACTIVATION, DESIRED_CONFIG, MESSAGE,
@@ -21,11 +21,15 @@ use regmirror_core::plan::MaxUnavailable;
 use regmirror_testbed::api::{mock_client, Recorded};
 use regmirror_testbed::cluster::{node_key, ready_node, sealing_key, sealing_key_secret, Cluster};
 
-#[path = "../benches/support/mod.rs"]
-mod support;
 use serde_json::{json, Value};
 
 const NS: &str = "regmirror-system";
+
+/// The snapshot a pass takes of `cluster`, as the controller's caches would hold it.
+fn snapshot(c: &Cluster) -> Snapshot {
+    Snapshot::from_objects(&c.mirrors, &c.nodes, &c.secrets, &c.config_maps, c.role.as_ref(), &c.namespace)
+}
+
 const ROLE: &str = "regmirror-agent-configs";
 
 fn settings() -> Settings {
@@ -82,7 +86,7 @@ async fn reconcile(cluster: &Cluster) -> (Decision, Vec<Recorded>) {
         ),
     };
     let metrics = Metrics::register(&mut Registry::default());
-    let snapshot = support::snapshot(cluster);
+    let snapshot = snapshot(cluster);
     let decision = reconcile_pass(&snapshot, &settings(), &writer, &metrics)
         .await
         .unwrap();
@@ -477,7 +481,7 @@ async fn a_node_deleted_between_read_and_write_holds_back_no_other_write() {
     };
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
-    let snapshot = support::snapshot(&cluster);
+    let snapshot = snapshot(&cluster);
     let failed = reconcile_pass(&snapshot, &settings(), &writer, &metrics)
         .await
         .unwrap_err();
@@ -555,7 +559,7 @@ async fn a_secret_squatting_on_a_config_name_is_replaced_not_trusted() {
         ),
     };
     let metrics = Metrics::register(&mut Registry::default());
-    let snapshot = support::snapshot(&cluster);
+    let snapshot = snapshot(&cluster);
     let failed = reconcile_pass(&snapshot, &settings(), &writer, &metrics)
         .await
         .unwrap_err();

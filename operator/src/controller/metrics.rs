@@ -21,6 +21,12 @@ pub struct WriteLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PassLabel {
+    /// `full` (every node placed again) or `nodes_only` (only node states changed).
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailureLabel {
     pub kind: String,
     /// `not_found`, `conflict`, `forbidden`, `timeout`, `transport`, `server_error`, ...
@@ -30,6 +36,7 @@ pub struct FailureLabel {
 #[derive(Clone)]
 pub struct Metrics {
     pub reconciles: Counter,
+    pub passes: Family<PassLabel, Counter>,
     pub errors: Counter,
     pub duration: Histogram,
     pub writes: Family<WriteLabel, Counter>,
@@ -45,6 +52,7 @@ impl Metrics {
             // 1 ms .. ~16 s
             duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             reconciles: Counter::default(),
+            passes: Family::default(),
             errors: Counter::default(),
             writes: Family::default(),
             write_failures: Family::default(),
@@ -56,6 +64,11 @@ impl Metrics {
             "reconciles",
             "Reconcile passes run",
             metrics.reconciles.clone(),
+        );
+        r.register(
+            "passes",
+            "Reconcile passes by kind: full, or on the last placement when only node states changed",
+            metrics.passes.clone(),
         );
         r.register(
             "reconcile_errors",
@@ -88,6 +101,13 @@ impl Metrics {
             metrics.leader.clone(),
         );
         metrics
+    }
+
+    /// Counts a pass of `kind`.
+    pub fn passes(&self, kind: &str) {
+        self.passes
+            .get_or_create(&PassLabel { kind: kind.into() })
+            .inc();
     }
 
     /// Counts one write that completed, or failed.

@@ -8,7 +8,8 @@ mod metrics;
 pub mod snapshot;
 mod writer;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -22,7 +23,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::Resource;
 use prometheus_client::registry::Registry;
 use regmirror_core::api::RegistryMirror;
-use regmirror_core::decide::{decide, ClusterView, Decision, NodeView, Subject};
+use regmirror_core::decide::{conclude, place, ClusterView, Decision, NodeView, Placement, Subject};
 use regmirror_core::plan::MaxUnavailable;
 use regmirror_core::render::RenderedConfig;
 use regmirror_core::seal::SealingKey;
@@ -116,10 +117,13 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Control
     // The watches fill the caches only while polled: a task drives them from the start, on
     // followers too, so that a new leader decides on current caches.
     let (caches, changes) = Caches::watch(&client, &settings);
+    let pending = Arc::new(Mutex::new(Pending::default()));
     let (changed_tx, mut changed) = tokio::sync::watch::channel(());
+    let collected = pending.clone();
     tokio::spawn(async move {
         let mut changes = Box::pin(changes);
-        while changes.next().await.is_some() {
+        while let Some(change) = changes.next().await {
+            collected.lock().expect("not poisoned").add(change);
             let _ = changed_tx.send(());
         }
     });
@@ -157,6 +161,8 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Control
 
     let mut next_pass = Instant::now();
     let mut failures = 0;
+    // The last pass's snapshot and placement, for passes woken only by node states.
+    let mut last: Option<(Snapshot, Placement)> = None;
     let result = loop {
         tokio::select! {
             _ = &mut stop => break Ok(()),
@@ -167,12 +173,34 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Control
             }
             _ = tokio::time::sleep_until(next_pass) => {}
         }
-        let snapshot = caches.snapshot();
+        let changes = std::mem::take(&mut *pending.lock().expect("not poisoned"));
+        // Only node states changed (agents' reports, readiness, our own annotations): the
+        // placement stands, and only those nodes are read again. Anything else, a resync or
+        // a retry after failures places every node again.
+        let kept = last.take().and_then(|(mut snapshot, placement)| {
+            // A resync (nothing pending) or a retry places everything again.
+            let only_states = !changes.everything && !changes.nodes.is_empty() && failures == 0;
+            (only_states && caches.refresh(&mut snapshot, &changes.nodes))
+                .then_some((snapshot, placement))
+        });
+        let (snapshot, placement) = match kept {
+            Some(kept) => {
+                metrics.passes("nodes_only");
+                kept
+            }
+            None => {
+                metrics.passes("full");
+                let snapshot = caches.snapshot();
+                let placement = snapshot.place(&settings.policy());
+                (snapshot, placement)
+            }
+        };
         // Losing the lease cancels the pass between two writes.
         let passed = tokio::select! {
-            passed = reconcile(&snapshot, &settings, &writer, &metrics) => passed,
+            passed = reconcile_placed(&snapshot, &placement, &settings, &writer, &metrics) => passed,
             _ = held.lost() => break Err(ControllerError::LostLease(settings.lease_name.clone())),
         };
+        last = Some((snapshot, placement));
         failures = if passed.is_ok() { 0 } else { failures + 1 };
         next_pass = Instant::now()
             + if failures == 0 {
@@ -195,11 +223,52 @@ pub enum PassError {
     SealingKey(#[from] WriteError),
 }
 
-/// One pass: decide on `snapshot`, then write the decision. Before anything can be sealed,
-/// the operator's sealing key must exist: a pass without one creates it and decides nothing.
-#[tracing::instrument(name = "reconcile", skip_all, fields(mirrors = snapshot.mirrors.len(), nodes = snapshot.nodes.len()))]
+/// What changed since the last pass.
+#[derive(Debug, Default)]
+pub struct Pending {
+    /// Something that decides where nodes go: a mirror, a Secret or ConfigMap, a Node's
+    /// labels, flavor or key, a Node added or removed, the Role, a watch relisted.
+    pub everything: bool,
+    /// Nodes whose state alone changed.
+    pub nodes: HashSet<String>,
+}
+
+impl Pending {
+    fn add(&mut self, change: Change) {
+        match change {
+            Change::Placement => self.everything = true,
+            Change::NodeState(name) => {
+                self.nodes.insert(name);
+            }
+        }
+    }
+}
+
+/// One change a watch saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Placement,
+    NodeState(String),
+}
+
+/// One pass: decide on `snapshot`, then write the decision.
 pub async fn reconcile(
     snapshot: &Snapshot,
+    settings: &Settings,
+    writer: &Writer,
+    metrics: &Metrics,
+) -> Result<Decision, PassError> {
+    let placement = snapshot.place(&settings.policy());
+    reconcile_placed(snapshot, &placement, settings, writer, metrics).await
+}
+
+/// One pass on a placement made earlier for this snapshot's nodes: conclude, then write. Before
+/// anything can be sealed, the operator's sealing key must exist: a pass without one creates
+/// it and decides nothing.
+#[tracing::instrument(name = "reconcile", skip_all, fields(mirrors = snapshot.mirrors.len(), nodes = snapshot.nodes.len()))]
+pub async fn reconcile_placed(
+    snapshot: &Snapshot,
+    placement: &Placement,
     settings: &Settings,
     writer: &Writer,
     metrics: &Metrics,
@@ -213,7 +282,12 @@ pub async fn reconcile(
         .round(k8s_openapi::jiff::Unit::Second)
         .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now())
         .to_string();
-    let decision = snapshot.decide(&settings.policy(), settings.max_unavailable, &now);
+    let decision = snapshot.conclude(
+        placement,
+        &settings.policy(),
+        settings.max_unavailable,
+        &now,
+    );
     metrics.reconciles.inc();
     metrics.observe(&decision);
     let written = writer
@@ -256,6 +330,8 @@ pub struct Snapshot {
     pub sealing_key: Option<SealingKey>,
     /// UIDs of Nodes and RegistryMirrors, for Events.
     pub uids: HashMap<(&'static str, String), String>,
+    /// Where each node is in `nodes`.
+    pub node_index: HashMap<String, usize>,
 }
 
 impl Snapshot {
@@ -276,7 +352,9 @@ impl Snapshot {
         }
         for node in nodes {
             snapshot.remember_uid("Node", &node.metadata.name, &node.metadata.uid);
-            snapshot.nodes.push(snapshot::node_view(node));
+            let view = snapshot::node_view(node);
+            snapshot.node_index.insert(view.name.clone(), snapshot.nodes.len());
+            snapshot.nodes.push(view);
         }
         let mut configs = Vec::new();
         let mut own = Vec::new();
@@ -322,16 +400,48 @@ impl Snapshot {
         max_unavailable: MaxUnavailable,
         now: &str,
     ) -> Decision {
-        decide(&ClusterView {
-            mirrors: &self.mirrors,
-            sources: &self.sources,
-            policy,
-            nodes: &self.nodes,
-            stored: &self.stored,
-            agent_role: self.agent_role.as_deref(),
-            max_unavailable,
-            now,
-        })
+        self.conclude(&self.place(policy), policy, max_unavailable, now)
+    }
+
+    /// Where this snapshot's nodes should go.
+    pub fn place(&self, policy: &RefPolicy) -> Placement {
+        place(&self.mirrors, &self.sources, policy, &self.nodes)
+    }
+
+    /// The decision on this snapshot, on a placement made for its nodes.
+    pub fn conclude(
+        &self,
+        placement: &Placement,
+        policy: &RefPolicy,
+        max_unavailable: MaxUnavailable,
+        now: &str,
+    ) -> Decision {
+        conclude(
+            placement,
+            &ClusterView {
+                mirrors: &self.mirrors,
+                sources: &self.sources,
+                policy,
+                nodes: &self.nodes,
+                stored: &self.stored,
+                agent_role: self.agent_role.as_deref(),
+                max_unavailable,
+                now,
+            },
+        )
+    }
+
+    /// Takes a Node's new state. Returns false if the snapshot does not know the node (it is
+    /// new: the placement must be made again).
+    pub fn update_node(&mut self, node: &Node) -> bool {
+        let view = snapshot::node_view(node);
+        match self.node_index.get(&view.name) {
+            Some(&i) => {
+                self.nodes[i] = view;
+                true
+            }
+            None => false,
+        }
     }
 
     fn remember_uid(&mut self, kind: &'static str, name: &Option<String>, uid: &Option<String>) {
@@ -377,15 +487,15 @@ impl Caches {
     pub fn watch(
         client: &kube::Client,
         settings: &Settings,
-    ) -> (Caches, impl Stream<Item = ()> + Send + 'static) {
-        let mut changes: Vec<stream::BoxStream<'static, ()>> = Vec::new();
+    ) -> (Caches, impl Stream<Item = Change> + Send + 'static) {
+        let mut changes: Vec<stream::BoxStream<'static, Change>> = Vec::new();
         let (mirrors, w) = reflector::store();
         changes.push(reflect(
             Api::all(client.clone()),
             watcher::Config::default(),
             w,
             |_| {},
-            snapshot::mirror_fingerprint,
+            |m| (snapshot::mirror_fingerprint(m), 0),
         ));
         let (nodes, w) = reflector::store();
         changes.push(reflect(
@@ -393,7 +503,7 @@ impl Caches {
             watcher::Config::default(),
             w,
             snapshot::slim_node,
-            snapshot::node_fingerprint,
+            snapshot::node_fingerprints,
         ));
 
         let mut secrets = Vec::new();
@@ -409,7 +519,7 @@ impl Caches {
                 |s: &mut Secret| {
                     s.metadata.managed_fields = None;
                 },
-                any_change,
+                everything_on_change,
             ));
             secrets.push(store);
             let (store, w) = reflector::store();
@@ -420,7 +530,7 @@ impl Caches {
                 |c: &mut ConfigMap| {
                     c.metadata.managed_fields = None;
                 },
-                any_change,
+                everything_on_change,
             ));
             config_maps.push(store);
         }
@@ -432,7 +542,7 @@ impl Caches {
             only_agent_role,
             w,
             |_| {},
-            any_change,
+            everything_on_change,
         ));
 
         let caches = Caches {
@@ -461,6 +571,16 @@ impl Caches {
         Ok(())
     }
 
+    /// Brings `snapshot` up to date with the caches for `nodes` (whose state alone changed).
+    /// Returns false when one of them is unknown to the snapshot or gone from the cache.
+    pub fn refresh(&self, snapshot: &mut Snapshot, nodes: &HashSet<String>) -> bool {
+        nodes.iter().all(|name| {
+            self.nodes
+                .get(&reflector::ObjectRef::new(name))
+                .is_some_and(|node| snapshot.update_node(&node))
+        })
+    }
+
     /// What the caches hold now.
     pub fn snapshot(&self) -> Snapshot {
         let mirrors = self.mirrors.state();
@@ -484,17 +604,18 @@ impl Caches {
 }
 
 /// A watch that keeps `writer`'s store current, trimming each object with `trim` first, and
-/// yields `()` per change that matters: an object whose `fingerprint` moved, a deletion, or a
-/// (re)list completed. A kubelet rewrites its Node's status every few minutes; with thousands
-/// of nodes that must not mean a pass every few milliseconds. Watch errors are logged and
-/// retried with backoff.
+/// yields a [`Change`] per change that matters: an object whose `fingerprints` moved, a
+/// deletion, or a (re)list completed. The first fingerprint covers what decides where nodes
+/// go; the second what only their state is (for Nodes; always 0 for other kinds). A kubelet
+/// rewrites its Node's status every few minutes; with thousands of nodes that must not mean
+/// a pass every few milliseconds. Watch errors are logged and retried with backoff.
 fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
     writer: reflector::store::Writer<K>,
     trim: impl FnMut(&mut K) + Send + 'static,
-    fingerprint: fn(&K) -> u64,
-) -> stream::BoxStream<'static, ()>
+    fingerprints: fn(&K) -> (u64, u64),
+) -> stream::BoxStream<'static, Change>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -504,7 +625,7 @@ where
         + Sync
         + 'static,
 {
-    let mut seen: HashMap<String, u64> = HashMap::new();
+    let mut seen: HashMap<String, (u64, u64)> = HashMap::new();
     let span = tracing::info_span!("watch", kind = %K::kind(&()), namespace = api_namespace(&api));
     watcher(api, config)
         .default_backoff()
@@ -519,22 +640,29 @@ where
                     o.meta().name.as_deref().unwrap_or("")
                 )
             };
-            let relevant = match &event {
+            let change = match &event {
                 Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                    seen.insert(key(o), fingerprint(o)) != Some(fingerprint(o))
+                    let now = fingerprints(o);
+                    match seen.insert(key(o), now) {
+                        Some(before) if before == now => None,
+                        Some(before) if before.0 == now.0 => {
+                            Some(Change::NodeState(o.meta().name.clone().unwrap_or_default()))
+                        }
+                        _ => Some(Change::Placement),
+                    }
                 }
                 Ok(watcher::Event::Delete(o)) => {
                     seen.remove(&key(o));
-                    true
+                    Some(Change::Placement)
                 }
-                Ok(watcher::Event::Init) => false,
-                Ok(watcher::Event::InitDone) => true,
+                Ok(watcher::Event::Init) => None,
+                Ok(watcher::Event::InitDone) => Some(Change::Placement),
                 Err(e) => {
                     tracing::warn!(kind = %K::kind(&()), error = %e, "watch failed; retrying");
-                    false
+                    None
                 }
             };
-            futures::future::ready(relevant.then_some(()))
+            futures::future::ready(change)
         })
         .boxed()
 }
@@ -550,9 +678,9 @@ fn api_namespace<K: Resource>(api: &Api<K>) -> String {
         .to_owned()
 }
 
-/// Any change of the object: its resourceVersion.
-fn any_change<K: Resource>(object: &K) -> u64 {
-    hash(&object.meta().resource_version)
+/// Any change of the object (its resourceVersion) may move nodes.
+fn everything_on_change<K: Resource>(object: &K) -> (u64, u64) {
+    (hash(&object.meta().resource_version), 0)
 }
 
 pub(crate) fn hash(value: &impl std::hash::Hash) -> u64 {

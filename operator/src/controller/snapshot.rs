@@ -61,11 +61,18 @@ pub fn mirror_fingerprint(mirror: &RegistryMirror) -> u64 {
     super::hash(&(mirror.metadata.generation, &mirror.metadata.annotations))
 }
 
-/// What of a Node the operator reads: labels, readiness, regmirror's annotations (after
-/// [`slim_node`] dropped the rest).
-pub fn node_fingerprint(node: &Node) -> u64 {
+/// What of a Node the operator reads, in two parts: what decides where the node goes (labels,
+/// flavor, whether it has a key) and what is only its state (readiness and the rest of
+/// regmirror's annotations, after [`slim_node`] dropped everything else). A change of the
+/// second alone lets the operator keep its placement.
+pub fn node_fingerprints(node: &Node) -> (u64, u64) {
     let view = node_view(node);
-    super::hash(&(&view.labels, view.ready, &node.metadata.annotations))
+    let placement = super::hash(&(
+        &view.labels,
+        view.flavor.as_ref().map(ToString::to_string),
+        view.public_key.is_some(),
+    ));
+    (placement, super::hash(&(view.ready, &node.metadata.annotations)))
 }
 
 /// A Secret's type, data, and the hosts it allows its credentials to be sent to (its
@@ -193,20 +200,26 @@ mod tests {
 
     #[test]
     fn a_kubelet_heartbeat_is_no_change_but_readiness_labels_and_our_annotations_are() {
-        let base = node_fingerprint(&node("True", "2026-11-23T00:00:00Z", 3));
+        let base = node_fingerprints(&node("True", "2026-11-23T00:00:00Z", 3));
         assert_eq!(
             base,
-            node_fingerprint(&node("True", "2026-11-23T00:05:00Z", 30))
+            node_fingerprints(&node("True", "2026-11-23T00:05:00Z", 30))
         );
-        assert_ne!(
-            base,
-            node_fingerprint(&node("False", "2026-11-23T00:00:00Z", 3))
-        );
+        let down = node_fingerprints(&node("False", "2026-11-23T00:00:00Z", 3));
+        assert_eq!(down.0, base.0, "readiness is state, not placement");
+        assert_ne!(down.1, base.1);
         let mut relabelled = node("True", "2026-11-23T00:00:00Z", 3);
         relabelled.metadata.labels = Some([("pool".to_owned(), "b".to_owned())].into());
-        assert_ne!(base, node_fingerprint(&relabelled));
+        assert_ne!(base.0, node_fingerprints(&relabelled).0, "labels place nodes");
         let mut reported = node("True", "2026-11-23T00:00:00Z", 3);
         reported.metadata.annotations = Some([(STATE.to_owned(), "Applied".to_owned())].into());
-        assert_ne!(base, node_fingerprint(&reported));
+        let reported = node_fingerprints(&reported);
+        assert_eq!(reported.0, base.0, "an agent's report is state");
+        assert_ne!(reported.1, base.1);
+        let mut keyed = node("True", "2026-11-23T00:00:00Z", 3);
+        keyed.metadata.annotations = Some(
+            [(PUBLIC_KEY.to_owned(), "A".repeat(43) + "=")].into(),
+        );
+        assert_ne!(node_fingerprints(&keyed).0, base.0, "a first key places the node");
     }
 }
