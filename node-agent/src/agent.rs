@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use regmirror_core::contract::{config_secret_name, NodeState};
 use regmirror_core::activation::Activation;
+use regmirror_core::contract::NodeState;
 use regmirror_core::render::RenderedConfig;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -99,12 +99,12 @@ impl Agent {
         }
     }
 
-    /// The last configuration verified on this host, by name: what the node runs. A config
-    /// written but not verified (the agent stopped half-way) does not count, so it is applied
-    /// — and activated — again.
+    /// The last configuration verified on this host, by the name it was applied under: what
+    /// the node runs. A config written but not verified (the agent stopped half-way) does not
+    /// count, so it is applied — and activated — again.
     pub fn verified(&self) -> Option<String> {
-        match self.host.last_good() {
-            Ok(config) => config.as_ref().map(config_secret_name),
+        match self.host.last_good_name() {
+            Ok(name) => name,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the last good configuration's record");
                 None
@@ -192,7 +192,7 @@ impl Agent {
 
         match self.activate_and_verify(config, step, &node_ready).await {
             Ok(warnings) => {
-                if let Err(e) = self.host.mark_good() {
+                if let Err(e) = self.host.mark_good(name) {
                     tracing::warn!(error = %e, "cannot record the configuration as good");
                 }
                 let mut message = match step {
@@ -280,7 +280,10 @@ impl Agent {
             }
         }
         self.activate(step, node_ready).await?;
-        Ok(good.as_ref().map(config_secret_name))
+        Ok(match good {
+            Some(_) => self.host.last_good_name()?,
+            None => None,
+        })
     }
 
     /// Restarts or reloads the runtime as `step` takes, then waits for the node to be Ready.

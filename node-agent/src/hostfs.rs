@@ -36,6 +36,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use regmirror_core::contract::config_secret_name;
 use regmirror_core::node::Flavor;
 use regmirror_core::render::RenderedConfig;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
@@ -55,6 +56,8 @@ const UNKNOWN_BACKUP_MODE: u32 = 0o600;
 const HOST_DIR_MODE: u32 = 0o755;
 /// Mode of directories made for the agent's state: it holds credentials.
 const STATE_DIR_MODE: u32 = 0o700;
+/// The state file of the last verified configuration.
+const LAST_GOOD: &str = "last-good.json";
 
 /// What can go wrong on the host.
 #[derive(Debug, Error)]
@@ -129,6 +132,28 @@ pub struct ApplyReport {
     pub removed: Vec<String>,
     /// Files found at a target that regmirror did not own, saved once before replacing them.
     pub backed_up: Vec<String>,
+}
+
+/// The last-good record: the configuration itself, with the name it was applied under beside
+/// its fields. Kept that way so an older agent (after a downgrade) still reads it as the
+/// configuration it is, and a record an older agent wrote (no name) still reads here.
+#[derive(Serialize, Deserialize)]
+struct LastGood {
+    #[serde(
+        rename = "configName",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    name: Option<String>,
+    #[serde(flatten)]
+    config: RenderedConfig,
+}
+
+/// Only the name of a last-good record, read without building the configuration.
+#[derive(Deserialize)]
+struct LastGoodName {
+    #[serde(rename = "configName", default)]
+    name: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -275,13 +300,55 @@ impl HostFs {
 
     /// The last configuration that was verified on this node.
     pub fn last_good(&self) -> Result<Option<RenderedConfig>> {
-        self.read_json(&self.state("last-good.json"))
+        Ok(self
+            .read_json::<LastGood>(&self.state(LAST_GOOD))?
+            .map(|record| record.config))
     }
 
-    /// Records the current configuration as verified: the one a rollback returns to.
-    pub fn mark_good(&self) -> Result<()> {
-        if let Some(current) = self.current()? {
-            self.write_json_atomic(&self.state("last-good.json"), &current)?;
+    /// The name (its Secret's) of the last configuration verified on this node, as recorded
+    /// when it was marked good: what the node runs.
+    ///
+    /// A record written by an agent that did not keep names is named once the way that agent
+    /// named it, by hashing the configuration (`config_secret_name`), and rewritten with the
+    /// name: the node keeps reporting the config it reported before the upgrade. Treating it
+    /// as unknown instead would report a node that runs nothing, and have the operator plan
+    /// for it as for a new node.
+    pub fn last_good_name(&self) -> Result<Option<String>> {
+        let place = self.state(LAST_GOOD);
+        let Some(record) = self.read_json::<LastGoodName>(&place)? else {
+            return Ok(None);
+        };
+        if record.name.is_some() {
+            return Ok(record.name);
+        }
+        let Some(LastGood { config, .. }) = self.read_json::<LastGood>(&place)? else {
+            return Ok(None);
+        };
+        let name = config_secret_name(&config);
+        let named = LastGood {
+            name: Some(name.clone()),
+            config,
+        };
+        match self.write_json_atomic(&place, &named) {
+            Ok(()) => {
+                tracing::info!(config = %name, "named the last good configuration an older agent recorded")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot record the last good configuration's name; it is hashed again next time")
+            }
+        }
+        Ok(Some(name))
+    }
+
+    /// Records the current configuration, applied as `name`, as verified: the one a rollback
+    /// returns to, and what [`Self::last_good_name`] says the node runs.
+    pub fn mark_good(&self, name: &str) -> Result<()> {
+        if let Some(config) = self.current()? {
+            let record = LastGood {
+                name: Some(name.to_owned()),
+                config,
+            };
+            self.write_json_atomic(&self.state(LAST_GOOD), &record)?;
         }
         Ok(())
     }

@@ -8,12 +8,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use regmirror_core::contract::config_secret_name;
 use regmirror_core::node::{Flavor, UnknownFlavor};
 use regmirror_core::render::RenderedConfig;
 use regmirror_node_agent::agent::Timeouts;
 use regmirror_node_agent::hostfs::{HostError, HostFs};
-use thiserror::Error;
 use regmirror_node_agent::watch::{self, Settings};
+use thiserror::Error;
 
 #[derive(Parser)]
 #[command(name = "regmirror-agent", version, about)]
@@ -144,10 +145,11 @@ fn main() {
                     }
                 })
             })
-            .and_then(|config| Ok(host.apply(&config)?))
-            .and_then(|report| {
+            .and_then(|config| Ok((host.apply(&config)?, config)))
+            .and_then(|(report, config)| {
                 if mark_good {
-                    host.mark_good()?;
+                    // Named as the operator names it: by its content.
+                    host.mark_good(&config_secret_name(&config))?;
                 }
                 println!(
                     "written: {}, removed: {}, backed up: {:?}",
@@ -157,18 +159,17 @@ fn main() {
                 );
                 Ok(())
             }),
-        Command::Rollback => {
-            host.rollback()
-                .map_err(CliError::from)
-                .map(|report| match report {
-                    Some(report) => println!(
-                        "rolled back: written {}, removed {}",
-                        report.written.len(),
-                        report.removed.len()
-                    ),
-                    None => println!("no verified configuration to roll back to"),
-                })
-        }
+        Command::Rollback => host
+            .rollback()
+            .map_err(CliError::from)
+            .map(|report| match report {
+                Some(report) => println!(
+                    "rolled back: written {}, removed {}",
+                    report.written.len(),
+                    report.removed.len()
+                ),
+                None => println!("no verified configuration to roll back to"),
+            }),
         Command::Recover => host.recover().map_err(CliError::from).map(|did| {
             println!(
                 "{}",

@@ -140,7 +140,7 @@ fn rollback_restores_the_last_verified_configuration() {
     let host = HostFs::new(root.path());
     assert_eq!(host.rollback().unwrap(), None, "nothing verified yet");
     host.apply(&old()).unwrap();
-    host.mark_good().unwrap();
+    host.mark_good("old").unwrap();
     host.apply(&new()).unwrap();
     host.rollback().unwrap().unwrap();
     assert_eq!(
@@ -746,7 +746,7 @@ mod with_real_containerd {
         host.apply(&render_for(registry.url())).unwrap();
         let pull = containerd.pull(&hosts_dir, &image);
         assert!(pull.ok, "{}", pull.output);
-        host.mark_good().unwrap();
+        host.mark_good("good").unwrap();
 
         host.apply(&render_for(format!("https://127.0.0.1:{}", dead_port())))
             .unwrap();
