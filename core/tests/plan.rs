@@ -15,10 +15,10 @@ fn node(name: &'static str, control_plane: bool, activation: Activation) -> Node
         name,
         control_plane,
         ready: true,
-        desired: Some("old".into()),
-        current: Some("old".into()),
+        desired: Some("old"),
+        current: Some("old"),
         state: Some(NodeState::Applied),
-        target: "new".into(),
+        target: "new",
         activation,
         told: None,
         paused: false,
@@ -30,7 +30,7 @@ fn an_in_flight_node_costs_the_step_it_was_told_not_its_next_one() {
     // n0 was told to restart for the move it is making; its target moved on since, and the
     // move to the newest target would be hot. It still holds the only restart slot.
     let mut n0 = node("n0", false, Activation::Hot);
-    n0.desired = Some("middle".into());
+    n0.desired = Some("middle");
     n0.told = Some(Activation::Restart);
     let n1 = node("n1", false, Activation::Restart);
     let p = plan(&[n0, n1], MaxUnavailable::Count(1));
@@ -89,7 +89,7 @@ fn a_failed_config_is_not_spread_and_a_paused_mirror_freezes() {
     let mut nodes: Vec<_> = (0..4)
         .map(|i| node(name(format!("n{i}")), false, Activation::Hot))
         .collect();
-    nodes[0].desired = Some("new".into());
+    nodes[0].desired = Some("new");
     nodes[0].state = Some(NodeState::Failed);
     let p = plan(&nodes, MaxUnavailable::Count(1));
     assert!(p.advance.is_empty(), "{p:?}");
@@ -125,8 +125,8 @@ fn cluster() -> impl Strategy<Value = Vec<NodeRollout<'static>>> {
                 n.ready = ready;
                 match phase {
                     0 => {}                                                                 // not started
-                    1 => n.desired = Some("new".into()), // in flight
-                    _ => (n.desired, n.current) = (Some("new".into()), Some("new".into())), // done
+                    1 => n.desired = Some("new"), // in flight
+                    _ => (n.desired, n.current) = (Some("new"), Some("new")), // done
                 }
                 n
             })
@@ -176,6 +176,6 @@ proptest! {
                 n.state = Some(NodeState::Applied);
             }
         }
-        prop_assert!(nodes.iter().all(|n| n.current.as_deref() == Some("new")), "{nodes:?}");
+        prop_assert!(nodes.iter().all(|n| n.current == Some("new")), "{nodes:?}");
     }
 }
