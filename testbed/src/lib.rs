@@ -8,10 +8,12 @@
 //! kube-controller-manager built from the official Go modules by `testbed/kube/build`).
 //!
 //! And [`api`]: kube's mocked service with a request log, so unit tests assert the exact
-//! requests a component sends.
+//! requests a component sends; [`fake_api`]: a strict fake API server over it, that fails the
+//! test on a request not in its scenario or an expected one never made.
 
 pub mod api;
 pub mod cluster;
+pub mod fake_api;
 pub mod control_plane;
 mod image;
 mod pki;
