@@ -2,7 +2,6 @@
 //! a named configuration, for a configuration that already failed here, and for a host
 //! regmirror cannot configure.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,18 +14,19 @@ use regmirror_core::contract::{
     config_secret_name, CONFIG_KEY, CURRENT_CONFIG, DESIRED_ACTIVATION, DESIRED_CONFIG, FLAVOR,
     MESSAGE, PUBLIC_KEY, SEALED_CONFIG_KEY, STATE,
 };
-use regmirror_core::seal::NodePublicKey;
-use regmirror_node_agent::node_key;
-use regmirror_testbed::cluster::sealing_key;
 use regmirror_core::node::Flavor;
 use regmirror_core::render::{render, RenderedConfig};
+use regmirror_core::seal::NodePublicKey;
 use regmirror_node_agent::agent::{Agent, Outcome, Timeouts};
 use regmirror_node_agent::detect::Host;
 use regmirror_node_agent::metrics::Metrics;
+use regmirror_node_agent::node_key;
 use regmirror_node_agent::report::NodeReporter;
 use regmirror_node_agent::restart::Activator;
 use regmirror_node_agent::watch::{Setup, Worker};
-use regmirror_testbed::api::{mock_client, Recorded};
+use regmirror_testbed::api::{status_error, Recorded};
+use regmirror_testbed::cluster::sealing_key;
+use regmirror_testbed::fake_api::{event, Expect, FakeApi, Scenario};
 use regmirror_testbed::world::{dead_endpoint, World};
 use regmirror_testbed::RegistryOptions;
 use serde_json::{json, Value};
@@ -34,7 +34,7 @@ use tokio::sync::watch;
 
 const NS: &str = "regmirror-system";
 const NODE: &str = "/api/v1/nodes/edge-1?";
-const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events?";
+const EVENTS: &str = regmirror_testbed::fake_api::EVENTS;
 
 fn node(annotations: &[(&str, &str)]) -> Node {
     Node {
@@ -53,37 +53,9 @@ fn node(annotations: &[(&str, &str)]) -> Node {
     }
 }
 
-fn worker(
-    setup: Setup,
-    secrets: BTreeMap<String, Value>,
-) -> (Worker, regmirror_testbed::api::RequestLog) {
-    let (client, log) = mock_client(move |r: &Recorded| {
-        let name = r
-            .path
-            .split('?')
-            .next()
-            .unwrap()
-            .rsplit('/')
-            .next()
-            .unwrap()
-            .to_owned();
-        if r.method == "GET" {
-            return match secrets.get(&name) {
-                Some(s) => (200, s.clone()),
-                None => (
-                    404,
-                    regmirror_testbed::api::status_error(404, "NotFound", "not found"),
-                ),
-            };
-        }
-        let mut body = r.body.clone();
-        if r.path.starts_with("/api/v1/nodes/") {
-            body["apiVersion"] = json!("v1");
-            body["kind"] = json!("Node");
-            body["metadata"]["name"] = json!("edge-1");
-        }
-        (200, body)
-    });
+/// A worker whose API server expects `scenario`.
+fn worker(setup: Setup, scenario: Scenario) -> (Worker, FakeApi) {
+    let (client, api) = scenario.serve();
     let worker = Worker {
         reporter: NodeReporter::new(client.clone(), "edge-1"),
         secrets: Api::namespaced(client, NS),
@@ -91,7 +63,36 @@ fn worker(
         metrics: Metrics::register(&mut Registry::default()),
         settle: Duration::ZERO,
     };
-    (worker, log)
+    (worker, api)
+}
+
+/// The agent's report on edge-1, exactly `annotations`; answered with the Node patched.
+fn report(annotations: Value) -> Expect {
+    Expect::patch(NODE)
+        .body(json!({"metadata": {"annotations": annotations}}))
+        .answer_with(patched_node)
+}
+
+/// The agent's report on edge-1, whatever it says (checked by the test afterwards).
+fn any_report() -> Expect {
+    Expect::patch(NODE).answer_with(patched_node)
+}
+
+fn patched_node(r: &Recorded) -> (u16, Value) {
+    let mut body = r.body.clone();
+    body["apiVersion"] = json!("v1");
+    body["kind"] = json!("Node");
+    body["metadata"]["name"] = json!("edge-1");
+    (200, body)
+}
+
+/// The agent reads config Secret `name`; answered with `secret`, or 404 without one.
+fn read_secret(name: &str, secret: Option<Value>) -> Expect {
+    let read = Expect::get(format!("/api/v1/namespaces/{NS}/secrets/{name}"));
+    match secret {
+        Some(secret) => read.answer(200, secret),
+        None => read.answer(404, status_error(404, "NotFound", "not found")),
+    }
 }
 
 /// A containerd host under a temporary root, and a plain-http registry to mirror to.
@@ -216,15 +217,22 @@ async fn a_named_config_is_fetched_applied_and_reported() {
     let config = host.config(true);
     let name = config_secret_name(&config);
     let key = public_key(&agent);
-    let (worker, log) = worker(
+    let (worker, api) = worker(
         Setup::Ready(agent),
-        BTreeMap::from([(name.clone(), config_secret(&config))]),
+        Scenario::new()
+            .then(report(json!({FLAVOR: "containerd", PUBLIC_KEY: key, MESSAGE: format!("applying {name}"), STATE: "Applying"})))
+            .then(read_secret(&name, Some(config_secret(&config))))
+            .then(report(json!({
+                CURRENT_CONFIG: name, FLAVOR: "containerd", PUBLIC_KEY: key,
+                MESSAGE: format!("{name} applied without a restart"), STATE: "Applied",
+            })))
+            .then(event("Normal", "Applied", Some("edge-1"))),
     );
     let node = node_told(&name, &key, &[]);
     let (_tx, latest) = watch::channel(Some(Arc::new(node.clone())));
 
     worker.step(&node, &latest).await;
-    let requests = log.take();
+    let requests = api.take();
     assert_eq!(
         lines(&requests),
         [
@@ -257,7 +265,8 @@ async fn a_named_config_is_fetched_applied_and_reported() {
     // The node now says what the host has: nothing more to do.
     let settled = node_with(&told(&name, &key), &requests[2].body);
     worker.step(&settled, &latest).await;
-    assert_eq!(lines(&log.take()), Vec::<String>::new());
+    assert_eq!(lines(&api.take()), Vec::<String>::new());
+    api.finish();
 }
 
 fn node_with(told: &[(&'static str, String)], patch: &Value) -> Node {
@@ -286,15 +295,26 @@ async fn a_config_that_failed_here_is_not_tried_again_and_annotations_follow_the
     assert_eq!(outcome.state.as_str(), "Failed");
 
     let key = public_key(&agent);
-    let (worker, log) = worker(Setup::Ready(agent), BTreeMap::new());
+    let (worker, api) = worker(
+        Setup::Ready(agent),
+        Scenario::new()
+            .then(report(json!({MESSAGE: outcome.message, STATE: "Failed"})))
+            .then(any_report())
+            .then(read_secret("regmirror-config-bbbb", None))
+            .then(any_report()),
+    );
     let stale = node_told(
         &name,
         &key,
-        &[(FLAVOR, "containerd"), (PUBLIC_KEY, &key), (STATE, "Applying")],
+        &[
+            (FLAVOR, "containerd"),
+            (PUBLIC_KEY, &key),
+            (STATE, "Applying"),
+        ],
     );
     let (_tx, latest) = watch::channel(Some(Arc::new(stale.clone())));
     assert_eq!(worker.step(&stale, &latest).await, None);
-    let requests = log.take();
+    let requests = api.take();
     assert_eq!(
         lines(&requests),
         [format!("PATCH {NODE}")],
@@ -320,7 +340,7 @@ async fn a_config_that_failed_here_is_not_tried_again_and_annotations_follow_the
         worker.step(&next, &latest).await,
         Some(Duration::from_secs(10))
     );
-    let requests = log.take();
+    let requests = api.take();
     assert_eq!(
         lines(&requests),
         [
@@ -338,16 +358,22 @@ async fn a_config_that_failed_here_is_not_tried_again_and_annotations_follow_the
             .starts_with("regmirror-config-bbbb: cannot read the config Secret"),
         "{annotations}"
     );
+    api.finish();
 }
 
 #[tokio::test]
 async fn an_unsupported_host_is_reported_once() {
     let why = "k3s runs with an external container runtime (container-runtime-endpoint in /etc/rancher/k3s/config.yaml); it ignores registries.yaml";
-    let (worker, log) = worker(Setup::Unsupported(why.into()), BTreeMap::new());
+    let (worker, api) = worker(
+        Setup::Unsupported(why.into()),
+        Scenario::new()
+            .then(report(json!({MESSAGE: why, STATE: "Unsupported"})))
+            .then(event("Warning", "Unsupported", Some("edge-1"))),
+    );
     let fresh = node(&[(DESIRED_CONFIG, "regmirror-config-aaaa")]);
     let (_tx, latest) = watch::channel(Some(Arc::new(fresh.clone())));
     worker.step(&fresh, &latest).await;
-    let requests = log.take();
+    let requests = api.take();
     assert_eq!(
         lines(&requests),
         [
@@ -366,7 +392,8 @@ async fn an_unsupported_host_is_reported_once() {
         (MESSAGE, why),
     ]);
     worker.step(&reported, &latest).await;
-    assert_eq!(lines(&log.take()), Vec::<String>::new());
+    assert_eq!(lines(&api.take()), Vec::<String>::new());
+    api.finish();
 }
 
 fn base64(bytes: &[u8]) -> String {
@@ -391,7 +418,10 @@ async fn a_node_sent_back_to_what_it_runs_is_applied_again() {
     // The operator points the node back at the good config: nothing to apply, and the node
     // must not go on saying Failed (the operator would halt the good config everywhere).
     let key = public_key(&agent);
-    let (worker, log) = worker(Setup::Ready(agent), BTreeMap::new());
+    let (worker, api) = worker(
+        Setup::Ready(agent),
+        Scenario::new().then(report(json!({MESSAGE: "", STATE: "Applied"}))),
+    );
     let back = node_told(
         &good_name,
         &key,
@@ -405,12 +435,13 @@ async fn a_node_sent_back_to_what_it_runs_is_applied_again() {
     );
     let (_tx, latest) = watch::channel(Some(Arc::new(back.clone())));
     assert_eq!(worker.step(&back, &latest).await, None);
-    let requests = log.take();
+    let requests = api.take();
     assert_eq!(lines(&requests), [format!("PATCH {NODE}")]);
     assert_eq!(
         requests[0].body,
         json!({"metadata": {"annotations": {MESSAGE: "", STATE: "Applied"}}})
     );
+    api.finish();
 }
 
 #[tokio::test]
@@ -421,16 +452,20 @@ async fn an_agent_cannot_open_another_nodes_config_and_never_fetches_it() {
     let name = config_secret_name(&config);
     let own = public_key(&agent);
     // The operator sealed this config's key to node B, not to this node (A).
-    let other = regmirror_testbed::cluster::node_key("node-b").public().to_text();
-    let (worker, log) = worker(
-        Setup::Ready(agent),
-        BTreeMap::from([(name.clone(), config_secret(&config))]),
-    );
+    let other = regmirror_testbed::cluster::node_key("node-b")
+        .public()
+        .to_text();
+    // No Secret read: only the report.
+    let (worker, api) = worker(Setup::Ready(agent), Scenario::new().then(any_report()));
     let stolen = node_told(&name, &other, &[]);
     let (_tx, latest) = watch::channel(Some(Arc::new(stolen.clone())));
     assert_eq!(worker.step(&stolen, &latest).await, None);
-    let requests = log.take();
-    assert_eq!(lines(&requests), [format!("PATCH {NODE}")], "no Secret read");
+    let requests = api.take();
+    assert_eq!(
+        lines(&requests),
+        [format!("PATCH {NODE}")],
+        "no Secret read"
+    );
     let annotations = &requests[0].body["metadata"]["annotations"];
     assert_eq!(annotations[PUBLIC_KEY], json!(own));
     assert!(
@@ -441,6 +476,7 @@ async fn an_agent_cannot_open_another_nodes_config_and_never_fetches_it() {
         "{annotations}"
     );
     assert!(!host.root.path().join("etc/containerd").exists());
+    api.finish();
 
     // Even with the Secret in hand, its content does not open without the sealing key.
     let secret = config_secret(&config);
@@ -465,7 +501,13 @@ async fn a_config_secret_whose_content_is_not_its_name_is_refused() {
         "metadata": {"name": name, "namespace": NS},
         "data": {SEALED_CONFIG_KEY: base64(&sealing_key().seal_config(&name, &other))},
     });
-    let (worker, log) = worker(Setup::Ready(agent), BTreeMap::from([(name.clone(), forged)]));
+    let (worker, api) = worker(
+        Setup::Ready(agent),
+        Scenario::new()
+            .then(any_report())
+            .then(read_secret(&name, Some(forged)))
+            .then(any_report()),
+    );
     let node = node_told(&name, &key, &[]);
     let (_tx, latest) = watch::channel(Some(Arc::new(node.clone())));
     assert_eq!(
@@ -473,17 +515,26 @@ async fn a_config_secret_whose_content_is_not_its_name_is_refused() {
         Some(Duration::from_secs(10)),
         "waited for, not failed: the operator replaces a squatting Secret"
     );
-    let requests = log.take();
+    let requests = api.take();
     let last = &requests.last().unwrap().body["metadata"]["annotations"];
     assert_eq!(last[STATE], json!("Applying"));
     assert!(
-        last[MESSAGE].as_str().unwrap().contains("whose digest names"),
+        last[MESSAGE]
+            .as_str()
+            .unwrap()
+            .contains("whose digest names"),
         "{last}"
     );
-    assert!(!host.root.path().join("etc/containerd").exists(), "nothing written");
+    assert!(
+        !host.root.path().join("etc/containerd").exists(),
+        "nothing written"
+    );
+    api.finish();
 }
 
 fn base64_decode(text: &str) -> Vec<u8> {
     use base64::Engine;
-    base64::engine::general_purpose::STANDARD.decode(text).unwrap()
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .unwrap()
 }
