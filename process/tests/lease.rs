@@ -4,6 +4,10 @@
 //! kube-lease-manager judges expiry by the wall clock (`renewTime` + `leaseDurationSeconds`
 //! against now), so these tests run in real time with a 3 s lease, and stored leases carry
 //! `renewTime`s relative to now.
+//!
+//! The API server is the strict fake of regmirror-testbed, answering from one stored Lease:
+//! where a test knows the requests in order it expects them in order; where the candidates'
+//! polling or a race makes their number unknowable, it allows requests on the Lease only.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -11,7 +15,8 @@ use std::time::{Duration, SystemTime};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use regmirror_process::lease::{Held, LeaseLock};
-use regmirror_testbed::api::{mock_client, status_error, Recorded, RequestLog};
+use regmirror_testbed::api::{status_error, Recorded, RequestLog};
+use regmirror_testbed::fake_api::{Expect, FakeApi, Scenario};
 use serde_json::{json, Value};
 use tokio::time::{timeout, Instant};
 
@@ -38,14 +43,85 @@ struct Stored {
 
 type Shared = Arc<Mutex<Stored>>;
 
-fn server(initial: Option<Value>) -> (kube::Client, RequestLog, Shared) {
-    let stored = Shared::new(Mutex::new(Stored {
+/// The stored Lease `initial`, served as `scenario` says: its requests answered from
+/// `stored` by [`on_lease`] and the like.
+fn server(initial: Option<Value>) -> Shared {
+    Shared::new(Mutex::new(Stored {
         lease: initial,
         ..Stored::default()
-    }));
+    }))
+}
+
+/// A request on the Lease, answered from `stored`.
+fn on_lease(stored: &Shared, expect: Expect) -> Expect {
     let state = stored.clone();
-    let (client, log) = mock_client(move |r| answer(&mut state.lock().unwrap(), r));
-    (client, log, stored)
+    expect.answer_with(move |r| answer(&mut state.lock().unwrap(), r))
+}
+
+/// A read of the Lease.
+fn read(stored: &Shared) -> Expect {
+    on_lease(stored, Expect::get(PATH))
+}
+
+/// The Lease created.
+fn create(stored: &Shared) -> Expect {
+    on_lease(
+        stored,
+        Expect::post(format!(
+            "/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases?"
+        ))
+        .content_type("application/json"),
+    )
+}
+
+/// `identity` claims the Lease (server-side apply of itself as holder).
+fn claim(stored: &Shared, identity: &str) -> Expect {
+    let who = json!(identity);
+    on_lease(
+        stored,
+        Expect::patch(format!(
+            "{PATH}?&fieldManager=kube-lease-manager-{identity}"
+        ))
+        .content_type(APPLY)
+        .body_where(&format!("holderIdentity {identity}"), move |b| {
+            b["spec"]["holderIdentity"] == who
+        }),
+    )
+}
+
+/// `identity` renews, counts a transition, clears an expired holder or releases (a merge
+/// patch).
+fn update(stored: &Shared, identity: &str) -> Expect {
+    on_lease(
+        stored,
+        Expect::patch(format!(
+            "{PATH}?&fieldManager=kube-lease-manager-{identity}"
+        ))
+        .content_type(MERGE),
+    )
+}
+
+/// The first candidate's way to a lease nobody made yet: read, create, read twice, claim,
+/// count the transition, read.
+fn first_acquire(stored: &Shared, identity: &str, scenario: Scenario) -> Scenario {
+    scenario
+        .then(read(stored))
+        .then(create(stored))
+        .then(read(stored))
+        .then(read(stored))
+        .then(claim(stored, identity))
+        .then(update(stored, identity))
+        .then(read(stored))
+}
+
+/// Any request on the Lease, at any time, any number: for candidates polling in real time
+/// or racing, whose requests cannot be told beforehand. Nothing else is allowed.
+fn anything_on_the_lease(stored: &Shared, scenario: Scenario) -> Scenario {
+    let prefix = format!("{PATH}?&fieldManager=kube-lease-manager-");
+    scenario
+        .background(read(stored))
+        .background(create(stored))
+        .background(on_lease(stored, Expect::prefix("PATCH", prefix)))
 }
 
 fn answer(stored: &mut Stored, r: &Recorded) -> (u16, Value) {
@@ -171,7 +247,11 @@ fn lock(client: &kube::Client, identity: &str) -> LeaseLock {
 }
 
 /// Method, path and content type of each request.
-fn lines(log: &RequestLog) -> Vec<String> {
+fn lines(api: &FakeApi) -> Vec<String> {
+    lines_of(api.log())
+}
+
+fn lines_of(log: &RequestLog) -> Vec<String> {
     log.take()
         .iter()
         .map(|r| {
@@ -202,7 +282,14 @@ async fn acquired(lock: LeaseLock, within: Duration) -> Held {
 
 #[tokio::test]
 async fn the_first_replica_creates_the_lease_and_then_renews_it() {
-    let (client, log, stored) = server(None);
+    let stored = server(None);
+    let scenario = first_acquire(&stored, "pod-a", Scenario::new())
+        // A renewal, then the release.
+        .then(update(&stored, "pod-a"))
+        .then(read(&stored))
+        .then(update(&stored, "pod-a"))
+        .then(read(&stored));
+    let (client, api) = scenario.serve();
     let mut held = acquired(lock(&client, "pod-a"), Duration::from_secs(2)).await;
     let mut expected = vec![
         format!("GET {PATH}"),
@@ -213,7 +300,7 @@ async fn the_first_replica_creates_the_lease_and_then_renews_it() {
         format!("GET {PATH}"),
     ];
     expected.extend(claims("pod-a"));
-    assert_eq!(lines(&log), expected);
+    assert_eq!(lines(&api), expected);
     let first = spec(&stored);
     assert_eq!(first["holderIdentity"], json!("pod-a"));
     assert_eq!(first["leaseDurationSeconds"], json!(3));
@@ -225,7 +312,7 @@ async fn the_first_replica_creates_the_lease_and_then_renews_it() {
         _ = tokio::time::sleep(Duration::from_millis(1500)) => {}
     }
     assert_eq!(
-        lines(&log),
+        lines(&api),
         [
             format!("PATCH {PATH}?&fieldManager=kube-lease-manager-pod-a {MERGE}"),
             format!("GET {PATH}")
@@ -240,19 +327,29 @@ async fn the_first_replica_creates_the_lease_and_then_renews_it() {
     assert_ne!(renewed["renewTime"], first["renewTime"]);
     assert_eq!(renewed["leaseTransitions"], json!(1));
     held.release().await;
+    api.finish();
 }
 
 #[tokio::test]
 async fn a_live_holder_is_left_alone_and_a_silent_one_is_replaced() {
-    let (client, log, stored) = server(Some(held_by("pod-a", Duration::ZERO)));
+    let stored = server(Some(held_by("pod-a", Duration::ZERO)));
+    // pod-b polls (reads) until the holder expired; then its writes come in order: it clears
+    // the expired holder, claims, counts the transition; and at the end releases.
+    let scenario = Scenario::new()
+        .background(read(&stored))
+        .then(update(&stored, "pod-b"))
+        .then(claim(&stored, "pod-b"))
+        .then(update(&stored, "pod-b"))
+        .then(update(&stored, "pod-b"));
+    let (client, api) = scenario.serve();
     let start = Instant::now();
     let mut b = tokio::spawn(lock(&client, "pod-b").acquire());
     tokio::time::sleep(DURATION - Duration::from_millis(500)).await;
     assert!(!b.is_finished(), "not yet a whole duration without renewal");
     assert!(
-        log.snapshot().iter().all(|r| r.method == "GET"),
+        api.requests().iter().all(|r| r.method == "GET"),
         "no writes while pod-a holds it: {:#?}",
-        log.snapshot()
+        api.requests()
     );
 
     let held = timeout(Duration::from_secs(3), &mut b)
@@ -260,7 +357,7 @@ async fn a_live_holder_is_left_alone_and_a_silent_one_is_replaced() {
         .expect("pod-b takes over a silent holder's lease")
         .unwrap();
     assert!(start.elapsed() >= DURATION, "not before it expired");
-    let requests = lines(&log);
+    let requests = lines(&api);
     let writes: Vec<&String> = requests.iter().filter(|l| !l.starts_with("GET")).collect();
     assert_eq!(
         writes,
@@ -275,11 +372,14 @@ async fn a_live_holder_is_left_alone_and_a_silent_one_is_replaced() {
     assert_eq!(spec["holderIdentity"], json!("pod-b"));
     assert_eq!(spec["leaseTransitions"], json!(3));
     held.release().await;
+    api.finish();
 }
 
 #[tokio::test]
 async fn a_holder_that_keeps_renewing_is_never_replaced() {
-    let (client, log, stored) = server(Some(held_by("pod-a", Duration::ZERO)));
+    let stored = server(Some(held_by("pod-a", Duration::ZERO)));
+    // Reads only: any write fails the test.
+    let (client, api) = Scenario::new().background(read(&stored)).serve();
     let b = tokio::spawn(lock(&client, "pod-b").acquire());
     for _ in 0..7 {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -289,13 +389,15 @@ async fn a_holder_that_keeps_renewing_is_never_replaced() {
         assert!(!b.is_finished());
     }
     b.abort();
-    assert!(log.take().iter().all(|r| r.method == "GET"));
+    assert!(api.take().iter().all(|r| r.method == "GET"));
     assert_eq!(spec(&stored)["holderIdentity"], json!("pod-a"));
+    api.finish();
 }
 
 #[tokio::test]
 async fn of_two_replicas_racing_for_an_expired_lease_one_wins() {
-    let (client, _log, stored) = server(Some(held_by("pod-a", Duration::from_secs(10))));
+    let stored = server(Some(held_by("pod-a", Duration::from_secs(10))));
+    let (client, api) = anything_on_the_lease(&stored, Scenario::new()).serve();
     let mut b = tokio::spawn(lock(&client, "pod-b").acquire());
     let mut c = tokio::spawn(lock(&client, "pod-c").acquire());
     let (winner, mut loser, held) = tokio::select! {
@@ -309,23 +411,29 @@ async fn of_two_replicas_racing_for_an_expired_lease_one_wins() {
     assert_eq!(spec(&stored)["holderIdentity"], json!(winner));
     loser.abort();
     held.release().await;
+    api.finish();
 }
 
 #[tokio::test]
 async fn a_claim_that_loses_the_race_is_refused() {
-    let (client, log, stored) = server(Some(released()));
+    let stored = server(Some(released()));
+    // pod-c reads the free lease and claims it (refused, 409); nothing more for now.
+    let (client, api) = Scenario::new()
+        .background(read(&stored))
+        .then(claim(&stored, "pod-c"))
+        .serve();
     // pod-b's claim lands between pod-c reading the free lease and pod-c claiming it.
     stored.lock().unwrap().claims_first = Some("pod-b".into());
     let start = Instant::now();
     let mut c = tokio::spawn(lock(&client, "pod-c").acquire());
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!c.is_finished(), "pod-c does not lead beside pod-b");
-    let requests = log.take();
-    let claim = requests
+    let requests = api.take();
+    let claimed = requests
         .iter()
         .find(|r| r.content_type == APPLY)
         .expect("pod-c tried to claim the free lease");
-    assert_eq!(claim.body["spec"]["holderIdentity"], json!("pod-c"));
+    assert_eq!(claimed.body["spec"]["holderIdentity"], json!("pod-c"));
     assert_eq!(
         requests.iter().filter(|r| r.method != "GET").count(),
         1,
@@ -333,7 +441,15 @@ async fn a_claim_that_loses_the_race_is_refused() {
     );
     assert_eq!(spec(&stored)["holderIdentity"], json!("pod-b"));
 
-    // pod-b never renews: once its lease expired, pod-c takes over.
+    // pod-b never renews: once its lease expired, pod-c takes over (clears the expired
+    // holder, claims, counts the transition) and at the end releases.
+    api.extend(
+        Scenario::new()
+            .then(update(&stored, "pod-c"))
+            .then(claim(&stored, "pod-c"))
+            .then(update(&stored, "pod-c"))
+            .then(update(&stored, "pod-c")),
+    );
     let held = timeout(Duration::from_secs(4), &mut c)
         .await
         .expect("pod-c takes over after pod-b's lease expired")
@@ -341,16 +457,21 @@ async fn a_claim_that_loses_the_race_is_refused() {
     assert!(start.elapsed() >= DURATION);
     assert_eq!(spec(&stored)["holderIdentity"], json!("pod-c"));
     held.release().await;
+    api.finish();
 }
 
 #[tokio::test]
 async fn release_hands_the_lease_back() {
-    let (client, log, stored) = server(None);
+    let stored = server(None);
+    let scenario = first_acquire(&stored, "pod-a", Scenario::new())
+        .then(update(&stored, "pod-a"))
+        .then(read(&stored));
+    let (client, api) = scenario.serve();
     let held = acquired(lock(&client, "pod-a"), Duration::from_secs(2)).await;
-    log.take();
+    api.take();
     held.release().await;
     assert_eq!(
-        lines(&log),
+        lines(&api),
         [
             format!("PATCH {PATH}?&fieldManager=kube-lease-manager-pod-a {MERGE}"),
             format!("GET {PATH}")
@@ -359,36 +480,43 @@ async fn release_hands_the_lease_back() {
     let spec = spec(&stored);
     assert_eq!(spec.get("holderIdentity"), None);
     assert_eq!(spec.get("renewTime"), None);
+    api.finish();
 }
 
 #[tokio::test]
 async fn a_holder_that_cannot_renew_loses_the_lease_within_a_duration() {
-    let (client, log, stored) = server(None);
+    let stored = server(None);
+    let (client, api) = first_acquire(&stored, "pod-a", Scenario::new()).serve();
     let start = Instant::now();
     let mut held = acquired(lock(&client, "pod-a"), Duration::from_secs(2)).await;
+    // Renewals (as many as fit) fail from now on.
+    api.extend(anything_on_the_lease(&stored, Scenario::new()));
     stored.lock().unwrap().failing_writes = true;
     timeout(DURATION, held.lost())
         .await
         .expect("lost once renewals failed for a whole duration");
     assert!(start.elapsed() < DURATION, "before the lease expired");
     assert!(
-        log.take().iter().any(|r| r.method == "PATCH"),
+        api.take().iter().any(|r| r.method == "PATCH"),
         "it did try to renew"
     );
     held.release().await;
-    let releases = log.take().into_iter().filter(|r| {
+    let releases = api.take().into_iter().filter(|r| {
         r.method == "PATCH"
             && r.body["spec"]
                 .as_object()
                 .is_some_and(|spec| spec.contains_key("holderIdentity"))
     });
     assert_eq!(releases.count(), 0, "a lost lease is not released");
+    api.finish();
 }
 
 #[tokio::test]
 async fn a_holder_that_finds_another_holder_loses_the_lease() {
-    let (client, _log, stored) = server(None);
+    let stored = server(None);
+    let (client, api) = first_acquire(&stored, "pod-a", Scenario::new()).serve();
     let mut held = acquired(lock(&client, "pod-a"), Duration::from_secs(2)).await;
+    api.extend(anything_on_the_lease(&stored, Scenario::new()));
     {
         let mut stored = stored.lock().unwrap();
         stored.lease.as_mut().unwrap()["spec"]["holderIdentity"] = json!("pod-x");
@@ -399,4 +527,5 @@ async fn a_holder_that_finds_another_holder_loses_the_lease() {
         .expect("lost at the next renewal");
     held.release().await;
     assert_eq!(spec(&stored)["holderIdentity"], json!("pod-x"));
+    api.finish();
 }
