@@ -15,11 +15,12 @@ use regmirror_core::contract::{
     CONFIG_KEY, CONFIG_LABEL, CURRENT_CONFIG, DESIRED_ACTIVATION, DESIRED_CONFIG, MESSAGE,
     SEALED_CONFIG_KEY, STATE,
 };
-use regmirror_core::sources::ALLOWED_HOSTS;
 use regmirror_core::decide::Decision;
 use regmirror_core::plan::MaxUnavailable;
-use regmirror_testbed::api::{mock_client, Recorded};
+use regmirror_core::sources::ALLOWED_HOSTS;
+use regmirror_testbed::api::{status_error, Recorded};
 use regmirror_testbed::cluster::{node_key, ready_node, sealing_key, sealing_key_secret, Cluster};
+use regmirror_testbed::fake_api::{event, events, Expect, Scenario};
 
 use serde_json::{json, Value};
 
@@ -27,7 +28,14 @@ const NS: &str = "regmirror-system";
 
 /// The snapshot a pass takes of `cluster`, as the controller's caches would hold it.
 fn snapshot(c: &Cluster) -> Snapshot {
-    Snapshot::from_objects(&c.mirrors, &c.nodes, &c.secrets, &c.config_maps, c.role.as_ref(), &c.namespace)
+    Snapshot::from_objects(
+        &c.mirrors,
+        &c.nodes,
+        &c.secrets,
+        &c.config_maps,
+        c.role.as_ref(),
+        &c.namespace,
+    )
 }
 
 const ROLE: &str = "regmirror-agent-configs";
@@ -70,10 +78,37 @@ fn cluster() -> Cluster {
     }
 }
 
-/// Runs one pass against a mocked API server; returns the decision and every request.
-async fn reconcile(cluster: &Cluster) -> (Decision, Vec<Recorded>) {
-    let (client, log) = mock_client(answer);
-    let writer = Writer {
+/// Runs one pass against the fake API server expecting `scenario`; returns the decision and
+/// every request.
+async fn reconcile(cluster: &Cluster, scenario: Scenario) -> (Decision, Vec<Recorded>) {
+    let (client, api) = scenario.serve();
+    let metrics = Metrics::register(&mut Registry::default());
+    let snapshot = snapshot(cluster);
+    let decision = reconcile_pass(&snapshot, &settings(), &writer(client), &metrics)
+        .await
+        .unwrap();
+    let requests = api.take();
+    api.finish();
+    (decision, requests)
+}
+
+/// A pass that only sets the scene (its requests are not what the test is about): any write
+/// is answered as the API server would.
+fn setting_the_scene() -> Scenario {
+    ["POST", "PATCH", "PUT", "DELETE"]
+        .into_iter()
+        .fold(Scenario::new(), |s, method| {
+            s.background(Expect::prefix(method, "/").answer_with(answer))
+        })
+}
+
+/// `method` on `path`, answered as the API server would.
+fn expect(method: &str, path: impl Into<String>) -> Expect {
+    Expect::new(method, path).answer_with(answer)
+}
+
+fn writer(client: kube::Client) -> Writer {
+    Writer {
         client: client.clone(),
         namespace: NS.into(),
         agent_role: ROLE.into(),
@@ -84,13 +119,7 @@ async fn reconcile(cluster: &Cluster) -> (Decision, Vec<Recorded>) {
                 instance: None,
             },
         ),
-    };
-    let metrics = Metrics::register(&mut Registry::default());
-    let snapshot = snapshot(cluster);
-    let decision = reconcile_pass(&snapshot, &settings(), &writer, &metrics)
-        .await
-        .unwrap();
-    (decision, log.take())
+    }
 }
 
 /// The cluster after the API server took `decision` and every agent applied its config.
@@ -103,7 +132,7 @@ fn settled(cluster: &Cluster, decision: &Decision) -> Cluster {
 /// Runs passes until nothing is written, agents always succeeding.
 async fn converged(mut cluster: Cluster) -> Cluster {
     for _ in 0..10 {
-        let (decision, _) = reconcile(&cluster).await;
+        let (decision, _) = reconcile(&cluster, setting_the_scene()).await;
         if decision.writes() == 0 {
             return cluster;
         }
@@ -192,7 +221,23 @@ fn lines(requests: &[Recorded]) -> Vec<String> {
 }
 
 /// A new config stored, granted to the agents, given to edge-1 (one restart at a time).
-fn new_config_for_edge_1() -> [String; 5] {
+fn new_config_for_edge_1() -> Scenario {
+    Scenario::new()
+        .then(expect("POST", format!("/api/v1/namespaces/{NS}/secrets?")))
+        .then(expect(
+            "PATCH",
+            format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/roles/{ROLE}{APPLY}"),
+        ))
+        .then(expect("PATCH", "/api/v1/nodes/edge-1?"))
+        .then(expect(
+            "PATCH",
+            format!("/apis/regmirror.io/v1alpha1/registrymirrors/docker-hub/status{APPLY}"),
+        ))
+        .then(event("Normal", "ConfigScheduled", Some("edge-1")))
+}
+
+/// The lines of [`new_config_for_edge_1`].
+fn new_config_for_edge_1_lines() -> [String; 5] {
     [
         format!("POST /api/v1/namespaces/{NS}/secrets?"),
         format!("PATCH /apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/roles/{ROLE}{APPLY}"),
@@ -208,12 +253,12 @@ const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
 #[tokio::test]
 async fn first_rollout_stores_the_config_grants_it_and_points_a_node_at_it() {
     let cluster = cluster();
-    let (decision, requests) = reconcile(&cluster).await;
+    let (decision, requests) = reconcile(&cluster, new_config_for_edge_1()).await;
     let config = decision.create.keys().next().unwrap().clone();
     assert!(config.starts_with("regmirror-config-"));
     assert_eq!(
         lines(&requests),
-        new_config_for_edge_1(),
+        new_config_for_edge_1_lines(),
         "credentials in registries.yaml take a k3s restart: edge-2 waits for edge-1 (maxUnavailable 1)"
     );
 
@@ -255,7 +300,11 @@ async fn first_rollout_stores_the_config_grants_it_and_points_a_node_at_it() {
     );
     let sealed_key = annotations[CONFIG_KEY].as_str().unwrap();
     let key = node_key("edge-1").open_key(&config, sealed_key).unwrap();
-    assert_eq!(key.open_config(&config, &sealed).unwrap(), opened, "edge-1 opens it");
+    assert_eq!(
+        key.open_config(&config, &sealed).unwrap(),
+        opened,
+        "edge-1 opens it"
+    );
     assert!(
         node_key("edge-2").open_key(&config, sealed_key).is_err(),
         "edge-2 cannot open edge-1's key"
@@ -293,7 +342,7 @@ async fn first_rollout_stores_the_config_grants_it_and_points_a_node_at_it() {
 #[tokio::test]
 async fn nothing_changed_means_no_request_at_all() {
     let cluster = converged(cluster()).await;
-    let (decision, requests) = reconcile(&cluster).await;
+    let (decision, requests) = reconcile(&cluster, Scenario::new()).await;
     assert_eq!(decision.writes(), 0);
     assert_eq!(lines(&requests), Vec::<String>::new());
     let status = cluster.mirrors[0].status.as_ref().unwrap();
@@ -308,12 +357,12 @@ async fn a_rotated_password_restarts_one_node_at_a_time() {
     let mut cluster = converged(cluster()).await;
     let old = node_annotation(&cluster, "edge-1", CURRENT_CONFIG);
     cluster.secrets[0] = pull_secret("two");
-    let (decision, requests) = reconcile(&cluster).await;
+    let (decision, requests) = reconcile(&cluster, new_config_for_edge_1()).await;
     let new = decision.create.keys().next().unwrap().clone();
     assert_ne!(new, old);
     assert_eq!(
         lines(&requests),
-        new_config_for_edge_1(),
+        new_config_for_edge_1_lines(),
         "k3s reads credentials only at start: edge-2 waits for edge-1"
     );
     let mut granted = vec![new.clone(), old.clone()];
@@ -326,7 +375,17 @@ async fn a_rotated_password_restarts_one_node_at_a_time() {
 
     // edge-1 done: edge-2 moves; then the old config goes.
     let cluster = settled(&cluster, &decision);
-    let (decision, requests) = reconcile(&cluster).await;
+    let (decision, requests) = reconcile(
+        &cluster,
+        Scenario::new()
+            .then(expect("PATCH", "/api/v1/nodes/edge-2?"))
+            .then(expect(
+                "PATCH",
+                format!("/apis/regmirror.io/v1alpha1/registrymirrors/docker-hub/status{APPLY}"),
+            ))
+            .then(event("Normal", "ConfigScheduled", Some("edge-2"))),
+    )
+    .await;
     assert_eq!(
         decision
             .advance
@@ -337,7 +396,32 @@ async fn a_rotated_password_restarts_one_node_at_a_time() {
     );
     assert!(lines(&requests).contains(&"PATCH /api/v1/nodes/edge-2?".to_owned()));
     let cluster = settled(&cluster, &decision);
-    let (_, requests) = reconcile(&cluster).await;
+    let (_, requests) = reconcile(
+        &cluster,
+        Scenario::new()
+            .then(
+                expect(
+                    "PATCH",
+                    format!(
+                        "/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/roles/{ROLE}{APPLY}"
+                    ),
+                )
+                .body_where("the new config alone granted", {
+                    let new = new.clone();
+                    move |b| b["rules"][0]["resourceNames"] == json!([new])
+                }),
+            )
+            .then(expect(
+                "PATCH",
+                format!("/apis/regmirror.io/v1alpha1/registrymirrors/docker-hub/status{APPLY}"),
+            ))
+            .then(expect(
+                "DELETE",
+                format!("/api/v1/namespaces/{NS}/secrets/{old}?"),
+            ))
+            .then(event("Normal", "Applied", Some("docker-hub"))),
+    )
+    .await;
     assert_eq!(
         lines(&requests),
         [
@@ -360,7 +444,16 @@ async fn a_reference_into_another_namespace_is_refused_and_no_node_changes() {
         },
     });
     cluster.mirrors[0].metadata.generation = Some(2);
-    let (_, requests) = reconcile(&cluster).await;
+    let (_, requests) = reconcile(
+        &cluster,
+        Scenario::new()
+            .then(expect(
+                "PATCH",
+                format!("/apis/regmirror.io/v1alpha1/registrymirrors/docker-hub/status{APPLY}"),
+            ))
+            .then(event("Warning", "InvalidSpec", Some("docker-hub"))),
+    )
+    .await;
     assert_eq!(
         lines(&requests),
         [
@@ -388,7 +481,7 @@ async fn a_reference_into_another_namespace_is_refused_and_no_node_changes() {
 async fn a_node_reporting_failure_halts_the_rollout_and_is_reported() {
     let mut cluster = converged(cluster()).await;
     cluster.secrets[0] = pull_secret("two");
-    let (decision, _) = reconcile(&cluster).await;
+    let (decision, _) = reconcile(&cluster, new_config_for_edge_1()).await;
     let mut cluster = settled(&cluster, &decision);
     // edge-1's agent could not bring k3s back with the new config and rolled back.
     let old = node_annotation(&cluster, "edge-2", CURRENT_CONFIG);
@@ -405,7 +498,16 @@ async fn a_node_reporting_failure_halts_the_rollout_and_is_reported() {
         "k3s-agent not active 300s after restart; restored the previous configuration".into(),
     );
 
-    let (decision, requests) = reconcile(&cluster).await;
+    let (decision, requests) = reconcile(
+        &cluster,
+        Scenario::new()
+            .then(expect(
+                "PATCH",
+                format!("/apis/regmirror.io/v1alpha1/registrymirrors/docker-hub/status{APPLY}"),
+            ))
+            .then(event("Warning", "NodesFailed", Some("docker-hub"))),
+    )
+    .await;
     assert!(
         decision.advance.is_empty(),
         "edge-2 does not get the config that failed"
@@ -432,10 +534,19 @@ async fn a_node_reporting_failure_halts_the_rollout_and_is_reported() {
 #[tokio::test]
 async fn without_a_sealing_key_the_first_pass_makes_one_and_decides_nothing() {
     let mut cluster = cluster();
-    cluster
-        .secrets
-        .retain(|s| s.metadata.name.as_deref() != Some(regmirror_core::contract::SEALING_KEY_SECRET));
-    let (decision, requests) = reconcile(&cluster).await;
+    cluster.secrets.retain(|s| {
+        s.metadata.name.as_deref() != Some(regmirror_core::contract::SEALING_KEY_SECRET)
+    });
+    let (decision, requests) = reconcile(
+        &cluster,
+        Scenario::new().then(
+            expect("POST", format!("/api/v1/namespaces/{NS}/secrets?"))
+                .body_where("an immutable regmirror-sealing-key", |b| {
+                    b["metadata"]["name"] == "regmirror-sealing-key" && b["immutable"] == true
+                }),
+        ),
+    )
+    .await;
     assert_eq!(decision.writes(), 0);
     assert_eq!(
         lines(&requests),
@@ -458,35 +569,37 @@ async fn a_node_deleted_between_read_and_write_holds_back_no_other_write() {
         ready_node("edge-2", "containerd"),
         ready_node("edge-3", "containerd"),
     ];
-    let (client, log) = mock_client(|r: &Recorded| {
-        if r.method == "PATCH" && r.path.starts_with("/api/v1/nodes/edge-2") {
-            return (
-                404,
-                regmirror_testbed::api::status_error(404, "NotFound", "nodes \"edge-2\" not found"),
-            );
-        }
-        answer(r)
-    });
-    let writer = Writer {
-        client: client.clone(),
-        namespace: NS.into(),
-        agent_role: ROLE.into(),
-        recorder: Recorder::new(
-            client,
-            Reporter {
-                controller: "regmirror".into(),
-                instance: None,
-            },
-        ),
-    };
+    // Every other write goes through, in order.
+    let (client, api) = Scenario::new()
+        .then(expect("POST", format!("/api/v1/namespaces/{NS}/secrets?")))
+        .then(expect(
+            "PATCH",
+            format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/roles/{ROLE}{APPLY}"),
+        ))
+        .then(expect("PATCH", "/api/v1/nodes/edge-1?"))
+        .then(Expect::patch("/api/v1/nodes/edge-2?").answer(
+            404,
+            status_error(404, "NotFound", "nodes \"edge-2\" not found"),
+        ))
+        .then(expect("PATCH", "/api/v1/nodes/edge-3?"))
+        .then(expect(
+            "PATCH",
+            format!("/apis/regmirror.io/v1alpha1/registrymirrors/docker-hub/status{APPLY}"),
+        ))
+        .background(events())
+        .serve();
+    let writer = writer(client);
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let snapshot = snapshot(&cluster);
     let failed = reconcile_pass(&snapshot, &settings(), &writer, &metrics)
         .await
         .unwrap_err();
-    assert!(failed.to_string().contains("annotate Node edge-2"), "{failed}");
-    let writes: Vec<String> = log
+    assert!(
+        failed.to_string().contains("annotate Node edge-2"),
+        "{failed}"
+    );
+    let writes: Vec<String> = api
         .take()
         .iter()
         .filter(|r| r.is_write() && !r.path.contains("/events"))
@@ -504,10 +617,13 @@ async fn a_node_deleted_between_read_and_write_holds_back_no_other_write() {
         ],
         "every other write went through"
     );
+    api.finish();
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     assert!(
-        text.contains(r#"regmirror_write_failures_total{kind="node_annotate",reason="not_found"} 1"#),
+        text.contains(
+            r#"regmirror_write_failures_total{kind="node_annotate",reason="not_found"} 1"#
+        ),
         "{text}"
     );
     assert!(
@@ -517,61 +633,63 @@ async fn a_node_deleted_between_read_and_write_holds_back_no_other_write() {
 
     // The next pass, with edge-2 gone from the cache, has nothing left to do for it.
     let mut next = cluster.clone();
-    next.nodes.retain(|n| n.metadata.name.as_deref() != Some("edge-2"));
-    let (decision, _) = reconcile(&next).await;
+    next.nodes
+        .retain(|n| n.metadata.name.as_deref() != Some("edge-2"));
+    let (decision, _) = reconcile(&next, setting_the_scene()).await;
     assert!(decision.advance.iter().all(|a| a.node != "edge-2"));
 }
 
 #[tokio::test]
 async fn a_secret_squatting_on_a_config_name_is_replaced_not_trusted() {
     let cluster = cluster();
-    let first_post = std::sync::atomic::AtomicBool::new(true);
-    let (client, log) = mock_client(move |r: &Recorded| {
-        let path = r.path.split('?').next().unwrap();
-        if r.method == "POST"
-            && path.ends_with("/secrets")
-            && first_post.swap(false, std::sync::atomic::Ordering::SeqCst)
-        {
-            return (409, regmirror_testbed::api::status_error(409, "AlreadyExists", "exists"));
-        }
-        if r.method == "GET" && path.contains("/secrets/regmirror-config-") {
+    let secrets = format!("/api/v1/namespaces/{NS}/secrets");
+    let (client, api) = Scenario::new()
+        .then(
+            Expect::post(format!("{secrets}?"))
+                .answer(409, status_error(409, "AlreadyExists", "exists")),
+        )
+        .then(
             // Someone with create rights in the namespace got there first, with other content.
-            let name = path.rsplit('/').next().unwrap();
-            return (
-                200,
-                json!({"apiVersion": "v1", "kind": "Secret",
-                       "metadata": {"name": name, "namespace": NS, "labels": {CONFIG_LABEL: "true"}},
-                       "data": {SEALED_CONFIG_KEY: "Zm9yZ2Vk"}}),
-            );
-        }
-        answer(r)
-    });
-    let writer = Writer {
-        client: client.clone(),
-        namespace: NS.into(),
-        agent_role: ROLE.into(),
-        recorder: Recorder::new(
-            client,
-            Reporter {
-                controller: "regmirror".into(),
-                instance: None,
-            },
-        ),
-    };
+            Expect::prefix("GET", format!("{secrets}/regmirror-config-")).answer_with(|r| {
+                let name = r.path.rsplit('/').next().unwrap();
+                (
+                    200,
+                    json!({"apiVersion": "v1", "kind": "Secret",
+                           "metadata": {"name": name, "namespace": NS, "labels": {CONFIG_LABEL: "true"}},
+                           "data": {SEALED_CONFIG_KEY: "Zm9yZ2Vk"}}),
+                )
+            }),
+        )
+        .then(Expect::prefix("DELETE", format!("{secrets}/regmirror-config-")).answer_with(answer))
+        .then(expect("POST", format!("{secrets}?")))
+        // The rest of the pass goes on; no node is pointed at the config.
+        .then(expect(
+            "PATCH",
+            format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/roles/{ROLE}{APPLY}"),
+        ))
+        .then(expect(
+            "PATCH",
+            format!("/apis/regmirror.io/v1alpha1/registrymirrors/docker-hub/status{APPLY}"),
+        ))
+        .background(events())
+        .serve();
+    let writer = writer(client);
     let metrics = Metrics::register(&mut Registry::default());
     let snapshot = snapshot(&cluster);
     let failed = reconcile_pass(&snapshot, &settings(), &writer, &metrics)
         .await
         .unwrap_err();
     assert!(failed.to_string().contains("it was replaced"), "{failed}");
-    let lines: Vec<String> = log
+    let lines: Vec<String> = api
         .take()
         .iter()
         .filter(|r| !r.path.contains("/events"))
         .map(Recorded::line)
         .collect();
     let config = &lines[1];
-    assert!(config.starts_with(&format!("GET /api/v1/namespaces/{NS}/secrets/regmirror-config-")));
+    assert!(config.starts_with(&format!(
+        "GET /api/v1/namespaces/{NS}/secrets/regmirror-config-"
+    )));
     let name = config.rsplit('/').next().unwrap().to_owned();
     assert_eq!(
         lines[..4],
@@ -586,6 +704,7 @@ async fn a_secret_squatting_on_a_config_name_is_replaced_not_trusted() {
         !lines.iter().any(|l| l.starts_with("PATCH /api/v1/nodes/")),
         "no node is pointed at it in this pass: {lines:#?}"
     );
+    api.finish();
 }
 
 fn base64_decode(text: &str) -> Vec<u8> {

@@ -2,58 +2,39 @@
 //! is ready, takes the Lease, and its first pass on a cluster without mirrors grants the
 //! agents nothing (the Role names a placeholder, never an empty list).
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use regmirror::controller::{run, Settings};
 use regmirror_core::plan::MaxUnavailable;
-use regmirror_testbed::api::{mock_client, status_error, Recorded};
+use regmirror_testbed::api::{status_error, Recorded};
 use regmirror_testbed::cluster::{ready_node, sealing_key_secret};
+use regmirror_testbed::fake_api::{Expect, Scenario};
 use serde_json::{json, Value};
 
-/// `lease`: the Lease as stored, which kube-lease-manager creates, then claims and renews with
-/// patches.
-fn answer(lease: &mut Option<Value>, r: &Recorded) -> (u16, Value) {
-    let path = r.path.split('?').next().unwrap();
-    let query = r.path.split_once('?').map_or("", |(_, q)| q);
-    if query.contains("watch=true") {
-        // A quiet cluster: the watch ends without events and is resumed.
-        return (200, Value::Null);
-    }
-    let plural = path.rsplit('/').next().unwrap();
-    let list = |api_version: &str, kind: &str, items: Vec<Value>| {
-        (
-            200,
-            json!({"apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": "1"}, "items": items}),
-        )
-    };
-    match (r.method.as_str(), plural) {
-        ("GET", "registrymirrors") => list("regmirror.io/v1alpha1", "RegistryMirrorList", vec![]),
-        ("GET", "nodes") => list(
-            "v1",
-            "NodeList",
-            vec![serde_json::to_value(ready_node("edge-1", "k3s")).unwrap()],
-        ),
-        ("GET", "secrets") if path.contains("/regmirror-system/") => list(
-            "v1",
-            "SecretList",
-            vec![serde_json::to_value(sealing_key_secret("regmirror-system")).unwrap()],
-        ),
-        ("GET", "secrets") => list("v1", "SecretList", vec![]),
-        ("GET", "configmaps") => list("v1", "ConfigMapList", vec![]),
-        ("GET", "roles") => list("rbac.authorization.k8s.io/v1", "RoleList", vec![]),
-        ("GET", "regmirror-controller") => lease.clone().map_or_else(
-            || (404, status_error(404, "NotFound", "leases not found")),
-            |lease| (200, lease),
-        ),
-        ("POST", "leases") => {
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/regmirror-system/leases";
+const LEASE: &str =
+    "/apis/coordination.k8s.io/v1/namespaces/regmirror-system/leases/regmirror-controller";
+const CLAIM: &str = "?&fieldManager=kube-lease-manager-regmirror-operator-0";
+const ROLE: &str = "/apis/rbac.authorization.k8s.io/v1/namespaces/regmirror-system/roles/regmirror-agent-configs?&force=true&fieldManager=regmirror";
+
+/// The Lease as stored, which kube-lease-manager creates, then claims and renews with patches.
+type Stored = Arc<Mutex<Option<Value>>>;
+
+fn lease(stored: &Stored, r: &Recorded) -> (u16, Value) {
+    let mut lease = stored.lock().unwrap();
+    let not_found = || (404, status_error(404, "NotFound", "leases not found"));
+    match r.method.as_str() {
+        "GET" => lease.clone().map_or_else(not_found, |l| (200, l)),
+        "POST" => {
             let mut created = r.body.clone();
             created["metadata"]["resourceVersion"] = json!("1");
             *lease = Some(created.clone());
             (201, created)
         }
-        ("PATCH", "regmirror-controller") => {
+        _ => {
             let Some(stored) = lease.as_mut() else {
-                return (404, status_error(404, "NotFound", "leases not found"));
+                return not_found();
             };
             for (field, value) in r.body["spec"].as_object().into_iter().flatten() {
                 match stored["spec"].as_object_mut() {
@@ -65,13 +46,71 @@ fn answer(lease: &mut Option<Value>, r: &Recorded) -> (u16, Value) {
             }
             (200, stored.clone())
         }
-        ("PATCH", _) => {
-            let mut body = r.body.clone();
-            body["metadata"]["name"] = json!(plural);
-            (200, body)
-        }
-        _ => (404, status_error(404, "NotFound", "not in this test")),
     }
+}
+
+/// A list of `items`, made at least once (again after a watch ends), whatever its query
+/// but never a watch.
+fn list(path: &str, api_version: &str, kind: &str, items: Vec<Value>) -> Expect {
+    let prefix = path.to_owned();
+    Expect::path_where("GET", &format!("a list {path}"), move |p| {
+        p.starts_with(prefix.as_str()) && !p.contains("watch=true")
+    })
+    .answer(
+        200,
+        json!({"apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": "1"}, "items": items}),
+    )
+}
+
+/// The controller's lists (in any order), quiet watches (they end without events and are
+/// resumed), reads of the Lease; in order, its writes: the Lease created, claimed
+/// (server-side apply) and its transition counted, then the first pass's Role.
+fn scenario(stored: &Stored) -> Scenario {
+    let on_lease = |expect: Expect| {
+        let stored = stored.clone();
+        expect.answer_with(move |r| lease(&stored, r))
+    };
+    let helm = "&fieldSelector=type%21%3Dhelm.sh%2Frelease.v1";
+    Scenario::new()
+        .any_order(list("/apis/regmirror.io/v1alpha1/registrymirrors?", "regmirror.io/v1alpha1", "RegistryMirrorList", vec![]))
+        .any_order(list("/api/v1/nodes?", "v1", "NodeList", vec![serde_json::to_value(ready_node("edge-1", "k3s")).unwrap()]))
+        .any_order(list(
+            &format!("/api/v1/namespaces/regmirror-system/secrets?{helm}"),
+            "v1",
+            "SecretList",
+            vec![serde_json::to_value(sealing_key_secret("regmirror-system")).unwrap()],
+        ))
+        .any_order(list(&format!("/api/v1/namespaces/team-a/secrets?{helm}"), "v1", "SecretList", vec![]))
+        .any_order(list("/api/v1/namespaces/regmirror-system/configmaps?", "v1", "ConfigMapList", vec![]))
+        .any_order(list("/api/v1/namespaces/team-a/configmaps?", "v1", "ConfigMapList", vec![]))
+        .any_order(list(
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/regmirror-system/roles?&fieldSelector=metadata.name%3Dregmirror-agent-configs",
+            "rbac.authorization.k8s.io/v1",
+            "RoleList",
+            vec![],
+        ))
+        .background(Expect::path_where("GET", "a watch", |p| p.contains("watch=true")).answer(200, Value::Null))
+        .background(on_lease(Expect::get(LEASE)))
+        .then(on_lease(Expect::post(format!("{LEASES}?"))))
+        .then(on_lease(
+            Expect::patch(format!("{LEASE}{CLAIM}"))
+                .content_type("application/apply-patch+yaml")
+                .body_where("a claim by regmirror-operator-0", |b| {
+                    b["spec"]["holderIdentity"] == "regmirror-operator-0"
+                }),
+        ))
+        .then(on_lease(Expect::patch(format!("{LEASE}{CLAIM}"))))
+        .then(
+            Expect::patch(ROLE)
+                .body_where("the placeholder granted, never an empty list", |b| {
+                    b["rules"][0]["resourceNames"] == json!(["regmirror-config-none"])
+                })
+                .answer_with(|r| {
+                    let mut body = r.body.clone();
+                    body["metadata"]["name"] = json!("regmirror-agent-configs");
+                    (200, body)
+                }),
+        )
 }
 
 async fn ready(port: u16) -> bool {
@@ -89,8 +128,8 @@ async fn ready(port: u16) -> bool {
 
 #[tokio::test]
 async fn the_controller_fills_its_caches_leads_and_reconciles() {
-    let mut lease = None;
-    let (client, log) = mock_client(move |r| answer(&mut lease, r));
+    let stored = Stored::default();
+    let (client, api) = scenario(&stored).serve();
     let port = regmirror_testbed::free_port();
     let settings = Settings {
         namespace: "regmirror-system".into(),
@@ -106,7 +145,7 @@ async fn the_controller_fills_its_caches_leads_and_reconciles() {
     let mut requests = Vec::new();
     for _ in 0..200 {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        requests = log.snapshot();
+        requests = api.requests();
         if requests
             .iter()
             .any(|r| r.method == "PATCH" && r.path.contains("/roles/"))
@@ -155,4 +194,5 @@ async fn the_controller_fills_its_caches_leads_and_reconciles() {
         writes[3].body["rules"][0]["resourceNames"],
         json!(["regmirror-config-none"])
     );
+    api.finish();
 }

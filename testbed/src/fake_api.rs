@@ -27,10 +27,11 @@ type Answer = Box<dyn FnMut(&Recorded) -> (u16, Value) + Send>;
 type Check = Box<dyn Fn(&Value) -> Result<(), String> + Send>;
 
 /// Where an expected request goes: its path with query exactly, or a prefix of it.
-#[derive(Debug, Clone)]
 enum PathRule {
     Exact(String),
     Prefix(String),
+    /// What the paths have in common, and the test for them.
+    Where(String, Box<dyn Fn(&str) -> bool + Send>),
 }
 
 /// One expected request and its answer.
@@ -82,6 +83,19 @@ impl Expect {
     pub fn prefix(method: &str, prefix: impl Into<String>) -> Self {
         Expect {
             path: PathRule::Prefix(prefix.into()),
+            ..Expect::new(method, "")
+        }
+    }
+
+    /// `method` on any path (with query) for which `holds` (`what` says which, for messages):
+    /// e.g. a list but not a watch of the same resource.
+    pub fn path_where(
+        method: &str,
+        what: &str,
+        holds: impl Fn(&str) -> bool + Send + 'static,
+    ) -> Self {
+        Expect {
+            path: PathRule::Where(what.to_owned(), Box::new(holds)),
             ..Expect::new(method, "")
         }
     }
@@ -145,6 +159,7 @@ impl Expect {
         let path = match &self.path {
             PathRule::Exact(p) => p.clone(),
             PathRule::Prefix(p) => format!("{p}…"),
+            PathRule::Where(what, _) => format!("<{what}>"),
         };
         let mut text = format!("{} {path}", self.method);
         if let Some(ct) = &self.content_type {
@@ -163,6 +178,7 @@ impl Expect {
             && match &self.path {
                 PathRule::Exact(p) => r.path == *p,
                 PathRule::Prefix(p) => r.path.starts_with(p.as_str()),
+                PathRule::Where(_, holds) => holds(&r.path),
             }
     }
 
