@@ -659,6 +659,14 @@ proptest! {
                         &d,
                         "concluding on the kept placement decides what a whole decision does"
                     );
+                    let again = regmirror_core::decide::place_reusing(
+                        &c.mirrors, &c.sources, &policy, &c.nodes, Some(&placement),
+                    );
+                    prop_assert_eq!(
+                        &conclude(&again, &c.view(&policy)),
+                        &d,
+                        "placing again with the last placement's renderings decides the same"
+                    );
                     if let Some(n) = node_writes {
                         d.advance.truncate(n);
                         d.rekey.truncate(n);

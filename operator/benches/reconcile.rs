@@ -51,12 +51,33 @@ fn snapshot(c: &Cluster) -> Snapshot {
     Snapshot::from_objects(&c.mirrors, &c.nodes, &c.secrets, &c.config_maps, c.role.as_ref(), &c.namespace)
 }
 
-/// A whole pass, as the controller makes it after a change that may move nodes.
+/// A whole pass from scratch: what the controller's first pass as leader does.
 fn pass(cluster: &Cluster, max_unavailable: MaxUnavailable) -> Decision {
     let policy = RefPolicy::new(NS);
     let snapshot = snapshot(cluster);
     let placement = snapshot.place(&policy);
     snapshot.conclude(&placement, &policy, max_unavailable, NOW)
+}
+
+/// A whole pass after an earlier one (a resync, or a change that may move nodes): the
+/// snapshot reuses the views and opened configs of objects that did not change, the
+/// placement the renderings of unchanged groups.
+fn pass_after(
+    cluster: &Cluster,
+    (previous, placed): (Snapshot, regmirror_core::decide::Placement),
+) -> Decision {
+    let policy = RefPolicy::new(NS);
+    let snapshot = Snapshot::reusing(
+        previous,
+        &cluster.mirrors,
+        &cluster.nodes,
+        &cluster.secrets,
+        &cluster.config_maps,
+        cluster.role.as_ref(),
+        NS,
+    );
+    let placement = snapshot.place_reusing(&policy, Some(&placed));
+    snapshot.conclude(&placement, &policy, MaxUnavailable::Percent(10), NOW)
 }
 
 fn settled_cluster() -> Cluster {
@@ -80,7 +101,18 @@ fn allocations(f: impl FnOnce() -> usize) -> (usize, usize) {
 fn bench(c: &mut Criterion) {
     let policy = RefPolicy::new(NS);
     let fresh = Cluster::synthetic(5_000, 50, 20, NS);
-    let settled = settled_cluster();
+    let mut settled = settled_cluster();
+    for (i, node) in settled.nodes.iter_mut().enumerate() {
+        node.metadata.resource_version = Some(format!("{i}"));
+    }
+    for (i, secret) in settled.secrets.iter_mut().enumerate() {
+        secret.metadata.resource_version = Some(format!("{i}"));
+    }
+    let last_pass = || {
+        let snapshot = snapshot(&settled);
+        let placement = snapshot.place(&policy);
+        (snapshot, placement)
+    };
 
     // One agent reports (its message changes): the controller's nodes-only pass.
     let mut kept = snapshot(&settled);
@@ -97,7 +129,12 @@ fn bench(c: &mut Criterion) {
 
     for (what, (count, writes)) in [
         ("first pass", allocations(|| pass(&fresh, MaxUnavailable::Percent(10)).writes())),
-        ("settled pass", allocations(|| pass(&settled, MaxUnavailable::Percent(10)).writes())),
+        ("settled pass from scratch", allocations(|| pass(&settled, MaxUnavailable::Percent(10)).writes())),
+        ("settled pass after a pass", {
+            let last = last_pass();
+            let settled = &settled;
+            allocations(move || pass_after(settled, last).writes())
+        }),
         ("one agent's report", allocations(|| report(&mut kept))),
     ] {
         println!("allocations per {what}: {count} ({writes} writes decided)");
@@ -108,8 +145,15 @@ fn bench(c: &mut Criterion) {
     group.bench_function("first pass (everything to roll out)", |b| {
         b.iter(|| pass(&fresh, MaxUnavailable::Percent(10)).writes())
     });
-    group.bench_function("settled pass (nothing to write)", |b| {
+    group.bench_function("settled pass from scratch (nothing to write)", |b| {
         b.iter(|| pass(&settled, MaxUnavailable::Percent(10)).writes())
+    });
+    group.bench_function("settled pass after a pass (nothing to write)", |b| {
+        b.iter_batched(
+            last_pass,
+            |last| pass_after(&settled, last).writes(),
+            criterion::BatchSize::LargeInput,
+        )
     });
     group.bench_function("one agent's report (conclude on the kept placement)", |b| {
         b.iter(|| report(&mut kept))

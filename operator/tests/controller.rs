@@ -707,6 +707,50 @@ async fn a_secret_squatting_on_a_config_name_is_replaced_not_trusted() {
     api.finish();
 }
 
+#[tokio::test]
+async fn a_snapshot_reusing_the_last_one_decides_as_a_fresh_one() {
+    let settled = converged(cluster()).await;
+    let policy = regmirror_core::sources::RefPolicy::new(NS);
+    let first = snapshot(&settled);
+    let placement = first.place(&policy);
+
+    // A node changed (a new resourceVersion), another did not.
+    let mut changed = settled.clone();
+    for (i, node) in changed.nodes.iter_mut().enumerate() {
+        node.metadata.resource_version = Some("1".into());
+        if i == 0 {
+            node.metadata.resource_version = Some("2".into());
+            node.metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(STATE.into(), "Failed".into());
+        }
+    }
+    let mut before = settled.clone();
+    for node in before.nodes.iter_mut() {
+        node.metadata.resource_version = Some("1".into());
+    }
+    let previous = snapshot(&before);
+    let reused = Snapshot::reusing(
+        previous,
+        &changed.mirrors,
+        &changed.nodes,
+        &changed.secrets,
+        &changed.config_maps,
+        changed.role.as_ref(),
+        NS,
+    );
+    let fresh = snapshot(&changed);
+    assert_eq!(reused.nodes, fresh.nodes, "the changed node is read again");
+    assert_eq!(reused.stored, fresh.stored);
+    let now = "2026-11-23T00:00:00Z";
+    let max = MaxUnavailable::Count(1);
+    assert_eq!(
+        reused.conclude(&reused.place_reusing(&policy, Some(&placement)), &policy, max, now),
+        fresh.decide(&policy, max, now)
+    );
+}
+
 fn base64_decode(text: &str) -> Vec<u8> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD

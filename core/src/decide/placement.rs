@@ -42,6 +42,9 @@ pub struct Placement {
 /// Nodes that get the same config.
 #[derive(Debug, Clone)]
 pub(crate) struct Group {
+    /// What it was rendered from: the flavor and the mirrors assembled for it.
+    flavor: Flavor,
+    assembled: Vec<ResolvedMirror>,
     pub config_name: String,
     pub config: RenderedConfig,
     /// The mirrors in it (indices into the view's mirrors), ascending.
@@ -96,6 +99,18 @@ pub fn place(
     policy: &RefPolicy,
     nodes: &[NodeView],
 ) -> Placement {
+    place_reusing(mirrors, sources, policy, nodes, None)
+}
+
+/// [`place`], taking from a `previous` placement the configs it rendered from the same
+/// flavor and mirrors (rendering is pure, so they are what rendering again would give).
+pub fn place_reusing(
+    mirrors: &[RegistryMirror],
+    sources: &Sources,
+    policy: &RefPolicy,
+    nodes: &[NodeView],
+    previous: Option<&Placement>,
+) -> Placement {
     let mut problems = BTreeMap::new();
     let resolved = resolve_all(mirrors, sources, policy, &mut problems);
     let paused: Vec<bool> = mirrors.iter().map(is_paused).collect();
@@ -113,6 +128,7 @@ pub fn place(
         .collect();
 
     let mut grouping = Grouping {
+        previous: previous.map_or(&[], |p| &p.groups),
         mirrors,
         resolved: &resolved,
         problems: &mut problems,
@@ -218,6 +234,8 @@ fn select_all(mirrors: &[RegistryMirror], nodes: &[NodeView]) -> (Vec<Vec<usize>
 
 /// Groups nodes by (flavor, selection) and renders each group's config once.
 struct Grouping<'a> {
+    /// Groups rendered by an earlier placement.
+    previous: &'a [Group],
     mirrors: &'a [RegistryMirror],
     resolved: &'a [ResolvedMirror],
     problems: &'a mut BTreeMap<String, Problem>,
@@ -256,6 +274,28 @@ impl<'a> Grouping<'a> {
                 .entry(conflict.mirror.clone())
                 .or_insert(conflict);
         }
+        let mut mirrors: Vec<usize> = assembly
+            .mirrors
+            .iter()
+            .filter_map(|r| {
+                self.mirrors
+                    .iter()
+                    .position(|m| m.metadata.name.as_deref() == Some(r.name.as_str()))
+            })
+            .collect();
+        mirrors.sort_unstable();
+        let rendered_before = self.previous.iter().find(|g| {
+            g.flavor == *flavor
+                && g.assembled.len() == assembly.mirrors.len()
+                && g.assembled.iter().zip(&assembly.mirrors).all(|(a, b)| a == *b)
+        });
+        if let Some(before) = rendered_before {
+            self.groups.push(Group {
+                mirrors,
+                ..before.clone()
+            });
+            return Some(self.groups.len() - 1);
+        }
         let mut config = match render(&assembly.mirrors, flavor) {
             Ok(config) => config,
             Err(e) => {
@@ -293,17 +333,9 @@ impl<'a> Grouping<'a> {
             });
             return None;
         }
-        let mut mirrors: Vec<usize> = assembly
-            .mirrors
-            .iter()
-            .filter_map(|r| {
-                self.mirrors
-                    .iter()
-                    .position(|m| m.metadata.name.as_deref() == Some(r.name.as_str()))
-            })
-            .collect();
-        mirrors.sort_unstable();
         self.groups.push(Group {
+            flavor: flavor.clone(),
+            assembled: assembly.mirrors.iter().map(|m| (*m).clone()).collect(),
             config_name: config_secret_name(&config),
             config,
             mirrors,

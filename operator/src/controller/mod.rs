@@ -23,7 +23,9 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::Resource;
 use prometheus_client::registry::Registry;
 use regmirror_core::api::RegistryMirror;
-use regmirror_core::decide::{conclude, place, ClusterView, Decision, NodeView, Placement, Subject};
+use regmirror_core::decide::{
+    conclude, place_reusing, ClusterView, Decision, NodeView, Placement, Subject,
+};
 use regmirror_core::plan::MaxUnavailable;
 use regmirror_core::render::RenderedConfig;
 use regmirror_core::seal::SealingKey;
@@ -177,12 +179,24 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Control
         // Only node states changed (agents' reports, readiness, our own annotations): the
         // placement stands, and only those nodes are read again. Anything else, a resync or
         // a retry after failures places every node again.
-        let kept = last.take().and_then(|(mut snapshot, placement)| {
-            // A resync (nothing pending) or a retry places everything again.
-            let only_states = !changes.everything && !changes.nodes.is_empty() && failures == 0;
-            (only_states && caches.refresh(&mut snapshot, &changes.nodes))
-                .then_some((snapshot, placement))
-        });
+        // A resync (nothing pending) or a retry places everything again — reusing what the
+        // last pass made of objects that did not change.
+        let only_states = !changes.everything && !changes.nodes.is_empty() && failures == 0;
+        let mut last_parts = last.take();
+        let kept = match last_parts.take() {
+            Some((mut snapshot, placement)) if only_states => {
+                if caches.refresh(&mut snapshot, &changes.nodes) {
+                    Some((snapshot, placement))
+                } else {
+                    last_parts = Some((snapshot, placement));
+                    None
+                }
+            }
+            other => {
+                last_parts = other;
+                None
+            }
+        };
         let (snapshot, placement) = match kept {
             Some(kept) => {
                 metrics.passes("nodes_only");
@@ -190,8 +204,9 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Control
             }
             None => {
                 metrics.passes("full");
-                let snapshot = caches.snapshot();
-                let placement = snapshot.place(&settings.policy());
+                let (previous, placed) = last_parts.take().unzip();
+                let snapshot = caches.snapshot(previous.unwrap_or_default());
+                let placement = snapshot.place_reusing(&settings.policy(), placed.as_ref());
                 (snapshot, placement)
             }
         };
@@ -328,10 +343,23 @@ pub struct Snapshot {
     pub agent_role: Option<Vec<String>>,
     /// The operator's sealing key, once it exists.
     pub sealing_key: Option<SealingKey>,
-    /// UIDs of Nodes and RegistryMirrors, for Events.
+    /// UIDs of RegistryMirrors, for Events.
     pub uids: HashMap<(&'static str, String), String>,
     /// Where each node is in `nodes`.
     pub node_index: HashMap<String, usize>,
+    /// Per node (as `nodes`): its UID, for Events, and the resourceVersion its view was made
+    /// from, so that the next snapshot reuses the view of a Node that did not change.
+    pub node_meta: Vec<NodeMeta>,
+    /// The resourceVersion of each stored config's Secret, so that the next snapshot reuses
+    /// configs it opened already.
+    pub stored_versions: HashMap<String, String>,
+}
+
+/// What a snapshot remembers of a Node besides its view.
+#[derive(Debug, Clone, Default)]
+pub struct NodeMeta {
+    pub uid: Option<String>,
+    pub version: Option<String>,
 }
 
 impl Snapshot {
@@ -345,16 +373,54 @@ impl Snapshot {
         agent_role: Option<&Role>,
         namespace: &str,
     ) -> Self {
+        Self::reusing(
+            Snapshot::default(),
+            mirrors,
+            nodes,
+            secrets,
+            config_maps,
+            agent_role,
+            namespace,
+        )
+    }
+
+    /// A snapshot of these objects that takes from `previous` what did not change since: the
+    /// views of Nodes of the same resourceVersion and the configs it opened already. In a
+    /// large settled cluster that is nearly everything.
+    pub fn reusing<'a>(
+        mut previous: Snapshot,
+        mirrors: impl IntoIterator<Item = &'a RegistryMirror>,
+        nodes: impl IntoIterator<Item = &'a Node>,
+        secrets: impl IntoIterator<Item = &'a Secret>,
+        config_maps: impl IntoIterator<Item = &'a ConfigMap>,
+        agent_role: Option<&Role>,
+        namespace: &str,
+    ) -> Self {
         let mut snapshot = Snapshot::default();
         for mirror in mirrors {
             snapshot.remember_uid("RegistryMirror", &mirror.meta().name, &mirror.meta().uid);
             snapshot.mirrors.push(mirror.clone());
         }
         for node in nodes {
-            snapshot.remember_uid("Node", &node.metadata.name, &node.metadata.uid);
-            let view = snapshot::node_view(node);
-            snapshot.node_index.insert(view.name.clone(), snapshot.nodes.len());
+            let name = node.metadata.name.as_deref().unwrap_or_default();
+            let version = &node.metadata.resource_version;
+            let unchanged = previous.node_index.remove_entry(name).and_then(|(key, i)| {
+                (version.is_some() && previous.node_meta[i].version == *version).then(|| {
+                    let view = std::mem::take(&mut previous.nodes[i]);
+                    (key, view, std::mem::take(&mut previous.node_meta[i]))
+                })
+            });
+            let (key, view, meta) = unchanged.unwrap_or_else(|| {
+                let view = snapshot::node_view(node);
+                let meta = NodeMeta {
+                    uid: node.metadata.uid.clone(),
+                    version: version.clone(),
+                };
+                (view.name.clone(), view, meta)
+            });
+            snapshot.node_index.insert(key, snapshot.nodes.len());
             snapshot.nodes.push(view);
+            snapshot.node_meta.push(meta);
         }
         let mut configs = Vec::new();
         let mut own = Vec::new();
@@ -376,7 +442,38 @@ impl Snapshot {
         }
         snapshot.sealing_key = snapshot::sealing_key(own);
         if let Some(key) = &snapshot.sealing_key {
-            snapshot.stored = snapshot::stored_configs(configs, key);
+            // A config Secret is immutable: one of the same resourceVersion holds what was
+            // opened and checked before.
+            let versions: HashMap<String, String> = configs
+                .iter()
+                .filter_map(|s| {
+                    Some((
+                        s.metadata.name.clone()?,
+                        s.metadata.resource_version.clone()?,
+                    ))
+                })
+                .collect();
+            let (unchanged, changed): (Vec<&Secret>, Vec<&Secret>) =
+                configs.into_iter().partition(|s| {
+                    let (Some(name), Some(version)) =
+                        (&s.metadata.name, &s.metadata.resource_version)
+                    else {
+                        return false;
+                    };
+                    previous.stored_versions.get(name) == Some(version)
+                        && previous.stored.contains_key(name)
+                        && previous.sealing_key.as_ref() == Some(key)
+                });
+            for secret in unchanged {
+                let name = secret.metadata.name.clone().unwrap_or_default();
+                let config = previous.stored.remove(&name).expect("checked above");
+                snapshot.stored.insert(name, config);
+            }
+            snapshot.stored.extend(snapshot::stored_configs(changed, key));
+            snapshot.stored_versions = versions
+                .into_iter()
+                .filter(|(name, _)| snapshot.stored.contains_key(name))
+                .collect();
         }
         for cm in config_maps {
             if let (Some(ns), Some(name)) = (&cm.metadata.namespace, &cm.metadata.name) {
@@ -405,7 +502,13 @@ impl Snapshot {
 
     /// Where this snapshot's nodes should go.
     pub fn place(&self, policy: &RefPolicy) -> Placement {
-        place(&self.mirrors, &self.sources, policy, &self.nodes)
+        self.place_reusing(policy, None)
+    }
+
+    /// Where this snapshot's nodes should go, taking from `previous` the configs it rendered
+    /// for the same mirrors and flavor.
+    pub fn place_reusing(&self, policy: &RefPolicy, previous: Option<&Placement>) -> Placement {
+        place_reusing(&self.mirrors, &self.sources, policy, &self.nodes, previous)
     }
 
     /// The decision on this snapshot, on a placement made for its nodes.
@@ -438,6 +541,10 @@ impl Snapshot {
         match self.node_index.get(&view.name) {
             Some(&i) => {
                 self.nodes[i] = view;
+                self.node_meta[i] = NodeMeta {
+                    uid: node.metadata.uid.clone(),
+                    version: node.metadata.resource_version.clone(),
+                };
                 true
             }
             None => false,
@@ -464,7 +571,13 @@ impl Snapshot {
             api_version: Some(api_version),
             kind: Some(kind.to_owned()),
             name: Some(name.clone()),
-            uid: self.uids.get(&(kind, name.clone())).cloned(),
+            uid: match subject {
+                Subject::Node(name) => self
+                    .node_index
+                    .get(name)
+                    .and_then(|i| self.node_meta[*i].uid.clone()),
+                Subject::Mirror(_) => self.uids.get(&(kind, name.clone())).cloned(),
+            },
             ..ObjectReference::default()
         }
     }
@@ -581,8 +694,8 @@ impl Caches {
         })
     }
 
-    /// What the caches hold now.
-    pub fn snapshot(&self) -> Snapshot {
+    /// What the caches hold now, reusing from `previous` what did not change.
+    pub fn snapshot(&self, previous: Snapshot) -> Snapshot {
         let mirrors = self.mirrors.state();
         let nodes = self.nodes.state();
         let secrets: Vec<_> = self.secrets.iter().flat_map(Store::state).collect();
@@ -592,7 +705,8 @@ impl Caches {
             .state()
             .into_iter()
             .find(|r| r.metadata.name.as_deref() == Some(self.agent_role.as_str()));
-        Snapshot::from_objects(
+        Snapshot::reusing(
+            previous,
             mirrors.iter().map(|m| &**m),
             nodes.iter().map(|n| &**n),
             secrets.iter().map(|s| &**s),
