@@ -10,8 +10,8 @@ use std::collections::BTreeSet;
 
 use thiserror::Error;
 
-use crate::contract::NodeState;
 use crate::activation::Activation;
+use crate::contract::NodeState;
 
 /// One node, as the planner sees it (borrowed from the decision's view: a pass over thousands
 /// of nodes copies none of their names).

@@ -259,7 +259,8 @@ fn decode_key(text: &str, what: &'static str) -> Result<[u8; KEY_LEN], SealError
 }
 
 fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; KEY_LEN] {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
     for part in parts {
         mac.update(part);
     }

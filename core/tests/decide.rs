@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use proptest::prelude::*;
+use regmirror_core::activation::{activation, Activation};
 use regmirror_core::api::{Endpoint, EndpointAuth, ObjectRef, RegistryMirror, RegistryMirrorSpec};
 use regmirror_core::contract::{NodeState, PAUSED};
 use regmirror_core::decide::{
@@ -13,7 +14,6 @@ use regmirror_core::decide::{
 };
 use regmirror_core::node::Flavor;
 use regmirror_core::plan::MaxUnavailable;
-use regmirror_core::activation::{activation, Activation};
 use regmirror_core::render::RenderedConfig;
 use regmirror_core::sources::{RefPolicy, SourceKind, SourceObject, Sources};
 
@@ -64,7 +64,12 @@ impl Cluster {
 
     /// Where the nodes go, as of now.
     fn place(&self) -> Placement {
-        place(&self.mirrors, &self.sources, &RefPolicy::new(NS), &self.nodes)
+        place(
+            &self.mirrors,
+            &self.sources,
+            &RefPolicy::new(NS),
+            &self.nodes,
+        )
     }
 
     /// What the API server would hold after the operator's writes.
@@ -580,13 +585,22 @@ enum Event {
     MoveEndpoint,
     /// The operator decides; a leader killed mid-pass gets only the first `n` node writes
     /// through.
-    Pass { node_writes: Option<usize> },
+    Pass {
+        node_writes: Option<usize>,
+    },
     /// One agent acts: starts what it was told, or finishes a restart (failing, if `fail`).
-    Agent { node: usize, fail: bool },
+    Agent {
+        node: usize,
+        fail: bool,
+    },
     /// A node's agent state directory is wiped (reinstalled agent): no local record, a new key.
-    WipeState { node: usize },
+    WipeState {
+        node: usize,
+    },
     /// A node goes NotReady or comes back.
-    ToggleReady { node: usize },
+    ToggleReady {
+        node: usize,
+    },
 }
 
 fn event() -> impl Strategy<Value = Event> {
@@ -749,7 +763,12 @@ fn a_node_whose_agent_lost_its_state_is_resealed_without_a_restart() {
     assert_eq!(d.rekey.len(), 1);
     let rekey = &d.rekey[0];
     assert_eq!(
-        (rekey.node.as_str(), rekey.config.as_str(), rekey.activation, rekey.public_key.as_str()),
+        (
+            rekey.node.as_str(),
+            rekey.config.as_str(),
+            rekey.activation,
+            rekey.public_key.as_str()
+        ),
         ("n0", running.as_str(), Activation::Hot, "key-of-n0-new"),
         "the same config, sealed to the new key; the runtime already runs it"
     );
@@ -760,15 +779,27 @@ fn a_node_whose_agent_lost_its_state_is_resealed_without_a_restart() {
 #[test]
 fn only_configs_the_operator_made_are_granted_whatever_an_agent_reports() {
     let mut c = Cluster::new(k3s_nodes(2));
-    c.mirrors = vec![mirror("hub", "docker.io", "https://mirror.example:5000", None)];
+    c.mirrors = vec![mirror(
+        "hub",
+        "docker.io",
+        "https://mirror.example:5000",
+        None,
+    )];
     converge(&mut c);
     let granted = c.agent_role.clone().unwrap();
     // A compromised agent reports a Helm release Secret, a credential Secret, and a name of
     // a config's form that the operator never made.
-    for reported in ["sh.helm.release.v1.regmirror.v1", "mirror-pull", "regmirror-config-0123456789abcdef0123"] {
+    for reported in [
+        "sh.helm.release.v1.regmirror.v1",
+        "mirror-pull",
+        "regmirror-config-0123456789abcdef0123",
+    ] {
         c.node_mut("n1").current = Some(reported.into());
         let d = c.decide();
-        let role = d.agent_role.clone().unwrap_or(c.agent_role.clone().unwrap());
+        let role = d
+            .agent_role
+            .clone()
+            .unwrap_or(c.agent_role.clone().unwrap());
         assert_eq!(role, granted, "reporting {reported} grants nothing");
         assert!(!d.delete.contains(&reported.to_owned()));
     }
@@ -784,7 +815,8 @@ fn a_config_too_large_for_a_secret_holds_its_nodes_and_says_why() {
     c.max_unavailable = MaxUnavailable::Count(2);
     // A ~220 KB CA bundle (PEM blocks holding DER-shaped bytes), on six endpoints.
     let block = base64::engine::general_purpose::STANDARD.encode([0x30u8; 600]);
-    let bundle = format!("-----BEGIN CERTIFICATE-----\n{block}\n-----END CERTIFICATE-----\n").repeat(270);
+    let bundle =
+        format!("-----BEGIN CERTIFICATE-----\n{block}\n-----END CERTIFICATE-----\n").repeat(270);
     assert!(bundle.len() > 220_000);
     c.sources.insert(
         SourceKind::ConfigMap,
@@ -806,19 +838,31 @@ fn a_config_too_large_for_a_secret_holds_its_nodes_and_says_why() {
         })
         .collect();
     big.spec.node_selector = region("eu");
-    c.mirrors = vec![big, mirror("hub", "docker.io", "https://mirror.example:5000", None)];
+    c.mirrors = vec![
+        big,
+        mirror("hub", "docker.io", "https://mirror.example:5000", None),
+    ];
 
     let d = c.decide();
     assert_eq!(
-        d.advance.iter().map(|a| a.node.as_str()).collect::<Vec<_>>(),
+        d.advance
+            .iter()
+            .map(|a| a.node.as_str())
+            .collect::<Vec<_>>(),
         ["b"],
         "the node that needs the oversized config is held; the other proceeds"
     );
     c.apply(&d);
     let (status, reason, message) = c.condition("big", "Degraded");
-    assert_eq!((status.as_str(), reason.as_str()), ("True", "ConfigTooLarge"));
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "ConfigTooLarge")
+    );
     assert!(message.contains("bytes, more than the"), "{message}");
-    assert!(d.create.values().all(|config| config.sealed_size() <= regmirror_core::decide::MAX_CONFIG_BYTES));
+    assert!(d
+        .create
+        .values()
+        .all(|config| config.sealed_size() <= regmirror_core::decide::MAX_CONFIG_BYTES));
 }
 
 proptest! {

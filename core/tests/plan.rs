@@ -1,9 +1,9 @@
 //! The rollout planner's guarantees, on hand-made clusters and on generated ones.
 
 use proptest::prelude::*;
+use regmirror_core::activation::Activation;
 use regmirror_core::contract::NodeState;
 use regmirror_core::plan::{plan, MaxUnavailable, NodeRollout};
-use regmirror_core::activation::Activation;
 
 /// A name that lives as long as the test binary: rollouts borrow their names.
 fn name(text: String) -> &'static str {
@@ -124,8 +124,8 @@ fn cluster() -> impl Strategy<Value = Vec<NodeRollout<'static>>> {
                 let mut n = node(name(format!("n{i:02}")), cp && i < 5, activation);
                 n.ready = ready;
                 match phase {
-                    0 => {}                                                                 // not started
-                    1 => n.desired = Some("new"), // in flight
+                    0 => {}                                                   // not started
+                    1 => n.desired = Some("new"),                             // in flight
                     _ => (n.desired, n.current) = (Some("new"), Some("new")), // done
                 }
                 n

@@ -14,7 +14,9 @@ fn config(password: &str) -> RenderedConfig {
             "/etc/rancher/k3s/registries.yaml".to_owned(),
             RenderedFile {
                 mode: 0o600,
-                content: format!("configs: {{mirror.example: {{auth: {{password: {password}}}}}}}\n"),
+                content: format!(
+                    "configs: {{mirror.example: {{auth: {{password: {password}}}}}}}\n"
+                ),
             },
         )]),
         restart_key: "k".into(),
@@ -63,7 +65,10 @@ fn another_node_opens_neither_the_key_nor_the_config() {
     let other = config("other");
     let other_name = config_secret_name(&other);
     let b_key = b
-        .open_key(&other_name, &operator().seal_key_for(&other_name, &b.public()))
+        .open_key(
+            &other_name,
+            &operator().seal_key_for(&other_name, &b.public()),
+        )
         .unwrap();
     assert_eq!(
         b_key.open_config(&name, &sealed),
@@ -138,7 +143,14 @@ fn keys_in_debug_output_are_redacted() {
 #[test]
 fn malformed_input_is_an_error_not_a_panic() {
     let a = node(2);
-    for text in ["", "v1", "v1.a.b.c", "v2.x.y.z", "v1.!!.!!.!!", "v1.AAAA.AAAA.AAAA"] {
+    for text in [
+        "",
+        "v1",
+        "v1.a.b.c",
+        "v2.x.y.z",
+        "v1.!!.!!.!!",
+        "v1.AAAA.AAAA.AAAA",
+    ] {
         assert!(a.open_key("regmirror-config-x", text).is_err(), "{text}");
     }
     assert!(SealingKey::from_bytes(&[0; 31]).is_err());

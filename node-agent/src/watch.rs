@@ -15,14 +15,14 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::{watcher, WatchStreamExt};
 use prometheus_client::registry::Registry;
-use regmirror_core::contract::{
-    node_ready, ready_condition, sealed_config, ConfigSecretError, NodeState, CONFIG_KEY, CURRENT_CONFIG,
-    DESIRED_ACTIVATION, DESIRED_CONFIG,
-};
-use regmirror_core::seal::{ConfigKey, SealError};
-use regmirror_core::node::Flavor;
 use regmirror_core::activation::{agent_step, Activation};
+use regmirror_core::contract::{
+    node_ready, ready_condition, sealed_config, ConfigSecretError, NodeState, CONFIG_KEY,
+    CURRENT_CONFIG, DESIRED_ACTIVATION, DESIRED_CONFIG,
+};
+use regmirror_core::node::Flavor;
 use regmirror_core::render::RenderedConfig;
+use regmirror_core::seal::{ConfigKey, SealError};
 use regmirror_process::endpoints::{self, BindError, Health};
 use regmirror_process::shutdown;
 use thiserror::Error;
@@ -270,7 +270,8 @@ impl Worker {
             Err(e) => {
                 // The operator seals the key to the public key this report publishes; its
                 // next write wakes this loop.
-                let message = format!("waiting for the operator to seal {desired} to this node's key ({e})");
+                let message =
+                    format!("waiting for the operator to seal {desired} to this node's key ({e})");
                 tracing::info!(config = %desired, %message);
                 self.annotate(node, &applying(&message)).await;
                 return None;
@@ -400,8 +401,7 @@ pub fn work(node: &Node, verified: Option<&str>, last: Option<&Report>) -> Optio
     if Some(desired.as_str()) == verified {
         return None;
     }
-    let failed_here =
-        last.is_some_and(|r| r.config == desired && r.state == NodeState::Failed);
+    let failed_here = last.is_some_and(|r| r.config == desired && r.state == NodeState::Failed);
     (!failed_here).then_some(desired)
 }
 

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
+use regmirror_core::activation::{activation, Activation};
 use regmirror_core::api::Endpoint;
 use regmirror_core::contract::{config_secret_name, NodeState};
 use regmirror_core::node::Flavor;
-use regmirror_core::activation::{activation, Activation};
 use regmirror_core::render::{render, RenderedConfig};
 use regmirror_node_agent::agent::{Agent, NotReady, Outcome, Timeouts};
 use regmirror_node_agent::detect::Host;
@@ -200,9 +200,7 @@ async fn a_first_config_that_fails_leaves_nothing_behind() {
 async fn a_config_for_another_flavor_is_refused_untouched() {
     let node = ContainerdNode::new();
     let k3s = render(
-        &[&node
-            .world
-            .resolved(vec![node.world.endpoint(true, None)])],
+        &[&node.world.resolved(vec![node.world.endpoint(true, None)])],
         &Flavor::K3s,
     )
     .unwrap();
@@ -442,7 +440,11 @@ async fn a_failed_first_config_gives_the_node_its_hand_written_file_back() {
 }
 
 /// A Node as the agent sees it: what the operator told it, and what it reported running.
-fn told(desired: &str, step: Activation, reported: Option<&str>) -> k8s_openapi::api::core::v1::Node {
+fn told(
+    desired: &str,
+    step: Activation,
+    reported: Option<&str>,
+) -> k8s_openapi::api::core::v1::Node {
     use regmirror_core::contract::{CURRENT_CONFIG, DESIRED_ACTIVATION, DESIRED_CONFIG};
     let mut annotations = std::collections::BTreeMap::from([
         (DESIRED_CONFIG.to_owned(), desired.to_owned()),
@@ -486,7 +488,11 @@ async fn k3s_nodes_whose_state_was_wiped_restart_nothing_on_a_hot_change() {
         &first_name,
         agent.verified().as_deref(),
     );
-    assert_eq!(step, Activation::Restart, "credentials on k3s: a budgeted restart");
+    assert_eq!(
+        step,
+        Activation::Restart,
+        "credentials on k3s: a budgeted restart"
+    );
     let outcome = agent.apply(&first_name, &first, step, node_is_ready).await;
     assert_eq!(outcome.state, NodeState::Applied, "{}", outcome.message);
     let running = service.pid();
@@ -521,7 +527,11 @@ async fn k3s_nodes_whose_state_was_wiped_restart_nothing_on_a_hot_change() {
     )
     .unwrap();
     let decided = activation(Some(&first), &second);
-    assert_eq!(decided, Activation::Hot, "the operator's view: no credential change");
+    assert_eq!(
+        decided,
+        Activation::Hot,
+        "the operator's view: no credential change"
+    );
     let second_name = config_secret_name(&second);
     let (step, note) = step_for(
         &told(&second_name, decided, Some(&first_name)),
@@ -534,7 +544,9 @@ async fn k3s_nodes_whose_state_was_wiped_restart_nothing_on_a_hot_change() {
         "without its record the agent alone would have restarted k3s"
     );
     assert!(note.unwrap().contains("no record"));
-    let outcome = agent.apply(&second_name, &second, step, node_is_ready).await;
+    let outcome = agent
+        .apply(&second_name, &second, step, node_is_ready)
+        .await;
     assert_eq!(outcome.state, NodeState::Applied, "{}", outcome.message);
     assert_eq!(outcome.activated, None);
     assert_eq!(service.pid(), running, "zero restarts");

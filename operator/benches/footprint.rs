@@ -14,23 +14,28 @@ use k8s_openapi::api::core::v1::{Node, Secret};
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher::Event;
 use regmirror::controller::{snapshot as views, Snapshot};
-use regmirror_core::sources::RefPolicy;
 use regmirror_core::api::RegistryMirror;
 use regmirror_core::plan::MaxUnavailable;
+use regmirror_core::sources::RefPolicy;
 use regmirror_testbed::cluster::Cluster;
-
 
 const NS: &str = "regmirror-system";
 
 /// The snapshot a pass takes of `cluster`, as the controller's caches would hold it.
 fn snapshot(c: &Cluster) -> Snapshot {
-    Snapshot::from_objects(&c.mirrors, &c.nodes, &c.secrets, &c.config_maps, c.role.as_ref(), &c.namespace)
+    Snapshot::from_objects(
+        &c.mirrors,
+        &c.nodes,
+        &c.secrets,
+        &c.config_maps,
+        c.role.as_ref(),
+        &c.namespace,
+    )
 }
 
 fn decide_on(c: &Cluster, max_unavailable: MaxUnavailable) -> regmirror_core::decide::Decision {
     snapshot(c).decide(&RefPolicy::new(NS), max_unavailable, "2026-11-23T00:00:00Z")
 }
-
 
 fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();

@@ -48,7 +48,14 @@ const NS: &str = "regmirror-system";
 const NOW: &str = "2026-11-23T00:00:00Z";
 
 fn snapshot(c: &Cluster) -> Snapshot {
-    Snapshot::from_objects(&c.mirrors, &c.nodes, &c.secrets, &c.config_maps, c.role.as_ref(), &c.namespace)
+    Snapshot::from_objects(
+        &c.mirrors,
+        &c.nodes,
+        &c.secrets,
+        &c.config_maps,
+        c.role.as_ref(),
+        &c.namespace,
+    )
 }
 
 /// A whole pass from scratch: what the controller's first pass as leader does.
@@ -118,9 +125,15 @@ fn bench(c: &mut Criterion) {
     let mut kept = snapshot(&settled);
     let placement = kept.place(&policy);
     let mut reporting = settled.nodes[1234].clone();
-    let annotations = reporting.metadata.annotations.get_or_insert_with(Default::default);
+    let annotations = reporting
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default);
     annotations.insert(STATE.into(), "Applied".into());
-    annotations.insert(MESSAGE.into(), "applied again after an agent restart".into());
+    annotations.insert(
+        MESSAGE.into(),
+        "applied again after an agent restart".into(),
+    );
     let report = |kept: &mut Snapshot| {
         assert!(kept.update_node(&reporting));
         kept.conclude(&placement, &policy, MaxUnavailable::Percent(10), NOW)
@@ -128,8 +141,14 @@ fn bench(c: &mut Criterion) {
     };
 
     for (what, (count, writes)) in [
-        ("first pass", allocations(|| pass(&fresh, MaxUnavailable::Percent(10)).writes())),
-        ("settled pass from scratch", allocations(|| pass(&settled, MaxUnavailable::Percent(10)).writes())),
+        (
+            "first pass",
+            allocations(|| pass(&fresh, MaxUnavailable::Percent(10)).writes()),
+        ),
+        (
+            "settled pass from scratch",
+            allocations(|| pass(&settled, MaxUnavailable::Percent(10)).writes()),
+        ),
         ("settled pass after a pass", {
             let last = last_pass();
             let settled = &settled;

@@ -746,7 +746,12 @@ async fn a_snapshot_reusing_the_last_one_decides_as_a_fresh_one() {
     let now = "2026-11-23T00:00:00Z";
     let max = MaxUnavailable::Count(1);
     assert_eq!(
-        reused.conclude(&reused.place_reusing(&policy, Some(&placement)), &policy, max, now),
+        reused.conclude(
+            &reused.place_reusing(&policy, Some(&placement)),
+            &policy,
+            max,
+            now
+        ),
         fresh.decide(&policy, max, now)
     );
 }

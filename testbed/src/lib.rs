@@ -13,8 +13,8 @@
 
 pub mod api;
 pub mod cluster;
-pub mod fake_api;
 pub mod control_plane;
+pub mod fake_api;
 mod image;
 mod pki;
 mod process;

@@ -287,7 +287,10 @@ impl<'a> Grouping<'a> {
         let rendered_before = self.previous.iter().find(|g| {
             g.flavor == *flavor
                 && g.assembled.len() == assembly.mirrors.len()
-                && g.assembled.iter().zip(&assembly.mirrors).all(|(a, b)| a == *b)
+                && g.assembled
+                    .iter()
+                    .zip(&assembly.mirrors)
+                    .all(|(a, b)| a == *b)
         });
         if let Some(before) = rendered_before {
             self.groups.push(Group {
@@ -345,7 +348,10 @@ impl<'a> Grouping<'a> {
 }
 
 /// A conflict's loser is Degraded naming the winner; the winner's status mentions it.
-fn record_conflicts(conflicts: BTreeMap<String, Conflict>, problems: &mut BTreeMap<String, Problem>) {
+fn record_conflicts(
+    conflicts: BTreeMap<String, Conflict>,
+    problems: &mut BTreeMap<String, Problem>,
+) {
     for (mirror, conflict) in &conflicts {
         problems
             .entry(mirror.clone())

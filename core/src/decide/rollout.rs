@@ -23,12 +23,14 @@ pub(super) fn advance_nodes(placement: &Placement, view: &ClusterView, decision:
             if group.mirrors.is_empty() && node.desired.is_none() {
                 return None;
             }
-            let step = *steps.entry((node.current.as_deref(), g)).or_insert_with(|| {
-                activation(
-                    node.current.as_ref().and_then(|c| view.stored.get(c)),
-                    &group.config,
-                )
-            });
+            let step = *steps
+                .entry((node.current.as_deref(), g))
+                .or_insert_with(|| {
+                    activation(
+                        node.current.as_ref().and_then(|c| view.stored.get(c)),
+                        &group.config,
+                    )
+                });
             let rollout = NodeRollout {
                 name: &node.name,
                 control_plane: node.control_plane,
@@ -152,7 +154,12 @@ pub(super) fn keep_only_live_configs(
             .get(node.name.as_str())
             .copied()
             .or(node.desired.as_deref());
-        live.extend(desired.into_iter().chain(node.current.as_deref()).filter(ours));
+        live.extend(
+            desired
+                .into_iter()
+                .chain(node.current.as_deref())
+                .filter(ours),
+        );
     }
     let delete: Vec<String> = view
         .stored

@@ -55,9 +55,10 @@ pub(super) fn write_statuses(placement: &Placement, view: &ClusterView, decision
             let in_target = group.and_then(|(_, g)| g.mirrors.binary_search(&m).ok());
             let failed = match node.state {
                 Some(NodeState::Unsupported) => true,
-                Some(NodeState::Failed) => in_target.is_some()
-                    && node.desired.as_deref()
-                        == group.map(|(_, g)| g.config_name.as_str()),
+                Some(NodeState::Failed) => {
+                    in_target.is_some()
+                        && node.desired.as_deref() == group.map(|(_, g)| g.config_name.as_str())
+                }
                 _ => false,
             };
             if failed {
@@ -218,4 +219,3 @@ fn condition_notice(
         _ => None,
     }
 }
-

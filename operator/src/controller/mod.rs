@@ -9,8 +9,8 @@ pub mod snapshot;
 mod writer;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{stream, Stream, StreamExt};
@@ -469,7 +469,9 @@ impl Snapshot {
                 let config = previous.stored.remove(&name).expect("checked above");
                 snapshot.stored.insert(name, config);
             }
-            snapshot.stored.extend(snapshot::stored_configs(changed, key));
+            snapshot
+                .stored
+                .extend(snapshot::stored_configs(changed, key));
             snapshot.stored_versions = versions
                 .into_iter()
                 .filter(|(name, _)| snapshot.stored.contains_key(name))

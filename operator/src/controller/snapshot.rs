@@ -72,7 +72,10 @@ pub fn node_fingerprints(node: &Node) -> (u64, u64) {
         view.flavor.as_ref().map(ToString::to_string),
         view.public_key.is_some(),
     ));
-    (placement, super::hash(&(view.ready, &node.metadata.annotations)))
+    (
+        placement,
+        super::hash(&(view.ready, &node.metadata.annotations)),
+    )
 }
 
 /// A Secret's type, data, and the hosts it allows its credentials to be sent to (its
@@ -210,16 +213,22 @@ mod tests {
         assert_ne!(down.1, base.1);
         let mut relabelled = node("True", "2026-11-23T00:00:00Z", 3);
         relabelled.metadata.labels = Some([("pool".to_owned(), "b".to_owned())].into());
-        assert_ne!(base.0, node_fingerprints(&relabelled).0, "labels place nodes");
+        assert_ne!(
+            base.0,
+            node_fingerprints(&relabelled).0,
+            "labels place nodes"
+        );
         let mut reported = node("True", "2026-11-23T00:00:00Z", 3);
         reported.metadata.annotations = Some([(STATE.to_owned(), "Applied".to_owned())].into());
         let reported = node_fingerprints(&reported);
         assert_eq!(reported.0, base.0, "an agent's report is state");
         assert_ne!(reported.1, base.1);
         let mut keyed = node("True", "2026-11-23T00:00:00Z", 3);
-        keyed.metadata.annotations = Some(
-            [(PUBLIC_KEY.to_owned(), "A".repeat(43) + "=")].into(),
+        keyed.metadata.annotations = Some([(PUBLIC_KEY.to_owned(), "A".repeat(43) + "=")].into());
+        assert_ne!(
+            node_fingerprints(&keyed).0,
+            base.0,
+            "a first key places the node"
         );
-        assert_ne!(node_fingerprints(&keyed).0, base.0, "a first key places the node");
     }
 }
