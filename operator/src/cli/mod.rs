@@ -52,9 +52,10 @@ pub struct InputArgs {
 
 /// Runs one command; returns the process exit code.
 pub fn run(cli: Cli) -> i32 {
-    let mut stdout = std::io::stdout().lock();
-    let mut stderr = std::io::stderr().lock();
-    let result = match cli.command {
+    let command = match cli.command {
+        // The operator logs from every thread of its runtime: stdout and stderr must not stay
+        // locked on this one while it runs, or the first line from any other thread waits
+        // forever.
         Command::Controller(args) => {
             return match controller::run(args) {
                 Ok(()) => 0,
@@ -64,6 +65,12 @@ pub fn run(cli: Cli) -> i32 {
                 }
             }
         }
+        command => command,
+    };
+    let mut stdout = std::io::stdout().lock();
+    let mut stderr = std::io::stderr().lock();
+    let result = match command {
+        Command::Controller(_) => unreachable!("handled above"),
         Command::Render(args) => render::run(&args, &mut stdout, &mut stderr),
         Command::Validate(args) => validate::run(&args, &mut stdout, &mut stderr),
         Command::Crdgen(args) => crdgen::run(&args, &mut stdout),
