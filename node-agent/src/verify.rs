@@ -92,7 +92,10 @@ pub async fn verify(
     Ok(warnings)
 }
 
-/// Asks one endpoint for `GET <API root>/`: 200 or 401 means a registry answered.
+/// Asks one endpoint for `GET <API root>/`: a registry answered if the status is 200 or 401, or
+/// if the answer carries the registry API's version header whatever its status — an endpoint
+/// used with its own path (`https://mirror/v2/quay`, containerd's `override_path`) is a place
+/// in a registry's namespace, not its API root, and a registry answers 404 there.
 pub async fn probe(
     target: &ProbeTarget,
     root: &Path,
@@ -121,8 +124,8 @@ pub async fn probe(
         }
         _ => return Err(unreachable("not an http or https URL".into())),
     };
-    let status = match answer {
-        Some(Ok(status)) => status,
+    let answer = match answer {
+        Some(Ok(answer)) => answer,
         Some(Err(e)) => return Err(unreachable(describe(&e, &authority))),
         None => {
             return Err(unreachable(format!(
@@ -131,22 +134,30 @@ pub async fn probe(
             )))
         }
     };
-    match status {
-        200 | 401 => Ok(()),
-        status => Err(VerifyError::NotARegistry {
+    if matches!(answer.status, 200 | 401) || answer.registry {
+        Ok(())
+    } else {
+        Err(VerifyError::NotARegistry {
             endpoint: target.url.clone(),
-            status,
-        }),
+            status: answer.status,
+        })
     }
 }
 
-/// Sends `GET uri` through `connector`; the status, or `None` when nothing came back within
+/// What an endpoint answered, as far as the probe cares.
+struct Answer {
+    status: u16,
+    /// It carries `Docker-Distribution-Api-Version`, as every registry API answer does.
+    registry: bool,
+}
+
+/// Sends `GET uri` through `connector`; the answer, or `None` when nothing came back within
 /// `timeout` (connecting included).
 async fn get<C>(
     connector: C,
     uri: Uri,
     timeout: Duration,
-) -> Option<Result<u16, hyper_util::client::legacy::Error>>
+) -> Option<Result<Answer, hyper_util::client::legacy::Error>>
 where
     C: Connect + Clone + Send + Sync + 'static,
 {
@@ -160,7 +171,14 @@ where
     tokio::time::timeout(timeout, client.request(request))
         .await
         .ok()
-        .map(|answer| answer.map(|response| response.status().as_u16()))
+        .map(|answer| {
+            answer.map(|response| Answer {
+                status: response.status().as_u16(),
+                registry: response
+                    .headers()
+                    .contains_key("docker-distribution-api-version"),
+            })
+        })
 }
 
 /// What went wrong, for people: the TLS error if the handshake failed, "cannot connect" if the
