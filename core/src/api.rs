@@ -457,7 +457,8 @@ pub struct RegistryMirrorStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `Progressing` and `Degraded`, as kstatus (Flux) and Argo CD read them.
+    /// `Ready`, `Progressing`, `Degraded` and `Stalled` (what Degraded says, for kstatus, which
+    /// reads Stalled=True as Failed), as kstatus (Flux) and Argo CD read them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// How far the configuration has reached.
@@ -472,7 +473,7 @@ pub struct RegistryMirrorStatus {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// `Ready`, `Progressing` or `Degraded`.
+    /// `Ready`, `Progressing`, `Degraded` or `Stalled`.
     #[serde(rename = "type")]
     pub type_: String,
     /// `True`, `False` or `Unknown`.

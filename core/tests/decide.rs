@@ -359,6 +359,11 @@ fn an_invalid_mirror_changes_no_node_and_says_which_field() {
         "{message}"
     );
     assert_eq!(c.condition("hub", "Ready").0, "False");
+    assert_eq!(
+        c.condition("hub", "Stalled"),
+        c.condition("hub", "Degraded"),
+        "kstatus reads Stalled=True as Failed"
+    );
     assert!(d
         .notices
         .iter()
@@ -396,6 +401,11 @@ fn a_failing_node_halts_its_config_and_is_reported() {
     );
     assert_eq!(c.status("hub").failures[0].node, "n0");
     assert_eq!(c.status("hub").nodes.failed, 1);
+    assert_eq!(
+        c.condition("hub", "Stalled"),
+        c.condition("hub", "Degraded"),
+        "kstatus reads Stalled=True as Failed"
+    );
 }
 
 #[test]
@@ -414,6 +424,7 @@ fn a_paused_mirror_freezes_its_nodes() {
     assert!(d.advance.is_empty());
     c.apply(&d);
     assert_eq!(c.condition("hub", "Progressing").1, "Paused");
+    assert_eq!(c.condition("hub", "Stalled").0, "False", "paused is not stuck");
 }
 
 #[test]

@@ -333,7 +333,8 @@ async fn first_rollout_stores_the_config_grants_it_and_points_a_node_at_it() {
         [
             ("Ready", "False", "RollingOut"),
             ("Progressing", "True", "RollingOut"),
-            ("Degraded", "False", "RollingOut")
+            ("Degraded", "False", "RollingOut"),
+            ("Stalled", "False", "RollingOut")
         ]
     );
     assert_eq!(requests[4].body["regarding"]["uid"], json!("uid-edge-1"));

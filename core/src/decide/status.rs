@@ -195,7 +195,10 @@ fn conditions(
     vec![
         ("Ready", ready.0, ready.1, ready.2),
         ("Progressing", progressing.0, progressing.1, progressing.2),
-        ("Degraded", degraded.0, degraded.1, degraded.2),
+        ("Degraded", degraded.0, degraded.1, degraded.2.clone()),
+        // kstatus (Flux) knows no Degraded: it reads a custom resource as Failed only on
+        // Stalled=True, and as InProgress on Ready=False. Stalled says what Degraded says.
+        ("Stalled", degraded.0, degraded.1, degraded.2),
     ]
 }
 
