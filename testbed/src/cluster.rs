@@ -7,9 +7,13 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, NodeCondition, NodeStatus, Sec
 use k8s_openapi::api::rbac::v1::Role;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::ByteString;
+use regmirror_core::api::RegistryMirrorStatus;
 use regmirror_core::api::{Endpoint, EndpointAuth, RegistryMirror, RegistryMirrorSpec};
 use regmirror_core::contract::{self, CURRENT_CONFIG, DESIRED_CONFIG, FLAVOR, PUBLIC_KEY, STATE};
 use regmirror_core::decide::{Advance, Decision};
+use regmirror_core::render::RenderedConfig;
+
+use crate::simulator::{take, Takes};
 use regmirror_core::seal::{NodeKey, NodePublicKey, SealingKey};
 
 /// The objects of a cluster, as the API server holds them.
@@ -23,6 +27,58 @@ pub struct Cluster {
     pub role: Option<Role>,
     /// The operator's namespace.
     pub namespace: String,
+    /// The name of the agents' Role, as the operator writes it.
+    pub agent_role_name: String,
+}
+
+impl Takes for Cluster {
+    fn store_config(&mut self, name: &str, config: &RenderedConfig) {
+        let mut secret = contract::config_secret(name, sealing_key().seal_config(name, config));
+        secret.metadata.namespace = Some(self.namespace.clone());
+        self.secrets.push(secret);
+    }
+
+    fn grant(&mut self, names: &[String]) {
+        let mut role = contract::agent_role(&self.agent_role_name, names);
+        role.metadata.namespace = Some(self.namespace.clone());
+        self.role = Some(role);
+    }
+
+    /// Told nodes get the operator's annotations, and their agents apply at once.
+    fn tell(&mut self, advances: &[&Advance]) {
+        let by_name: BTreeMap<&str, &Advance> =
+            advances.iter().map(|a| (a.node.as_str(), *a)).collect();
+        for node in &mut self.nodes {
+            let Some(advance) = by_name.get(node.metadata.name.as_deref().unwrap_or_default())
+            else {
+                continue;
+            };
+            let a = node
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default);
+            for (key, value) in told(advance) {
+                a.insert(key.into(), value);
+            }
+            a.insert(CURRENT_CONFIG.into(), advance.config.clone());
+            a.insert(STATE.into(), "Applied".into());
+        }
+    }
+
+    fn set_status(&mut self, mirror: &str, status: &RegistryMirrorStatus) {
+        if let Some(m) = self
+            .mirrors
+            .iter_mut()
+            .find(|m| m.metadata.name.as_deref() == Some(mirror))
+        {
+            m.status = Some(status.clone());
+        }
+    }
+
+    fn delete_config(&mut self, name: &str) {
+        self.secrets
+            .retain(|s| s.metadata.name.as_deref() != Some(name));
+    }
 }
 
 impl Cluster {
@@ -82,48 +138,10 @@ impl Cluster {
     }
 
     /// The cluster after the API server took `decision` and every agent applied what it was
-    /// told.
+    /// told ([`crate::simulator::take`]; here the agents apply as soon as they are told).
     pub fn settle(&mut self, decision: &Decision, agent_role: &str) {
-        for (name, config) in &decision.create {
-            let mut secret = contract::config_secret(name, sealing_key().seal_config(name, config));
-            secret.metadata.namespace = Some(self.namespace.clone());
-            self.secrets.push(secret);
-        }
-        self.secrets
-            .retain(|s| !decision.delete.contains(s.metadata.name.as_ref().unwrap()));
-        let advanced: BTreeMap<&str, &Advance> = decision
-            .advance
-            .iter()
-            .chain(&decision.rekey)
-            .map(|a| (a.node.as_str(), a))
-            .collect();
-        for node in &mut self.nodes {
-            let Some(advance) = advanced.get(node.metadata.name.as_deref().unwrap()) else {
-                continue;
-            };
-            let a = node
-                .metadata
-                .annotations
-                .get_or_insert_with(Default::default);
-            for (key, value) in told(advance) {
-                a.insert(key.into(), value);
-            }
-            a.insert(CURRENT_CONFIG.into(), advance.config.clone());
-            a.insert(STATE.into(), "Applied".into());
-        }
-        for mirror in &mut self.mirrors {
-            if let Some(status) = decision
-                .statuses
-                .get(mirror.metadata.name.as_ref().unwrap())
-            {
-                mirror.status = Some(status.clone());
-            }
-        }
-        if let Some(names) = &decision.agent_role {
-            let mut role = contract::agent_role(agent_role, names);
-            role.metadata.namespace = Some(self.namespace.clone());
-            self.role = Some(role);
-        }
+        self.agent_role_name = agent_role.to_owned();
+        take(self, decision);
     }
 
     pub fn node_mut(&mut self, name: &str) -> &mut Node {

@@ -20,6 +20,7 @@ mod pki;
 mod process;
 mod registry;
 mod runtime;
+pub mod simulator;
 pub mod world;
 
 pub use control_plane::{ControlPlane, TokenOptions};

@@ -1,132 +1,26 @@
 //! The operator's whole-cluster decision: grouping, config lifecycle, holds, status — and that
-//! a cluster where every agent succeeds converges without breaking the rollout's limits.
-
-use std::collections::BTreeMap;
+//! a cluster where every agent succeeds converges without breaking the rollout's limits. On
+//! testbed's one simulation of the API server and the agents.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use proptest::prelude::*;
 use regmirror_core::activation::{activation, Activation};
 use regmirror_core::api::{Endpoint, EndpointAuth, ObjectRef, RegistryMirror, RegistryMirrorSpec};
 use regmirror_core::contract::{NodeState, PAUSED};
-use regmirror_core::decide::{
-    conclude, decide, place, ClusterView, Decision, NodeView, Placement, Subject,
-    NO_CONFIG_PLACEHOLDER,
-};
+use regmirror_core::decide::{conclude, NodeView, Subject, NO_CONFIG_PLACEHOLDER};
 use regmirror_core::node::Flavor;
 use regmirror_core::plan::MaxUnavailable;
-use regmirror_core::render::RenderedConfig;
 use regmirror_core::sources::{RefPolicy, SourceKind, SourceObject, Sources};
 
-const NS: &str = "regmirror-system";
-const NOW: &str = "2026-11-23T00:00:00Z";
+use regmirror_testbed::simulator::{Simulation, NS};
 
-/// A cluster the tests can move forward: the operator decides, the "API server" applies the
-/// decision, the "agents" apply what they are told.
-struct Cluster {
-    mirrors: Vec<RegistryMirror>,
-    sources: Sources,
-    nodes: Vec<NodeView>,
-    stored: BTreeMap<String, RenderedConfig>,
-    agent_role: Option<Vec<String>>,
-    max_unavailable: MaxUnavailable,
-}
+/// The one simulation (testbed's), with the tests' pull Secret.
+type Cluster = Simulation;
 
-impl Cluster {
-    fn new(nodes: Vec<NodeView>) -> Self {
-        let mut sources = Sources::new();
-        sources.insert(SourceKind::Secret, NS, "pull", basic_auth("alice", "one"));
-        Cluster {
-            mirrors: vec![],
-            sources,
-            nodes,
-            stored: BTreeMap::new(),
-            agent_role: None,
-            max_unavailable: MaxUnavailable::Count(1),
-        }
-    }
-
-    fn view<'a>(&'a self, policy: &'a RefPolicy) -> ClusterView<'a> {
-        ClusterView {
-            mirrors: &self.mirrors,
-            sources: &self.sources,
-            policy,
-            nodes: &self.nodes,
-            stored: &self.stored,
-            agent_role: self.agent_role.as_deref(),
-            max_unavailable: self.max_unavailable,
-            now: NOW,
-        }
-    }
-
-    fn decide(&self) -> Decision {
-        decide(&self.view(&RefPolicy::new(NS)))
-    }
-
-    /// Where the nodes go, as of now.
-    fn place(&self) -> Placement {
-        place(
-            &self.mirrors,
-            &self.sources,
-            &RefPolicy::new(NS),
-            &self.nodes,
-        )
-    }
-
-    /// What the API server would hold after the operator's writes.
-    fn apply(&mut self, d: &Decision) {
-        self.stored.extend(d.create.clone());
-        for a in d.advance.iter().chain(&d.rekey) {
-            let node = self.node_mut(&a.node);
-            node.desired = Some(a.config.clone());
-            node.desired_activation = Some(a.activation);
-            node.key_recipient = Some(a.public_key.clone());
-        }
-        for (name, status) in &d.statuses {
-            let m = self
-                .mirrors
-                .iter_mut()
-                .find(|m| m.metadata.name.as_deref() == Some(name));
-            m.unwrap().status = Some(status.clone());
-        }
-        if let Some(names) = &d.agent_role {
-            self.agent_role = Some(names.clone());
-        }
-        for name in &d.delete {
-            self.stored.remove(name);
-        }
-    }
-
-    /// Every agent that was told something new applies it successfully.
-    fn agents_succeed(&mut self) {
-        for node in &mut self.nodes {
-            if node.desired.is_some() && node.desired != node.current {
-                node.current = node.desired.clone();
-                node.state = Some(NodeState::Applied);
-            }
-        }
-    }
-
-    fn node_mut(&mut self, name: &str) -> &mut NodeView {
-        self.nodes.iter_mut().find(|n| n.name == name).unwrap()
-    }
-
-    fn status(&self, mirror: &str) -> &regmirror_core::api::RegistryMirrorStatus {
-        let m = self
-            .mirrors
-            .iter()
-            .find(|m| m.metadata.name.as_deref() == Some(mirror));
-        m.unwrap().status.as_ref().unwrap()
-    }
-
-    fn condition(&self, mirror: &str, type_: &str) -> (String, String, String) {
-        let c = self
-            .status(mirror)
-            .conditions
-            .iter()
-            .find(|c| c.type_ == type_)
-            .unwrap();
-        (c.status.clone(), c.reason.clone(), c.message.clone())
-    }
+fn cluster(nodes: Vec<NodeView>) -> Cluster {
+    let mut sources = Sources::new();
+    sources.insert(SourceKind::Secret, NS, "pull", basic_auth("alice", "one"));
+    Simulation::new(nodes, sources)
 }
 
 /// Credentials for the mirrors of these tests, which live under `example:5000`.
@@ -197,20 +91,12 @@ fn region(value: &str) -> Option<LabelSelector> {
 
 /// Decides and applies until nothing is left to do, with every agent succeeding.
 fn converge(cluster: &mut Cluster) -> usize {
-    for round in 0..100 {
-        let d = cluster.decide();
-        if d.writes() == 0 {
-            return round;
-        }
-        cluster.apply(&d);
-        cluster.agents_succeed();
-    }
-    panic!("no convergence in 100 rounds");
+    cluster.converge()
 }
 
 #[test]
 fn nodes_with_equal_needs_share_one_stored_config() {
-    let mut c = Cluster::new(vec![
+    let mut c = cluster(vec![
         node("a1", Flavor::K3s, &[("region", "eu")]),
         node("a2", Flavor::K3s, &[("region", "eu")]),
         node("b1", Flavor::K3s, &[("region", "us")]),
@@ -254,7 +140,7 @@ fn nodes_with_equal_needs_share_one_stored_config() {
 
 #[test]
 fn a_settled_cluster_decides_nothing() {
-    let mut c = Cluster::new(vec![
+    let mut c = cluster(vec![
         node("a", Flavor::K3s, &[]),
         node(
             "b",
@@ -281,7 +167,7 @@ fn a_settled_cluster_decides_nothing() {
 
 #[test]
 fn a_rotated_password_moves_every_node_and_retires_the_old_config() {
-    let mut c = Cluster::new(k3s_nodes(4));
+    let mut c = cluster(k3s_nodes(4));
     c.mirrors = vec![mirror(
         "hub",
         "docker.io",
@@ -321,7 +207,7 @@ fn a_rotated_password_moves_every_node_and_retires_the_old_config() {
 
 #[test]
 fn an_invalid_mirror_changes_no_node_and_says_which_field() {
-    let mut c = Cluster::new(vec![node("a", Flavor::K3s, &[])]);
+    let mut c = cluster(vec![node("a", Flavor::K3s, &[])]);
     c.mirrors = vec![mirror(
         "hub",
         "docker.io",
@@ -373,7 +259,7 @@ fn an_invalid_mirror_changes_no_node_and_says_which_field() {
 
 #[test]
 fn a_failing_node_halts_its_config_and_is_reported() {
-    let mut c = Cluster::new(k3s_nodes(3));
+    let mut c = cluster(k3s_nodes(3));
     c.max_unavailable = MaxUnavailable::Count(3);
     c.mirrors = vec![mirror(
         "hub",
@@ -410,7 +296,7 @@ fn a_failing_node_halts_its_config_and_is_reported() {
 
 #[test]
 fn a_paused_mirror_freezes_its_nodes() {
-    let mut c = Cluster::new(vec![node("a", Flavor::K3s, &[])]);
+    let mut c = cluster(vec![node("a", Flavor::K3s, &[])]);
     c.mirrors = vec![mirror(
         "hub",
         "docker.io",
@@ -424,12 +310,16 @@ fn a_paused_mirror_freezes_its_nodes() {
     assert!(d.advance.is_empty());
     c.apply(&d);
     assert_eq!(c.condition("hub", "Progressing").1, "Paused");
-    assert_eq!(c.condition("hub", "Stalled").0, "False", "paused is not stuck");
+    assert_eq!(
+        c.condition("hub", "Stalled").0,
+        "False",
+        "paused is not stuck"
+    );
 }
 
 #[test]
 fn the_losing_mirror_of_a_conflict_is_degraded_and_left_off() {
-    let mut c = Cluster::new(vec![node("a", Flavor::K3s, &[])]);
+    let mut c = cluster(vec![node("a", Flavor::K3s, &[])]);
     c.mirrors = vec![
         mirror("a-hub", "docker.io", "https://one.example:5000", None),
         mirror("b-hub", "docker.io", "https://two.example:5000", None),
@@ -448,7 +338,7 @@ fn the_losing_mirror_of_a_conflict_is_degraded_and_left_off() {
 
 #[test]
 fn deleting_the_last_mirror_empties_the_nodes_and_never_grants_every_secret() {
-    let mut c = Cluster::new(vec![node("a", containerd(), &[])]);
+    let mut c = cluster(vec![node("a", containerd(), &[])]);
     c.mirrors = vec![mirror(
         "hub",
         "docker.io",
@@ -464,7 +354,7 @@ fn deleting_the_last_mirror_empties_the_nodes_and_never_grants_every_secret() {
         "the node is told to hold none of our files"
     );
 
-    let mut bare = Cluster::new(vec![node("a", Flavor::K3s, &[])]);
+    let mut bare = cluster(vec![node("a", Flavor::K3s, &[])]);
     let d = bare.decide();
     assert_eq!(d.agent_role, Some(vec![NO_CONFIG_PLACEHOLDER.to_owned()]));
     bare.apply(&d);
@@ -473,7 +363,7 @@ fn deleting_the_last_mirror_empties_the_nodes_and_never_grants_every_secret() {
 
 #[test]
 fn nodes_without_an_agent_report_are_pending_not_touched() {
-    let mut c = Cluster::new(vec![NodeView {
+    let mut c = cluster(vec![NodeView {
         name: "new".into(),
         ready: true,
         ..NodeView::default()
@@ -505,7 +395,7 @@ proptest! {
             n.control_plane = *cp;
             n
         }).collect();
-        let mut c = Cluster::new(nodes);
+        let mut c = cluster(nodes);
         c.max_unavailable = MaxUnavailable::Count(budget);
         let mut eu = mirror("eu", "docker.io", "https://eu.example:5000", Some(ObjectRef::named("pull")));
         eu.spec.node_selector = region("eu");
@@ -536,7 +426,7 @@ proptest! {
 
 #[test]
 fn a_change_to_one_mirror_leaves_the_status_of_the_others_alone() {
-    let mut c = Cluster::new(k3s_nodes(3));
+    let mut c = cluster(k3s_nodes(3));
     c.max_unavailable = MaxUnavailable::Count(3);
     c.mirrors = vec![
         mirror("hub", "docker.io", "https://hub.example:5000", None),
@@ -555,7 +445,7 @@ fn a_change_to_one_mirror_leaves_the_status_of_the_others_alone() {
 
 #[test]
 fn a_config_a_node_is_told_to_have_is_neither_deleted_nor_left_missing() {
-    let mut c = Cluster::new(vec![
+    let mut c = cluster(vec![
         node("a", Flavor::K3s, &[]),
         node("b", Flavor::K3s, &[]),
     ]);
@@ -655,7 +545,7 @@ proptest! {
             n.control_plane = *cp;
             n
         }).collect();
-        let mut c = Cluster::new(nodes);
+        let mut c = cluster(nodes);
         c.max_unavailable = MaxUnavailable::Count(budget);
         c.mirrors = vec![mirror("hub", "docker.io", "https://mirror.example:5000", Some(ObjectRef::named("pull")))];
         let mut hosts = vec![Host::default(); c.nodes.len()];
@@ -758,7 +648,7 @@ proptest! {
 
 #[test]
 fn a_node_whose_agent_lost_its_state_is_resealed_without_a_restart() {
-    let mut c = Cluster::new(k3s_nodes(2));
+    let mut c = cluster(k3s_nodes(2));
     c.mirrors = vec![mirror(
         "hub",
         "docker.io",
@@ -789,7 +679,7 @@ fn a_node_whose_agent_lost_its_state_is_resealed_without_a_restart() {
 
 #[test]
 fn only_configs_the_operator_made_are_granted_whatever_an_agent_reports() {
-    let mut c = Cluster::new(k3s_nodes(2));
+    let mut c = cluster(k3s_nodes(2));
     c.mirrors = vec![mirror(
         "hub",
         "docker.io",
@@ -819,7 +709,7 @@ fn only_configs_the_operator_made_are_granted_whatever_an_agent_reports() {
 #[test]
 fn a_config_too_large_for_a_secret_holds_its_nodes_and_says_why() {
     use base64::Engine;
-    let mut c = Cluster::new(vec![
+    let mut c = cluster(vec![
         node("a", Flavor::K3s, &[("region", "eu")]),
         node("b", Flavor::K3s, &[("region", "us")]),
     ]);
@@ -898,7 +788,7 @@ proptest! {
             n.control_plane = is_control_plane(&n.labels);
             n
         }).collect();
-        let mut c = Cluster::new(nodes);
+        let mut c = cluster(nodes);
         c.max_unavailable = MaxUnavailable::Count(budget);
         c.mirrors = vec![mirror("hub", "docker.io", "https://mirror.example:5000", Some(ObjectRef::named("pull")))];
         converge(&mut c);
