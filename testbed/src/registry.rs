@@ -27,9 +27,14 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry whose files live under `dir`.
     pub fn start(dir: &Path, pki: &Pki, options: RegistryOptions) -> Registry {
+        Self::start_on(dir, pki, options, free_port())
+    }
+
+    /// Starts a registry on `port` of 127.0.0.1, e.g. 443: a name without a port is then
+    /// `https://127.0.0.1`, which k3s does not take for a plain-http loopback registry.
+    pub fn start_on(dir: &Path, pki: &Pki, options: RegistryOptions, port: u16) -> Registry {
         require_tool("docker-registry");
         std::fs::create_dir_all(dir).unwrap();
-        let port = free_port();
         let mut config = format!(
             "version: 0.1\nlog: {{level: info}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: regmirror-test\n",
             dir.join("storage").display()
