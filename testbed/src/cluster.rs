@@ -66,13 +66,7 @@ impl Takes for Cluster {
     }
 
     fn set_status(&mut self, mirror: &str, status: &RegistryMirrorStatus) {
-        if let Some(m) = self
-            .mirrors
-            .iter_mut()
-            .find(|m| m.metadata.name.as_deref() == Some(mirror))
-        {
-            m.status = Some(status.clone());
-        }
+        crate::simulator::set_status(&mut self.mirrors, mirror, status);
     }
 
     fn delete_config(&mut self, name: &str) {

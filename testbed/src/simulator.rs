@@ -184,16 +184,20 @@ impl Takes for Simulation {
     }
 
     fn set_status(&mut self, mirror: &str, status: &RegistryMirrorStatus) {
-        if let Some(m) = self
-            .mirrors
-            .iter_mut()
-            .find(|m| m.metadata.name.as_deref() == Some(mirror))
-        {
-            m.status = Some(status.clone());
-        }
+        set_status(&mut self.mirrors, mirror, status);
     }
 
     fn delete_config(&mut self, name: &str) {
         self.stored.remove(name);
+    }
+}
+
+/// Sets the status of the mirror named `mirror` among `mirrors` (the status subresource).
+pub fn set_status(mirrors: &mut [RegistryMirror], mirror: &str, status: &RegistryMirrorStatus) {
+    if let Some(m) = mirrors
+        .iter_mut()
+        .find(|m| m.metadata.name.as_deref() == Some(mirror))
+    {
+        m.status = Some(status.clone());
     }
 }
