@@ -132,6 +132,12 @@ pub fn plan<'a>(nodes: &[NodeRollout<'a>], max_unavailable: MaxUnavailable) -> P
         {
             continue;
         }
+        // A node mid-way through a restart or reload it was told waits until it reports: told
+        // anything else now, it would drop out of the count while its runtime restarts.
+        if node.in_flight() && node.told.unwrap_or(node.activation) != Activation::Hot {
+            plan.waiting.push(node.name);
+            continue;
+        }
         if node.activation != Activation::Restart {
             plan.advance.push(node.name);
             continue;

@@ -34,7 +34,12 @@ fn an_in_flight_node_costs_the_step_it_was_told_not_its_next_one() {
     n0.told = Some(Activation::Restart);
     let n1 = node("n1", false, Activation::Restart);
     let p = plan(&[n0, n1], MaxUnavailable::Count(1));
-    assert_eq!(p.waiting, ["n1"], "{p:?}");
+    assert_eq!(
+        p.waiting,
+        ["n0", "n1"],
+        "n0 finishes the restart it was told before it is told anything else: {p:?}"
+    );
+    assert!(p.advance.is_empty());
 }
 
 #[test]
@@ -178,4 +183,17 @@ proptest! {
         }
         prop_assert!(nodes.iter().all(|n| n.current == Some("new")), "{nodes:?}");
     }
+}
+
+#[test]
+fn a_node_with_nowhere_to_go_still_counts_while_it_is_down() {
+    // cp0 has no target now (say its agent has not reported yet) and is NotReady: it is
+    // planned as staying where it is, and cp1 may not restart meanwhile.
+    let mut cp0 = node("cp0", true, Activation::Hot);
+    cp0.ready = false;
+    cp0.paused = true;
+    let cp1 = node("cp1", true, Activation::Restart);
+    let p = plan(&[cp0, cp1], MaxUnavailable::Count(5));
+    assert!(p.advance.is_empty(), "{p:?}");
+    assert_eq!(p.waiting, ["cp1"]);
 }

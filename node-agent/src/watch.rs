@@ -217,10 +217,11 @@ impl Worker {
         let key = match node_key::load_or_create(&agent.host) {
             Ok(key) => key,
             Err(e) => {
-                // Without a key nothing can be opened; say so, and try again later.
+                // Without a key nothing can be opened; say so, and try again later. It is the
+                // host's problem, not the config's: Failed would halt the config everywhere.
                 let message = format!("cannot read or make this node's key: {e}");
                 tracing::error!(%message);
-                let wanted = annotations(None, None, NodeState::Failed, &message);
+                let wanted = annotations(None, None, NodeState::Applying, &message);
                 self.annotate(node, &wanted).await;
                 return Some(FETCH_RETRY);
             }

@@ -757,6 +757,25 @@ async fn a_snapshot_reusing_the_last_one_decides_as_a_fresh_one() {
     );
 }
 
+#[test]
+fn a_node_whose_labels_changed_is_not_taken_into_a_kept_placement() {
+    let c = cluster();
+    let mut kept = snapshot(&c);
+    let mut state_only = c.nodes[0].clone();
+    state_only
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(STATE.into(), "Applied".into());
+    assert!(kept.update_node(&state_only), "a report is taken in");
+    let mut relabelled = c.nodes[0].clone();
+    relabelled.metadata.labels = Some([("pool".to_owned(), "b".to_owned())].into());
+    assert!(
+        !kept.update_node(&relabelled),
+        "new labels need a new placement"
+    );
+}
+
 fn base64_decode(text: &str) -> Vec<u8> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD

@@ -481,8 +481,9 @@ fn a_config_a_node_is_told_to_have_is_neither_deleted_nor_left_missing() {
 /// One event of a cluster's life, for the history property test.
 #[derive(Debug, Clone)]
 enum Event {
-    /// The credentials change (a restart on k3s), or an endpoint moves (hot).
-    RotatePassword,
+    /// The credentials change (a restart on k3s) — to one of a few passwords, so changes are
+    /// also reverted mid-rollout — or an endpoint moves (hot).
+    RotatePassword(u8),
     MoveEndpoint,
     /// The operator decides; a leader killed mid-pass gets only the first `n` node writes
     /// through.
@@ -506,7 +507,7 @@ enum Event {
 
 fn event() -> impl Strategy<Value = Event> {
     prop_oneof![
-        1 => Just(Event::RotatePassword),
+        1 => (0u8..3).prop_map(Event::RotatePassword),
         1 => Just(Event::MoveEndpoint),
         4 => proptest::option::weighted(0.7, 0usize..4).prop_map(|node_writes| Event::Pass { node_writes }),
         6 => (0usize..8, proptest::bool::weighted(0.15)).prop_map(|(node, fail)| Event::Agent { node, fail }),
@@ -549,15 +550,13 @@ proptest! {
         c.max_unavailable = MaxUnavailable::Count(budget);
         c.mirrors = vec![mirror("hub", "docker.io", "https://mirror.example:5000", Some(ObjectRef::named("pull")))];
         let mut hosts = vec![Host::default(); c.nodes.len()];
-        let mut password = 0;
         let mut endpoint = 0;
         // The placement a controller keeps while only node states change.
         let mut placement = c.place();
         for event in history {
             match event {
-                Event::RotatePassword => {
-                    password += 1;
-                    c.sources.insert(SourceKind::Secret, NS, "pull", basic_auth("alice", &format!("p{password}")));
+                Event::RotatePassword(to) => {
+                    c.sources.insert(SourceKind::Secret, NS, "pull", basic_auth("alice", &format!("p{to}")));
                     placement = c.place();
                 }
                 Event::MoveEndpoint => {

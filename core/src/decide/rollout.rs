@@ -12,17 +12,35 @@ use crate::plan::{plan, NodeRollout};
 pub(super) fn advance_nodes(placement: &Placement, view: &ClusterView, decision: &mut Decision) {
     // What a move takes is the same for every node going from one config to the same group.
     let mut steps: HashMap<(Option<&str>, usize), Activation> = HashMap::new();
-    let rollouts: Vec<(NodeRollout, (usize, usize))> = placement
+    // Every node is planned: one with nowhere to go now (no agent report yet, a config that
+    // cannot be rendered or stored) still takes its share of the budget while it is down or
+    // mid-restart; it is only never advanced.
+    let rollouts: Vec<(NodeRollout, Option<(usize, usize)>)> = placement
         .order()
         .iter()
-        .filter_map(|&index| {
+        .map(|&index| {
             let node = &view.nodes[index];
-            let g = placement.target(index)?;
+            let target = placement.target(index).filter(|&g| {
+                // A node that never had anything of ours and gets nothing is left alone.
+                !(placement.group(g).mirrors.is_empty() && node.desired.is_none())
+                    && node.public_key.is_some()
+            });
+            let Some(g) = target else {
+                let stays = NodeRollout {
+                    name: &node.name,
+                    control_plane: node.control_plane,
+                    ready: node.ready,
+                    desired: node.desired.as_deref(),
+                    current: node.current.as_deref(),
+                    state: node.state,
+                    target: node.desired.as_deref().unwrap_or_default(),
+                    activation: Activation::Hot,
+                    told: node.desired_activation,
+                    paused: true,
+                };
+                return (stays, None);
+            };
             let group = placement.group(g);
-            // A node that never had anything of ours and gets nothing is left alone.
-            if group.mirrors.is_empty() && node.desired.is_none() {
-                return None;
-            }
             let step = *steps
                 .entry((node.current.as_deref(), g))
                 .or_insert_with(|| {
@@ -43,14 +61,18 @@ pub(super) fn advance_nodes(placement: &Placement, view: &ClusterView, decision:
                 told: node.desired_activation,
                 paused: placement.held(index),
             };
-            Some((rollout, (g, index)))
+            (rollout, Some((g, index)))
         })
         .collect();
-    let (nodes, targets): (Vec<NodeRollout>, Vec<(usize, usize)>) = rollouts.into_iter().unzip();
+    let (nodes, targets): (Vec<NodeRollout>, Vec<Option<(usize, usize)>>) =
+        rollouts.into_iter().unzip();
     let plan = plan(&nodes, view.max_unavailable);
 
     let mut advancing = plan.advance.iter().peekable();
-    for (rollout, &(g, index)) in nodes.iter().zip(&targets) {
+    for (rollout, target) in nodes.iter().zip(&targets) {
+        let Some((g, index)) = *target else {
+            continue;
+        };
         let group = placement.group(g);
         if advancing.peek() == Some(&&rollout.name) {
             advancing.next();
@@ -64,10 +86,7 @@ pub(super) fn advance_nodes(placement: &Placement, view: &ClusterView, decision:
                 node: rollout.name.to_owned(),
                 config: group.config_name.clone(),
                 activation: rollout.activation,
-                public_key: view.nodes[index]
-                    .public_key
-                    .clone()
-                    .expect("only nodes with a public key have targets"),
+                public_key: view.nodes[index].public_key.clone().unwrap_or_default(),
             });
             decision.notices.push(Notice {
                 subject: Subject::Node(rollout.name.to_owned()),
@@ -148,18 +167,15 @@ pub(super) fn keep_only_live_configs(
                 || decision.create.contains_key(*c)
                 || headed_for.contains(c))
     };
+    // A node's desired config stays live even when it is told another now: if that write
+    // does not go through, the node still reads the one it has. Desired configs are the
+    // operator's own writes (the admission policy keeps agents off them), so their form is
+    // enough; what an agent reports as current must be a config this decision knows.
     let mut live: BTreeSet<&str> = BTreeSet::new();
     for node in view.nodes {
-        let desired = advanced
-            .get(node.name.as_str())
-            .copied()
-            .or(node.desired.as_deref());
-        live.extend(
-            desired
-                .into_iter()
-                .chain(node.current.as_deref())
-                .filter(ours),
-        );
+        let told = advanced.get(node.name.as_str()).copied();
+        live.extend(told.into_iter().chain(node.current.as_deref()).filter(ours));
+        live.extend(node.desired.as_deref().filter(|c| is_config_name(c)));
     }
     let delete: Vec<String> = view
         .stored

@@ -215,6 +215,10 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Control
             passed = reconcile_placed(&snapshot, &placement, &settings, &writer, &metrics) => passed,
             _ = held.lost() => break Err(ControllerError::LostLease(settings.lease_name.clone())),
         };
+        let mut snapshot = snapshot;
+        if let Ok(decision) = &passed {
+            snapshot.written(decision);
+        }
         last = Some((snapshot, placement));
         failures = if passed.is_ok() { 0 } else { failures + 1 };
         next_pass = Instant::now()
@@ -360,6 +364,9 @@ pub struct Snapshot {
 pub struct NodeMeta {
     pub uid: Option<String>,
     pub version: Option<String>,
+    /// What of the Node decides where it goes (labels, flavor, key): a Node whose placement
+    /// inputs changed is not taken into a snapshot that keeps its placement.
+    pub placement: u64,
 }
 
 impl Snapshot {
@@ -415,6 +422,7 @@ impl Snapshot {
                 let meta = NodeMeta {
                     uid: node.metadata.uid.clone(),
                     version: version.clone(),
+                    placement: snapshot::node_fingerprints(node).0,
                 };
                 (view.name.clone(), view, meta)
             });
@@ -537,19 +545,37 @@ impl Snapshot {
     }
 
     /// Takes a Node's new state. Returns false if the snapshot does not know the node (it is
-    /// new: the placement must be made again).
+    /// new) or what places it changed too (the cache may already hold a change whose event has
+    /// not arrived yet): the placement must then be made again.
     pub fn update_node(&mut self, node: &Node) -> bool {
         let view = snapshot::node_view(node);
+        let placement = snapshot::node_fingerprints(node).0;
         match self.node_index.get(&view.name) {
-            Some(&i) => {
+            Some(&i) if self.node_meta[i].placement == placement => {
                 self.nodes[i] = view;
                 self.node_meta[i] = NodeMeta {
                     uid: node.metadata.uid.clone(),
                     version: node.metadata.resource_version.clone(),
+                    placement,
                 };
                 true
             }
-            None => false,
+            _ => false,
+        }
+    }
+
+    /// Takes the statuses a pass wrote, so that a pass on this snapshot compares with what
+    /// the API server holds now.
+    pub fn written(&mut self, decision: &Decision) {
+        for mirror in &mut self.mirrors {
+            if let Some(status) = mirror
+                .metadata
+                .name
+                .as_ref()
+                .and_then(|n| decision.statuses.get(n))
+            {
+                mirror.status = Some(status.clone());
+            }
         }
     }
 
