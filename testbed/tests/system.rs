@@ -1426,7 +1426,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 #[test]
 fn the_whole_system_as_processes() {
-    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = one_at_a_time();
     let started = Instant::now();
     runtime().block_on(within(
         Duration::from_secs(1200),
@@ -1952,9 +1952,18 @@ async fn deleted_mirrors_leave_the_hosts(system: &System, manifests: &Manifests)
     eprintln!("every mirror deleted: restarts {restarts:?} (credentials gone: k3s restarts)");
 }
 
-/// The tests of this file one at a time: each runs a control plane and a dozen processes, and
-/// measures takeover times.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// The tests of this file one at a time, also when a runner (nextest) starts each in a process
+/// of its own: each runs a control plane and a dozen processes, and measures takeover times.
+/// Held until the returned file is dropped.
+fn one_at_a_time() -> std::fs::File {
+    let lock = std::fs::File::create(std::env::temp_dir().join("regmirror-system-tests.lock"))
+        .expect("create the lock file");
+    if lock.try_lock().is_err() {
+        eprintln!("waiting for another system test to finish");
+        lock.lock().expect("lock the lock file");
+    }
+    lock
+}
 
 /// `e2e/run` against this control plane (issue 10 item 7). Nothing here runs pods, so the
 /// chart's workloads never start: with `REGMIRROR_E2E_PODS=0` the script installs the chart
@@ -1966,7 +1975,7 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// and the admission policy, an invalid mirror, rotation, deletion, uninstall.
 #[test]
 fn e2e_run_against_the_control_plane() {
-    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = one_at_a_time();
     let started = Instant::now();
     runtime().block_on(within(Duration::from_secs(1200), "the e2e test", async {
         let bins = binaries();
