@@ -5,6 +5,7 @@ mod check;
 pub mod controller;
 pub mod crdgen;
 pub mod render;
+pub mod sync_images;
 pub mod validate;
 
 use std::path::PathBuf;
@@ -34,6 +35,8 @@ pub enum Command {
     Validate(validate::ValidateArgs),
     /// Print the CustomResourceDefinition (or write it into a directory).
     Crdgen(crdgen::CrdgenArgs),
+    /// Copy images from their registries into a RegistryMirror's endpoint (air gap).
+    SyncImages(sync_images::SyncImagesArgs),
 }
 
 /// Where the manifests are, and the namespace rules for their references.
@@ -65,12 +68,14 @@ pub fn run(cli: Cli) -> i32 {
                 }
             }
         }
+        // Progress lines and the bar are written from the runtime's threads too.
+        Command::SyncImages(args) => return sync_images::main(args),
         command => command,
     };
     let mut stdout = std::io::stdout().lock();
     let mut stderr = std::io::stderr().lock();
     let result = match command {
-        Command::Controller(_) => unreachable!("handled above"),
+        Command::Controller(_) | Command::SyncImages(_) => unreachable!("handled above"),
         Command::Render(args) => render::run(&args, &mut stdout, &mut stderr),
         Command::Validate(args) => validate::run(&args, &mut stdout, &mut stderr),
         Command::Crdgen(args) => crdgen::run(&args, &mut stdout),
