@@ -16,6 +16,7 @@ pub mod plan;
 pub mod problem;
 pub mod render;
 pub mod resolve;
+pub mod route;
 pub mod seal;
 pub mod select;
 pub mod sources;

@@ -25,6 +25,9 @@ pub struct ResolvedMirror {
 pub struct ResolvedEndpoint {
     pub url: EndpointUrl,
     pub settings: HostSettings,
+    /// The Secret its credentials come from (`namespace/name`), if it has any: named where a
+    /// person asks which credentials a pull uses, never its values.
+    pub credentials_from: Option<String>,
 }
 
 /// What a node holds per endpoint host: one set of credentials and TLS settings. Container

@@ -298,12 +298,22 @@ fn resolve_endpoint(
         }
     };
 
+    let auth = auth.flatten();
+    let credentials_from = match (&auth, &endpoint.auth) {
+        (Some(_), Some(EndpointAuth { secret_ref })) => Some(format!(
+            "{}/{}",
+            secret_ref
+                .namespace
+                .as_deref()
+                .unwrap_or(&policy.operator_namespace),
+            secret_ref.name
+        )),
+        _ => None,
+    };
     let resolved = url.map(|url| ResolvedEndpoint {
         url,
-        settings: HostSettings {
-            auth: auth.flatten(),
-            tls,
-        },
+        settings: HostSettings { auth, tls },
+        credentials_from,
     });
     (resolved, errors)
 }

@@ -25,7 +25,11 @@ fn url(scheme: Scheme, host: &str, path: &str) -> EndpointUrl {
 }
 
 fn endpoint(url: EndpointUrl, settings: HostSettings) -> ResolvedEndpoint {
-    ResolvedEndpoint { url, settings }
+    ResolvedEndpoint {
+        url,
+        settings,
+        credentials_from: None,
+    }
 }
 
 fn mirror(registry: &str, endpoints: Vec<ResolvedEndpoint>) -> ResolvedMirror {
@@ -61,6 +65,8 @@ fn target(url: &str, ca: Option<&str>, client: Option<(&str, &str)>, skip: bool)
             key_file: key.into(),
         }),
         insecure_skip_verify: skip,
+        rewrites: Default::default(),
+        repository_prefix: None,
     }
 }
 
@@ -169,7 +175,10 @@ fn crio_probes_each_mirror_api_root_with_its_certs_d_files() {
             ),
             target("https://m2.example.com/v2", None, None, true),
             // A location's path is a repository prefix: the API root is the host's /v2.
-            target("http://m3.example.com/v2", None, None, false),
+            ProbeTarget {
+                repository_prefix: Some("proxy/docker".into()),
+                ..target("http://m3.example.com/v2", None, None, false)
+            },
         ],
     )]);
     assert_eq!(config.probes, expected);
@@ -253,6 +262,17 @@ fn hosts_toml_targets(path: &str, text: &str) -> Vec<ProbeTarget> {
                 insecure_skip_verify: table
                     .get("skip_verify")
                     .is_some_and(|v| v.as_bool().unwrap()),
+                rewrites: table
+                    .get("rewrite")
+                    .map(|r| {
+                        r.as_table()
+                            .unwrap()
+                            .iter()
+                            .map(|(p, r)| (p.clone(), r.as_str().unwrap().to_owned()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                repository_prefix: None,
                 url,
             }
         })

@@ -22,6 +22,7 @@ fn config(password: &str) -> RenderedConfig {
         restart_key: "k".into(),
         parts: BTreeMap::new(),
         probes: BTreeMap::new(),
+        credential_sources: BTreeMap::new(),
     }
 }
 

@@ -270,6 +270,7 @@ impl Agent {
             restart_key: String::new(),
             parts: Default::default(),
             probes: Default::default(),
+            credential_sources: Default::default(),
         });
         self.host.apply(&target)?;
         if good.is_none() {

@@ -42,6 +42,16 @@ enum Command {
     Rollback,
     /// Finish or discard an interrupted apply.
     Recover,
+    /// Show where this node's runtime pulls an image from, by the configuration applied here:
+    /// endpoints in order, the repository asked of each, credentials (Secret names) and TLS
+    /// files, the registry itself last (`kubectl exec` into the node's agent pod).
+    Resolve {
+        /// The image, as a Pod names it.
+        image: String,
+        /// `text` for a person, `json` for a program.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -88,6 +98,10 @@ enum CliError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Image(#[from] regmirror_core::route::BadImage),
+    #[error("cannot write JSON: {0}")]
+    Json(#[source] serde_json::Error),
     #[error("{}: not a rendered config: {source}", path.display())]
     NotAConfig {
         path: PathBuf,
@@ -125,6 +139,26 @@ fn run(root: PathBuf, args: RunArgs) -> Result<(), CliError> {
             .map_err(CliError::Client)?;
         Ok(watch::run(client, settings).await?)
     })
+}
+
+/// Prints the route of `image` through the configuration applied on this host.
+fn resolve(host: &HostFs, image: &str, output: &str) -> Result<(), CliError> {
+    let Some(config) = host.current()? else {
+        println!(
+            "no configuration from regmirror is applied on this node: the runtime pulls {image} as configured without it"
+        );
+        return Ok(());
+    };
+    let route = regmirror_core::route::route(&config, image)?;
+    if output == "json" {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&route).map_err(CliError::Json)?
+        );
+    } else {
+        print!("{route}");
+    }
+    Ok(())
 }
 
 fn main() {
@@ -180,6 +214,7 @@ fn main() {
                 }
             )
         }),
+        Command::Resolve { image, output } => resolve(&host, &image, &output),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

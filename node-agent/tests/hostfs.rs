@@ -31,6 +31,7 @@ fn config_for(flavor: &str, files: &[(&str, &str, u32)]) -> RenderedConfig {
         restart_key: String::new(),
         parts: Default::default(),
         probes: Default::default(),
+        credential_sources: Default::default(),
     }
 }
 

@@ -33,6 +33,7 @@ fn config(content: &str) -> RenderedConfig {
         restart_key: String::new(),
         parts: BTreeMap::new(),
         probes: BTreeMap::new(),
+        credential_sources: BTreeMap::new(),
     }
 }
 
@@ -123,6 +124,8 @@ async fn the_agent_reports_the_name_it_applied_and_restores_by_name() {
             ca_file: None,
             client: None,
             insecure_skip_verify: false,
+            rewrites: Default::default(),
+            repository_prefix: None,
         }],
     );
     let outcome = agent

@@ -182,5 +182,9 @@ fn probe_target(endpoint: &ResolvedEndpoint) -> ProbeTarget {
             key_file: format!("{dir}/client.key"),
         }),
         insecure_skip_verify: tls.insecure_skip_verify,
+        rewrites: BTreeMap::new(),
+        repository_prefix: Some(endpoint.url.path.trim_matches('/'))
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned),
     }
 }

@@ -255,7 +255,11 @@ impl HostsToml {
     ) {
         let url_host = url.host.clone();
         let (url, override_path) = host_url(url);
-        self.doc.probes.push(tls.probe_target(url.clone()));
+        let mut probe = tls.probe_target(url.clone());
+        if style.rewrites {
+            probe.rewrites = rewrites.iter().cloned().collect();
+        }
+        self.doc.probes.push(probe);
         let table = format!("host.{}", quote(&url));
         self.doc.text.push_str(&format!(
             "\n[{table}]\n  capabilities = [\"pull\", \"resolve\"]\n"
@@ -435,6 +439,8 @@ impl TlsPaths {
                     key_file,
                 }),
             insecure_skip_verify: self.skip_verify,
+            rewrites: BTreeMap::new(),
+            repository_prefix: None,
         }
     }
 

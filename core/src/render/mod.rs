@@ -53,6 +53,11 @@ pub struct RenderedConfig {
     /// mirror endpoints keeps the digest it had before probes existed.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub probes: BTreeMap<String, Vec<ProbeTarget>>,
+    /// Per endpoint host the runtime sends credentials to: the Secret they come from
+    /// (`namespace/name`), never their values; what `resolve` names. Empty, it is left out of
+    /// the JSON like `probes`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub credential_sources: BTreeMap<String, String>,
 }
 
 /// One endpoint to check after an apply: `GET <url>/` must answer like a registry's API root,
@@ -72,6 +77,14 @@ pub struct ProbeTarget {
     /// The runtime does not verify the server's certificate.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure_skip_verify: bool,
+    /// Image-name rewrites the runtime applies to requests to this endpoint (k3s and RKE2),
+    /// pattern → replacement, as its hosts.toml lists them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rewrites: BTreeMap<String, String>,
+    /// A prefix the runtime puts before the image's repository at this endpoint (the path of
+    /// a CRI-O mirror `location`), without slashes around it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository_prefix: Option<String>,
 }
 
 /// Where a client certificate and its key are, as host paths.
@@ -174,12 +187,19 @@ fn render_checked(
         Flavor::Containerd { hosts_dir } => hosts_toml::render_containerd(&sorted, hosts_dir)?,
         Flavor::Crio => crio::render(&sorted)?,
     };
+    let credential_sources = sorted
+        .iter()
+        .flat_map(|m| &m.endpoints)
+        .filter(|e| e.settings.auth.is_some())
+        .filter_map(|e| Some((e.url.host.clone(), e.credentials_from.clone()?)))
+        .collect();
     Ok(RenderedConfig {
         flavor: flavor.to_string(),
         files,
         restart_key,
         parts: BTreeMap::new(),
         probes,
+        credential_sources,
     })
 }
 
@@ -203,7 +223,7 @@ fn registry_dir(registry: &str) -> &str {
 /// Where a registry is reached when no mirror answers: containerd's (and k3s's) default
 /// endpoint. Docker Hub's API lives on `registry-1.docker.io`; a loopback registry on a port
 /// other than 443 is spoken to in plain http, as containerd does.
-fn default_server(registry: &str) -> Option<EndpointUrl> {
+pub(crate) fn default_server(registry: &str) -> Option<EndpointUrl> {
     if registry == "*" {
         return None;
     }

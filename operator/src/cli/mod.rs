@@ -5,6 +5,7 @@ mod check;
 pub mod controller;
 pub mod crdgen;
 pub mod render;
+pub mod resolve;
 pub mod sync_images;
 pub mod validate;
 
@@ -31,6 +32,8 @@ pub enum Command {
     Controller(controller::ControllerArgs),
     /// Print (or write) the exact files one node gets, from RegistryMirror + Secret YAML.
     Render(render::RenderArgs),
+    /// Show where a node would pull an image from: endpoints in order, credentials, TLS files.
+    Resolve(resolve::ResolveArgs),
     /// Check RegistryMirror YAML as the operator would; exit 1 naming each problem.
     Validate(validate::ValidateArgs),
     /// Print the CustomResourceDefinition (or write it into a directory).
@@ -77,6 +80,7 @@ pub fn run(cli: Cli) -> i32 {
     let result = match command {
         Command::Controller(_) | Command::SyncImages(_) => unreachable!("handled above"),
         Command::Render(args) => render::run(&args, &mut stdout, &mut stderr),
+        Command::Resolve(args) => resolve::run(&args, &mut stdout, &mut stderr),
         Command::Validate(args) => validate::run(&args, &mut stdout, &mut stderr),
         Command::Crdgen(args) => crdgen::run(&args, &mut stdout),
     };

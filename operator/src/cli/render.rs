@@ -29,7 +29,7 @@ pub struct RenderArgs {
     pub out: Option<PathBuf>,
 }
 
-fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+pub(super) fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
     s.split(',')
         .filter(|pair| !pair.trim().is_empty())
         .map(|pair| match pair.split_once('=') {
@@ -44,7 +44,30 @@ pub fn run(
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> std::io::Result<i32> {
-    let checked = check(&args.input);
+    let node = NodeInfo {
+        name: args.node.clone(),
+        labels: args.labels.clone(),
+        flavor: args.flavor.clone(),
+    };
+    let Some(config) = node_config(&args.input, &node, stderr)? else {
+        return Ok(1);
+    };
+    match &args.out {
+        Some(root) => write_tree(root, &config)?,
+        None => stdout.write_all(listing(&config).as_bytes())?,
+    }
+    Ok(0)
+}
+
+/// The configuration `node` gets from the manifests, as the operator would render it; `None`
+/// after saying on `stderr` why there is none (problems in the manifests, or a flavor that
+/// cannot express them). Conflicts are warnings: the node still gets a configuration.
+pub fn node_config(
+    input: &InputArgs,
+    node: &NodeInfo,
+    stderr: &mut dyn Write,
+) -> std::io::Result<Option<RenderedConfig>> {
+    let checked = check(input);
     if !checked.problems.is_empty() {
         for problem in &checked.problems {
             writeln!(stderr, "{problem}")?;
@@ -54,29 +77,19 @@ pub fn run(
             "nothing rendered: {} problem(s) found",
             checked.problems.len()
         )?;
-        return Ok(1);
+        return Ok(None);
     }
-    let node = NodeInfo {
-        name: args.node.clone(),
-        labels: args.labels.clone(),
-        flavor: args.flavor.clone(),
-    };
-    let assembly = assemble(&checked.resolved, &node);
+    let assembly = assemble(&checked.resolved, node);
     for conflict in &assembly.conflicts {
         writeln!(stderr, "warning: node {}: {conflict}", node.name)?;
     }
-    let config = match render(&assembly.mirrors, &node.flavor) {
-        Ok(config) => config,
+    match render(&assembly.mirrors, &node.flavor) {
+        Ok(config) => Ok(Some(config)),
         Err(e) => {
             writeln!(stderr, "{e}\nnothing rendered")?;
-            return Ok(1);
+            Ok(None)
         }
-    };
-    match &args.out {
-        Some(root) => write_tree(root, &config)?,
-        None => stdout.write_all(listing(&config).as_bytes())?,
     }
-    Ok(0)
 }
 
 /// Every file under a header line naming its path and mode: what `render` prints.
