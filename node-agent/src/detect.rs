@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 
 use regmirror_core::node::{Flavor, DEFAULT_CONTAINERD_HOSTS_DIR};
 
+/// containerd's configuration file, relative to the root.
+const CONTAINERD_CONFIG: &str = "etc/containerd/config.toml";
+
 /// Where unit files live on the usual distributions, relative to the root.
 const UNIT_DIRS: [&str; 4] = [
     "etc/systemd/system",
@@ -71,25 +74,51 @@ pub fn detect(root: &Path) -> Detected {
             warning: None,
         });
     }
-    let containerd_config = root.join("etc/containerd/config.toml");
+    let containerd_config = root.join(CONTAINERD_CONFIG);
     if containerd_config.is_file() || find_unit(root, "containerd.service").is_some() {
-        let (hosts_dir, warning) = match containerd_config_path(&containerd_config) {
-            Some(dir) => (dir, None),
-            None => (
-                DEFAULT_CONTAINERD_HOSTS_DIR.to_owned(),
-                Some(format!(
-                    "/etc/containerd/config.toml does not set the CRI registry config_path; containerd reads no hosts.toml until it does (set config_path = \"{DEFAULT_CONTAINERD_HOSTS_DIR}\" and restart containerd once)"
-                )),
-            ),
+        return match containerd_config_path(&containerd_config) {
+            Some(hosts_dir) => Detected::Supported(Host {
+                flavor: Flavor::Containerd { hosts_dir },
+                unit: "containerd.service".into(),
+                warning: None,
+            }),
+            None => Detected::Unsupported(config_path_missing(&containerd_config)),
         };
-        return Detected::Supported(Host {
-            flavor: Flavor::Containerd { hosts_dir },
-            unit: "containerd.service".into(),
-            warning,
-        });
     }
     Detected::Unsupported(
         "no supported container runtime found (k3s, RKE2, containerd or CRI-O); set the agent's flavor explicitly if the host has one".into(),
+    )
+}
+
+/// Why containerd, configured as `flavor` says, would not read the hosts.toml files regmirror
+/// writes, with the fix; `None` when it reads them, or when its configuration file is not on
+/// the host (a flavor given explicitly is then taken at its word).
+pub fn ignored_by_containerd(flavor: &Flavor, root: &Path) -> Option<String> {
+    let Flavor::Containerd { hosts_dir } = flavor else {
+        return None;
+    };
+    let config = root.join(CONTAINERD_CONFIG);
+    if !config.is_file() {
+        return None;
+    }
+    match containerd_config_path(&config) {
+        None => Some(config_path_missing(&config)),
+        Some(dir) if dir != hosts_dir.trim_end_matches('/') => Some(format!(
+            "containerd reads hosts.toml files from {dir} (config_path in /{CONTAINERD_CONFIG}), but this agent is set to write them to {hosts_dir}: set the agent's flavor to containerd:{dir}, or to auto"
+        )),
+        Some(_) => None,
+    }
+}
+
+/// The report of a containerd that reads no hosts.toml, with the fix.
+fn config_path_missing(config: &Path) -> String {
+    let state = if config.is_file() {
+        "does not set the CRI registry config_path"
+    } else {
+        "is missing, so the CRI registry config_path is not set"
+    };
+    format!(
+        "containerd reads no hosts.toml, so regmirror's mirrors would be ignored: /{CONTAINERD_CONFIG} {state}. Fix: set config_path = \"{DEFAULT_CONTAINERD_HOSTS_DIR}\" under [plugins.\"io.containerd.grpc.v1.cri\".registry] (config version 2) or [plugins.\"io.containerd.cri.v1.images\".registry] (version 3), move any registry.mirrors/configs entries there into hosts.toml files, and restart containerd once; the agent checks again every minute"
     )
 }
 
@@ -270,14 +299,52 @@ mod tests {
                 hosts_dir: "/opt/registry/hosts".into()
             }
         );
+    }
 
-        let h = supported(detect(
-            host(&[("etc/containerd/config.toml", "version = 2\n")]).path(),
-        ));
-        assert!(h
-            .warning
-            .unwrap()
-            .contains("does not set the CRI registry config_path"));
+    #[test]
+    fn containerd_without_config_path_is_reported_with_the_fix_not_applied() {
+        let why = match detect(host(&[("etc/containerd/config.toml", "version = 2\n")]).path()) {
+            Detected::Unsupported(why) => why,
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            why.contains("does not set the CRI registry config_path"),
+            "{why}"
+        );
+        assert!(
+            why.contains("config_path = \"/etc/containerd/certs.d\"")
+                && why.contains("restart containerd"),
+            "{why}"
+        );
+        // Only the unit: containerd runs on its built-in defaults, which read no hosts.toml.
+        let why = match detect(host(&[("lib/systemd/system/containerd.service", "")]).path()) {
+            Detected::Unsupported(why) => why,
+            other => panic!("{other:?}"),
+        };
+        assert!(why.contains("is missing"), "{why}");
+    }
+
+    #[test]
+    fn an_explicit_containerd_flavor_is_checked_against_the_config_path() {
+        let v2 = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n";
+        let root = host(&[("etc/containerd/config.toml", v2)]);
+        let flavor = |dir: &str| Flavor::Containerd {
+            hosts_dir: dir.into(),
+        };
+        assert_eq!(
+            ignored_by_containerd(&flavor("/etc/containerd/certs.d/"), root.path()),
+            None
+        );
+        let why = ignored_by_containerd(&flavor("/opt/hosts"), root.path()).unwrap();
+        assert!(
+            why.contains("set the agent's flavor to containerd:/etc/containerd/certs.d"),
+            "{why}"
+        );
+        let unset = host(&[("etc/containerd/config.toml", "version = 2\n")]);
+        assert!(ignored_by_containerd(&flavor("/etc/containerd/certs.d"), unset.path()).is_some());
+        // No config file on the host: the flavor given is taken at its word.
+        assert_eq!(ignored_by_containerd(&flavor("/x"), host(&[]).path()), None);
+        assert_eq!(ignored_by_containerd(&Flavor::K3s, unset.path()), None);
     }
 
     #[test]

@@ -84,7 +84,8 @@ pub enum FetchError {
     Open(#[from] SealError),
 }
 
-/// What the agent knows about its host, decided once at start.
+/// What the agent knows about its host, decided at start (and again while unsupported: the
+/// host may be fixed).
 pub enum Setup {
     Ready(Agent),
     /// Nothing regmirror can configure here; the reason is reported.
@@ -94,11 +95,16 @@ pub enum Setup {
 /// Detects (or takes) the flavor, finishes an interrupted apply, and builds the agent.
 pub fn set_up(settings: &Settings) -> Setup {
     let runtime = match &settings.flavor {
-        Some(flavor) => Host {
-            flavor: flavor.clone(),
-            unit: detect::default_unit(flavor, &settings.root),
-            warning: None,
-        },
+        Some(flavor) => {
+            if let Some(why) = detect::ignored_by_containerd(flavor, &settings.root) {
+                return Setup::Unsupported(why);
+            }
+            Host {
+                flavor: flavor.clone(),
+                unit: detect::default_unit(flavor, &settings.root),
+                warning: None,
+            }
+        }
         None => match detect::detect(&settings.root) {
             Detected::Supported(host) => host,
             Detected::Unsupported(why) => return Setup::Unsupported(why),
@@ -123,6 +129,9 @@ pub fn set_up(settings: &Settings) -> Setup {
     Setup::Ready(agent)
 }
 
+/// How often an unsupported host is looked at again.
+const RECHECK_UNSUPPORTED: Duration = Duration::from_secs(60);
+
 /// Runs the agent until SIGTERM.
 pub async fn run(client: kube::Client, settings: Settings) -> Result<(), AgentError> {
     let mut registry = Registry::default();
@@ -130,7 +139,7 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), AgentEr
     let health = Health::new(registry);
     tokio::spawn(endpoints::serve(settings.listen, health.clone()).await?);
 
-    let worker = Worker {
+    let mut worker = Worker {
         reporter: NodeReporter::new(client.clone(), &settings.node_name),
         secrets: Api::namespaced(client.clone(), &settings.namespace),
         setup: set_up(&settings),
@@ -176,6 +185,10 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), AgentEr
             continue;
         };
         health.set_ready(true);
+        if let Setup::Unsupported(_) = worker.setup {
+            // A person may have fixed the host since (containerd's config_path, say).
+            worker.setup = set_up(&settings);
+        }
         retry = worker
             .step(&node, &changes)
             .await
@@ -210,7 +223,7 @@ impl Worker {
                 if self.annotate(node, &wanted).await {
                     self.reporter.event(node, true, "Unsupported", why).await;
                 }
-                return None;
+                return Some(RECHECK_UNSUPPORTED);
             }
             Setup::Ready(agent) => agent,
         };

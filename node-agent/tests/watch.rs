@@ -538,3 +538,66 @@ fn base64_decode(text: &str) -> Vec<u8> {
         .decode(text)
         .unwrap()
 }
+
+#[tokio::test]
+async fn a_containerd_that_reads_no_hosts_toml_is_reported_with_the_fix_until_it_is_fixed() {
+    let root = tempfile::tempdir().unwrap();
+    let config = root.path().join("etc/containerd/config.toml");
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    std::fs::write(&config, "version = 2\n").unwrap();
+    let settings = regmirror_node_agent::watch::Settings {
+        node_name: "edge-1".into(),
+        namespace: NS.into(),
+        root: root.path().to_owned(),
+        flavor: None,
+        restart_command: None,
+        timeouts: Timeouts {
+            probe: None,
+            ready: Duration::from_secs(1),
+        },
+        settle: Duration::ZERO,
+        listen: "127.0.0.1:0".parse().unwrap(),
+    };
+    let setup = regmirror_node_agent::watch::set_up(&settings);
+    let why = match &setup {
+        Setup::Unsupported(why) => why.clone(),
+        Setup::Ready(_) => panic!("containerd without config_path taken as configurable"),
+    };
+    assert!(
+        why.contains("containerd reads no hosts.toml")
+            && why.contains("config_path = \"/etc/containerd/certs.d\""),
+        "{why}"
+    );
+    // The Node says so (and so does every mirror selecting it: an Unsupported node counts as
+    // failed, with this message as the reason); the agent looks again in a minute.
+    let (worker, api) = worker(
+        setup,
+        Scenario::new()
+            .then(report(json!({MESSAGE: why, STATE: "Unsupported"})))
+            .then(event("Warning", "Unsupported", Some("edge-1"))),
+    );
+    let fresh = node(&[(DESIRED_CONFIG, "regmirror-config-aaaa")]);
+    let (_tx, latest) = watch::channel(Some(Arc::new(fresh.clone())));
+    assert_eq!(
+        worker.step(&fresh, &latest).await,
+        Some(Duration::from_secs(60))
+    );
+    api.take();
+    api.finish();
+
+    // Fixed on the host: the next look finds a containerd that reads the hosts.toml files.
+    std::fs::write(
+        &config,
+        "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n",
+    )
+    .unwrap();
+    match regmirror_node_agent::watch::set_up(&settings) {
+        Setup::Ready(agent) => assert_eq!(
+            agent.runtime.flavor,
+            Flavor::Containerd {
+                hosts_dir: "/etc/containerd/certs.d".into()
+            }
+        ),
+        Setup::Unsupported(why) => panic!("still unsupported: {why}"),
+    }
+}

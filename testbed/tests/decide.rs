@@ -295,6 +295,35 @@ fn a_failing_node_halts_its_config_and_is_reported() {
 }
 
 #[test]
+fn a_node_whose_runtime_ignores_the_config_degrades_its_mirrors_with_the_fix() {
+    // The agent reports Unsupported when containerd reads no hosts.toml (config_path unset):
+    // every mirror selecting the node says so, with the agent's message (the fix), and the
+    // other nodes go on.
+    let mut c = cluster(vec![
+        node("a", containerd(), &[]),
+        node("b", containerd(), &[]),
+    ]);
+    c.mirrors = vec![mirror(
+        "hub",
+        "docker.io",
+        "https://mirror.example:5000",
+        None,
+    )];
+    let fix = "containerd reads no hosts.toml, so regmirror's mirrors would be ignored: /etc/containerd/config.toml does not set the CRI registry config_path. Fix: set config_path";
+    let b = c.node_mut("b");
+    b.state = Some(NodeState::Unsupported);
+    b.message = Some(fix.into());
+    converge(&mut c);
+    assert_eq!(c.status("hub").nodes.failed, 1);
+    assert_eq!(c.status("hub").nodes.updated, 1);
+    assert_eq!(c.status("hub").failures[0].node, "b");
+    assert_eq!(c.status("hub").failures[0].reason, fix);
+    let (status, _, message) = c.condition("hub", "Degraded");
+    assert_eq!(status, "True");
+    assert!(message.contains("config_path"), "{message}");
+}
+
+#[test]
 fn a_paused_mirror_freezes_its_nodes() {
     let mut c = cluster(vec![node("a", Flavor::K3s, &[])]);
     c.mirrors = vec![mirror(
