@@ -8,8 +8,8 @@
 //! - [`chart`]: `helm install`, `upgrade` and `uninstall` of charts/regmirror with every value set
 //!   scripts/chart-checks renders, and `helm template | kubectl apply --dry-run=server`;
 //! - [`privilege`]: the chart's ServiceAccounts with TokenRequest tokens: a `kubectl auth can-i`
-//!   matrix, real reads, and the chart's ValidatingAdmissionPolicy on the node updates of
-//!   tests/chart/test_admission_policy.py.
+//!   matrix, real reads, and the chart's ValidatingAdmissionPolicy on the node updates an agent
+//!   may and may not make (the only test of that policy: the API server evaluates it).
 //!
 //! The chart's objects have fixed names (one installation per cluster), so the tests that
 //! install it take [`support::chart_lock`] and leave the cluster as they found it.

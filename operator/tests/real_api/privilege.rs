@@ -3,7 +3,7 @@
 //! agent's does: a `kubectl auth can-i` matrix and real reads (the operator reads Secrets only
 //! in its namespace and the allowed ones; the agent only the config Secrets the operator's Role
 //! `regmirror-agent-configs` names), and the chart's ValidatingAdmissionPolicy on the node
-//! updates of tests/chart/test_admission_policy.py, sent as the agent.
+//! updates an agent may and may not make, sent as the agent.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -474,7 +474,7 @@ enum Who {
     Kubelet,
 }
 
-/// node-1 as the tests of test_admission_policy.py have it (without podCIDR, which the API
+/// The Node the policy cases update (without podCIDR, which the API
 /// server lets no one change once set, and without status, which the agent does not write).
 fn base_node() -> Value {
     json!({"metadata": {
@@ -535,8 +535,7 @@ fn applied() -> Value {
     )
 }
 
-/// (name, old, new, who, None = admitted, else a text of the denial) — the CASES of
-/// tests/chart/test_admission_policy.py.
+/// (name, old, new, who, None = admitted, else a text of the denial).
 fn cases() -> Vec<(&'static str, Value, Value, Who, Option<&'static str>)> {
     use Who::*;
     let node = base_node();
