@@ -628,3 +628,25 @@ fn images_for_another_registry_and_an_unknown_mirror_are_refused_up_front() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn the_air_gap_example_is_valid_and_its_list_reads() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(env!("CARGO_BIN_EXE_regmirror"))
+        .args(["validate", "examples/air-gap"])
+        .current_dir(&repo)
+        .output()
+        .unwrap();
+    assert_success(&out, "validate examples/air-gap");
+    let list = repo.join("examples/air-gap/images.txt");
+    let images = regmirror::sync::images::parse_list(list.to_str().unwrap()).unwrap();
+    let names: Vec<String> = images.iter().map(|r| r.whole()).collect();
+    assert_eq!(
+        names,
+        [
+            "docker.io/library/nginx:1.27",
+            "docker.io/library/busybox:1.37",
+            "docker.io/library/redis:7.4"
+        ]
+    );
+}
