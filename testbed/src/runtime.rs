@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::process::{require_tool, run, Process};
+use crate::process::{require_tool, run, run_ok, Process};
 
 /// What a pull did.
 #[derive(Debug)]
@@ -61,10 +61,16 @@ impl Containerd {
         }
     }
 
-    fn ctr(&self) -> Command {
+    /// `ctr` talking to this containerd (its own namespace, `default`).
+    pub fn ctr(&self) -> Command {
         let mut ctr = Command::new("ctr");
         ctr.arg("--address").arg(&self.socket);
         ctr
+    }
+
+    /// Imports an image archive (docker-archive or OCI) under the names it carries.
+    pub fn import(&self, archive: &Path) {
+        run_ok(self.ctr().args(["images", "import"]).arg(archive));
     }
 
     /// Pulls `reference` resolving registries through `hosts_dir`, as the CRI plugin does with
