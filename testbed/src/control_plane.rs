@@ -16,6 +16,10 @@
 //! in the group waits on a pipe from this process and kills the group when it closes), so a
 //! control plane shared by the tests of one binary (a `static`, never dropped) is fine too.
 //!
+//! [`ControlPlaneOptions`] adds to that: more API server flags, an audit log, a chosen set of
+//! controllers (a benchmark's thousands of Nodes without kubelets stay Ready when the
+//! node-lifecycle controller does not run).
+//!
 //! ```no_run
 //! # async fn example() {
 //! use regmirror_testbed::{ControlPlane, TokenOptions};
@@ -59,6 +63,22 @@ pub struct ControlPlane {
     kubeconfig: PathBuf,
     ca_pem: String,
     bin: PathBuf,
+    audit_log: Option<PathBuf>,
+}
+
+/// What a control plane runs besides (or instead of) its defaults.
+#[derive(Debug, Clone, Default)]
+pub struct ControlPlaneOptions {
+    /// More kube-apiserver flags, after the defaults: a flag given again replaces the
+    /// default's value (a list flag adds to it).
+    pub apiserver_args: Vec<String>,
+    /// An audit policy (YAML of an `audit.k8s.io/v1` `Policy`). With one, the API server
+    /// writes audit events as JSON lines to [`ControlPlane::audit_log`] — who made which
+    /// request, which `apiserver_request_total` cannot say.
+    pub audit_policy: Option<String>,
+    /// kube-controller-manager's `--controllers`; empty for every default controller (`*`).
+    /// `["*", "-node-lifecycle-controller"]` keeps Nodes Ready without Lease heartbeats.
+    pub controllers: Vec<String>,
 }
 
 enum Dir {
@@ -125,18 +145,26 @@ impl ControlPlane {
     /// Starts a control plane whose files live in a temporary directory, removed on drop.
     /// Builds the binaries first if they are not built yet (see [`ControlPlane::binaries`]).
     pub fn start() -> ControlPlane {
+        Self::start_with_options(&ControlPlaneOptions::default())
+    }
+
+    /// Starts a control plane (as [`ControlPlane::start`]) with `options`.
+    pub fn start_with_options(options: &ControlPlaneOptions) -> ControlPlane {
         let dir = tempfile::Builder::new()
             .prefix("regmirror-control-plane-")
             .tempdir()
             .expect("create a temporary directory");
-        Self::start_with(Dir::Temp(dir))
+        Self::start_with(Dir::Temp(dir), options)
     }
 
     /// Starts a control plane whose files live in `dir` (created; kept after drop): the PKI,
     /// etcd's data, `admin.kubeconfig` and a log per process.
     pub fn start_in(dir: &Path) -> ControlPlane {
         std::fs::create_dir_all(dir).expect("create the control plane directory");
-        Self::start_with(Dir::Kept(dir.canonicalize().unwrap()))
+        Self::start_with(
+            Dir::Kept(dir.canonicalize().unwrap()),
+            &ControlPlaneOptions::default(),
+        )
     }
 
     /// The directory of etcd, kube-apiserver and kube-controller-manager for this checkout:
@@ -167,7 +195,7 @@ impl ControlPlane {
         )
     }
 
-    fn start_with(dir: Dir) -> ControlPlane {
+    fn start_with(dir: Dir, options: &ControlPlaneOptions) -> ControlPlane {
         require_tool("openssl");
         let bin = Self::binaries();
         let root = dir.path().to_owned();
@@ -213,6 +241,7 @@ impl ControlPlane {
             kubeconfig,
             ca_pem,
             bin: bin.clone(),
+            audit_log: None,
         };
 
         let etcd_port = free_port();
@@ -243,58 +272,68 @@ impl ControlPlane {
             std::net::TcpStream::connect(("127.0.0.1", etcd_port)).is_ok()
         });
 
-        plane.spawn(
-            "kube-apiserver",
-            &bin,
-            group,
-            &[
-                format!("--etcd-servers={etcd_url}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--secure-port={apiserver_port}"),
-                format!("--tls-cert-file={}", pki_arg("apiserver.crt")),
-                format!("--tls-private-key-file={}", pki_arg("apiserver.key")),
-                format!("--client-ca-file={}", pki_arg("ca.crt")),
-                "--authorization-mode=Node,RBAC".into(),
-                // On top of the default plugins (which include ValidatingAdmissionPolicy since
-                // 1.30; named here so it is on whatever the defaults become).
-                "--enable-admission-plugins=NodeRestriction,ValidatingAdmissionPolicy".into(),
-                "--allow-privileged=true".into(),
-                format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
-                format!("--service-account-key-file={}", pki_arg("sa.pub")),
-                format!("--service-account-signing-key-file={}", pki_arg("sa.key")),
-                format!("--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"),
-                format!("--cert-dir={}", root_arg("apiserver")),
-                // Nothing can reach 127.0.0.1 from a Pod, and the API server refuses a loopback
-                // address in the `kubernetes` Service's Endpoints: keep them empty.
-                "--endpoint-reconciler-type=none".into(),
-                format!(
-                    "--kubelet-client-certificate={}",
-                    pki_arg("apiserver-kubelet-client.crt")
-                ),
-                format!(
-                    "--kubelet-client-key={}",
-                    pki_arg("apiserver-kubelet-client.key")
-                ),
-                format!(
-                    "--requestheader-client-ca-file={}",
-                    pki_arg("front-proxy-ca.crt")
-                ),
-                "--requestheader-allowed-names=front-proxy-client".into(),
-                "--requestheader-username-headers=X-Remote-User".into(),
-                "--requestheader-group-headers=X-Remote-Group".into(),
-                "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
-                format!(
-                    "--proxy-client-cert-file={}",
-                    pki_arg("front-proxy-client.crt")
-                ),
-                format!(
-                    "--proxy-client-key-file={}",
-                    pki_arg("front-proxy-client.key")
-                ),
-                "--profiling=false".into(),
-            ],
-        );
+        let mut apiserver_args = vec![
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={apiserver_port}"),
+            format!("--tls-cert-file={}", pki_arg("apiserver.crt")),
+            format!("--tls-private-key-file={}", pki_arg("apiserver.key")),
+            format!("--client-ca-file={}", pki_arg("ca.crt")),
+            "--authorization-mode=Node,RBAC".into(),
+            // On top of the default plugins (which include ValidatingAdmissionPolicy since
+            // 1.30; named here so it is on whatever the defaults become).
+            "--enable-admission-plugins=NodeRestriction,ValidatingAdmissionPolicy".into(),
+            "--allow-privileged=true".into(),
+            format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
+            format!("--service-account-key-file={}", pki_arg("sa.pub")),
+            format!("--service-account-signing-key-file={}", pki_arg("sa.key")),
+            format!("--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"),
+            format!("--cert-dir={}", root_arg("apiserver")),
+            // Nothing can reach 127.0.0.1 from a Pod, and the API server refuses a loopback
+            // address in the `kubernetes` Service's Endpoints: keep them empty.
+            "--endpoint-reconciler-type=none".into(),
+            format!(
+                "--kubelet-client-certificate={}",
+                pki_arg("apiserver-kubelet-client.crt")
+            ),
+            format!(
+                "--kubelet-client-key={}",
+                pki_arg("apiserver-kubelet-client.key")
+            ),
+            format!(
+                "--requestheader-client-ca-file={}",
+                pki_arg("front-proxy-ca.crt")
+            ),
+            "--requestheader-allowed-names=front-proxy-client".into(),
+            "--requestheader-username-headers=X-Remote-User".into(),
+            "--requestheader-group-headers=X-Remote-Group".into(),
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
+            format!(
+                "--proxy-client-cert-file={}",
+                pki_arg("front-proxy-client.crt")
+            ),
+            format!(
+                "--proxy-client-key-file={}",
+                pki_arg("front-proxy-client.key")
+            ),
+            "--profiling=false".into(),
+        ];
+        if let Some(policy) = &options.audit_policy {
+            let policy_file = root.join("audit-policy.yaml");
+            std::fs::write(&policy_file, policy).expect("write the audit policy");
+            let log = root.join("audit.log");
+            apiserver_args.extend([
+                format!("--audit-policy-file={}", policy_file.display()),
+                format!("--audit-log-path={}", log.display()),
+                "--audit-log-format=json".into(),
+                // One file, never rotated: whoever reads it counts from an offset.
+                "--audit-log-maxsize=0".into(),
+            ]);
+            plane.audit_log = Some(log);
+        }
+        apiserver_args.extend(options.apiserver_args.iter().cloned());
+        plane.spawn("kube-apiserver", &bin, group, &apiserver_args);
         let admin = plane.kubeconfig.clone();
         plane.wait(
             "kube-apiserver",
@@ -312,6 +351,11 @@ impl ControlPlane {
             },
         );
 
+        let controllers = if options.controllers.is_empty() {
+            "*".to_owned()
+        } else {
+            options.controllers.join(",")
+        };
         plane.spawn(
             "kube-controller-manager",
             &bin,
@@ -329,7 +373,7 @@ impl ControlPlane {
                 "--bind-address=127.0.0.1".into(),
                 format!("--secure-port={}", free_port()),
                 format!("--cert-dir={}", root_arg("controller-manager")),
-                "--controllers=*".into(),
+                format!("--controllers={controllers}"),
                 "--use-service-account-credentials=true".into(),
                 format!("--service-account-private-key-file={}", pki_arg("sa.key")),
                 format!("--root-ca-file={}", pki_arg("ca.crt")),
@@ -416,6 +460,12 @@ impl ControlPlane {
     /// (`etcd.log`, `kube-apiserver.log`, `kube-controller-manager.log`).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The API server's audit log (JSON lines), if [`ControlPlaneOptions::audit_policy`] was
+    /// given.
+    pub fn audit_log(&self) -> Option<&Path> {
+        self.audit_log.as_deref()
     }
 
     /// The process ids of etcd, kube-apiserver and kube-controller-manager.

@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod control_plane;
 pub mod fake_api;
 mod image;
+pub mod install;
 mod pki;
 mod process;
 mod registry;
@@ -23,7 +24,7 @@ mod runtime;
 pub mod simulator;
 pub mod world;
 
-pub use control_plane::{ControlPlane, TokenOptions};
+pub use control_plane::{ControlPlane, ControlPlaneOptions, TokenOptions};
 pub use image::{oci_layout, push};
 pub use pki::Pki;
 pub use process::{dead_port, free_port, require_tool};

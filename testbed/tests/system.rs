@@ -29,7 +29,6 @@
 //! gopher-lua (`testbed/health`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -40,6 +39,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use regmirror_testbed::install::{self, repo, run_ok, with_stdin};
 use regmirror_testbed::{
     dead_port, free_port, oci_layout, push, Containerd, ControlPlane, Pki, Registry,
     RegistryOptions, TokenOptions,
@@ -141,56 +141,11 @@ fn node_specs() -> Vec<NodeSpec> {
     ]
 }
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .unwrap()
-}
-
 fn now_unix() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs_f64()
-}
-
-fn run_ok(command: &mut Command) -> String {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("run {command:?}: {e}"));
-    assert!(
-        output.status.success(),
-        "{command:?} failed ({}):\n{}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
-fn with_stdin(command: &mut Command, input: &str) -> String {
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("run {command:?}: {e}"));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "{command:?} failed ({}):\n{}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
 }
 
 /// Whether process `pid` runs (exists and is not a zombie).
@@ -238,19 +193,7 @@ fn binaries() -> Binaries {
     }
     run_ok(&mut build);
     let health = run_ok(Command::new("bash").arg(repo().join("testbed/health/build")));
-    let helm = repo().join("target/tools/bin/helm");
-    if !helm.is_file() {
-        run_ok(
-            Command::new("bash")
-                .arg(repo().join("scripts/chart-checks"))
-                .arg("--tools-only"),
-        );
-    }
-    assert!(
-        helm.is_file(),
-        "helm not installed at {} by scripts/chart-checks --tools-only",
-        helm.display()
-    );
+    let helm = install::helm();
     Binaries {
         regmirror: profile_dir.join("regmirror"),
         agent: profile_dir.join("regmirror-agent"),
@@ -562,40 +505,21 @@ impl System {
 
         let plane = ControlPlane::start();
         eprintln!("system: control plane up after {:?}", started.elapsed());
-        let kubectl = || plane.kubectl();
-        run_ok(
-            kubectl()
-                .args(["apply", "--server-side", "-f"])
-                .arg(repo().join("crds")),
-        );
-        run_ok(kubectl().args([
-            "wait",
-            "--for=condition=Established",
-            "crd/registrymirrors.regmirror.io",
-            "--timeout=60s",
-        ]));
-        with_stdin(
-            kubectl().args(["apply", "-f", "-"]),
-            &format!(
-                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NS}\n  labels:\n    pod-security.kubernetes.io/enforce: privileged\n"
-            ),
-        );
+        install::install_crds(&plane);
+        install::create_namespace(&plane, NS);
         // The chart's ServiceAccounts, RBAC and admission policy, as `helm install` makes them.
-        let mut template = Command::new(&bins.helm);
-        template
-            .args(["template", "regmirror"])
-            .arg(repo().join("charts/regmirror"))
-            .args(["--namespace", NS]);
-        for file in [
-            "serviceaccounts.yaml",
-            "rbac-operator.yaml",
-            "rbac-agent.yaml",
-            "rbac-events.yaml",
-            "admission-policy.yaml",
-        ] {
-            template.args(["--show-only", &format!("templates/{file}")]);
-        }
-        let rendered = run_ok(&mut template);
+        let rendered = install::apply_chart_templates(
+            &plane,
+            &bins.helm,
+            NS,
+            &[
+                "serviceaccounts.yaml",
+                "rbac-operator.yaml",
+                "rbac-agent.yaml",
+                "rbac-events.yaml",
+                "admission-policy.yaml",
+            ],
+        );
         for kind in [
             "kind: ServiceAccount",
             "kind: ClusterRole\n",
@@ -604,7 +528,6 @@ impl System {
         ] {
             assert!(rendered.contains(kind), "helm template rendered no {kind}");
         }
-        with_stdin(kubectl().args(["apply", "-f", "-"]), &rendered);
 
         let client = client(plane.kubeconfig_path()).await;
         let specs = node_specs();
@@ -1222,15 +1145,14 @@ fn start_operator(
     max_unavailable: usize,
     dir: &Path,
 ) -> Proc {
-    let mut command = Command::new(&bins.regmirror);
-    command
-        .arg("controller")
-        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
-        .env("KUBECONFIG", kubeconfig)
-        .env("POD_NAMESPACE", NS)
-        .env("POD_NAME", identity)
-        .env("REGMIRROR_MAX_UNAVAILABLE", max_unavailable.to_string())
-        .env("RUST_LOG", "info");
+    let mut command = install::operator_command(
+        &bins.regmirror,
+        kubeconfig,
+        NS,
+        identity,
+        &max_unavailable.to_string(),
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+    );
     Proc::spawn(identity, &mut command, &dir.join(format!("{identity}.log")))
 }
 
