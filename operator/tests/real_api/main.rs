@@ -7,6 +7,8 @@
 //!   `regmirror validate`;
 //! - [`chart`]: `helm install`, `upgrade` and `uninstall` of charts/regmirror with every value set
 //!   scripts/chart-checks renders, and `helm template | kubectl apply --dry-run=server`;
+//! - [`release`]: the chart pushed with `helm push` to a loopback OCI registry and installed
+//!   from `oci://…` with README's command;
 //! - [`privilege`]: the chart's ServiceAccounts with TokenRequest tokens: a `kubectl auth can-i`
 //!   matrix, real reads, and the chart's ValidatingAdmissionPolicy on the node updates an agent
 //!   may and may not make (the only test of that policy: the API server evaluates it).
@@ -17,4 +19,5 @@
 mod chart;
 mod crd;
 mod privilege;
+mod release;
 mod support;
