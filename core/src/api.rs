@@ -467,6 +467,10 @@ pub struct RegistryMirrorStatus {
     /// Nodes that failed to apply, with their reason (bounded).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failures: Vec<NodeFailure>,
+    /// While nodes are still to move: what their moves take (live, a runtime reload, a
+    /// runtime restart) and in how many `maxUnavailable` waves the restarts go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<crate::impact::Impact>,
 }
 
 /// A status condition in the shape of `metav1.Condition`.

@@ -324,6 +324,63 @@ fn a_node_whose_runtime_ignores_the_config_degrades_its_mirrors_with_the_fix() {
 }
 
 #[test]
+fn the_status_says_what_the_remaining_moves_take_while_a_mirror_rolls_out() {
+    // Five k3s nodes, one of them a server, and a mix: a password rotation restarts every
+    // runtime (k3s reads credentials at start), two at a time, one server per wave.
+    let mut nodes = k3s_nodes(4);
+    nodes.push(NodeView {
+        control_plane: true,
+        ..node("server", Flavor::K3s, &[])
+    });
+    let mut c = cluster(nodes);
+    c.max_unavailable = MaxUnavailable::Count(2);
+    c.mirrors = vec![mirror(
+        "hub",
+        "docker.io",
+        "https://mirror.example:5000",
+        Some(ObjectRef::named("pull")),
+    )];
+    converge(&mut c);
+    assert_eq!(
+        c.status("hub").rollout,
+        None,
+        "nothing to move once settled"
+    );
+
+    c.sources
+        .insert(SourceKind::Secret, NS, "pull", basic_auth("alice", "two"));
+    let d = c.decide();
+    let rollout = d.statuses["hub"].rollout.expect("a rollout summary");
+    assert_eq!(
+        (
+            rollout.hot,
+            rollout.restart,
+            rollout.restart_control_plane,
+            rollout.restart_waves
+        ),
+        (0, 5, 1, 3)
+    );
+    c.apply(&d);
+    c.agents_succeed();
+    // Two fewer to go: the summary follows.
+    let d = c.decide();
+    let rollout = d.statuses["hub"].rollout.expect("a rollout summary");
+    assert_eq!((rollout.restart, rollout.restart_waves), (3, 2));
+
+    converge(&mut c);
+    assert_eq!(c.status("hub").rollout, None);
+
+    // A new endpoint path on the same host is live on k3s: every node at once, no waves.
+    c.mirrors[0].spec.endpoints[0].url = "https://mirror.example:5000/v2/hub".into();
+    let d = c.decide();
+    let rollout = d.statuses["hub"].rollout.expect("a rollout summary");
+    assert_eq!(
+        (rollout.hot, rollout.restart, rollout.restart_waves),
+        (5, 0, 0)
+    );
+}
+
+#[test]
 fn a_paused_mirror_freezes_its_nodes() {
     let mut c = cluster(vec![node("a", Flavor::K3s, &[])]);
     c.mirrors = vec![mirror(

@@ -4,8 +4,10 @@
 use std::collections::HashMap;
 
 use super::{mirror_name, ClusterView, Decision, Notice, Placement, Problem, Subject};
+use crate::activation::{activation, Activation};
 use crate::api::{Condition, NodeCounts, NodeFailure, RegistryMirrorStatus};
 use crate::contract::{NodeState, PAUSED};
+use crate::impact::Impact;
 use crate::render::RenderedConfig;
 
 use super::MAX_LISTED_FAILURES;
@@ -16,6 +18,10 @@ pub(super) fn write_statuses(placement: &Placement, view: &ClusterView, decision
     let mirrors = view.mirrors.len();
     let mut counts = vec![NodeCounts::default(); mirrors];
     let mut failures: Vec<Vec<NodeFailure>> = vec![Vec::new(); mirrors];
+    // What the pending nodes' moves take: the decider's own function, on the same configs,
+    // once per (running config, target group).
+    let mut impacts = vec![Impact::default(); mirrors];
+    let mut steps: HashMap<(Option<&str>, usize), Activation> = HashMap::new();
     // Whether a node running `current` runs each of its group's mirrors' latest rendering:
     // the same for every node with that current config and group, so worked out once.
     let mut up_to_date: HashMap<(Option<&str>, usize), usize> = HashMap::new();
@@ -78,9 +84,21 @@ pub(super) fn write_statuses(placement: &Placement, view: &ClusterView, decision
                 counts.updated += 1;
             } else {
                 counts.pending += 1;
+                if let Some((g, group)) = group {
+                    let step = *steps
+                        .entry((node.current.as_deref(), g))
+                        .or_insert_with(|| {
+                            activation(
+                                node.current.as_ref().and_then(|c| view.stored.get(c)),
+                                &group.config,
+                            )
+                        });
+                    impacts[m].add(step, node.control_plane);
+                }
             }
         }
     }
+    let budget = view.max_unavailable.of(placement.order().len());
     for (m, mirror) in view.mirrors.iter().enumerate() {
         let name = mirror_name(mirror);
         let mut failures = std::mem::take(&mut failures[m]);
@@ -123,6 +141,7 @@ pub(super) fn write_statuses(placement: &Placement, view: &ClusterView, decision
                     }
                 })
                 .collect(),
+            rollout: (impacts[m].nodes() > 0).then(|| impacts[m].with_budget(budget)),
             nodes: counts,
             failures,
         };
