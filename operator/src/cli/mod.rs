@@ -4,6 +4,7 @@
 mod check;
 pub mod controller;
 pub mod crdgen;
+pub mod plan;
 pub mod render;
 pub mod resolve;
 pub mod sync_images;
@@ -32,6 +33,9 @@ pub enum Command {
     Controller(controller::ControllerArgs),
     /// Print (or write) the exact files one node gets, from RegistryMirror + Secret YAML.
     Render(render::RenderArgs),
+    /// Preview what manifests would do to the nodes: live, reload or restart, how many, in
+    /// how many waves.
+    Plan(plan::PlanArgs),
     /// Show where a node would pull an image from: endpoints in order, credentials, TLS files.
     Resolve(resolve::ResolveArgs),
     /// Check RegistryMirror YAML as the operator would; exit 1 naming each problem.
@@ -80,6 +84,14 @@ pub fn run(cli: Cli) -> i32 {
     let result = match command {
         Command::Controller(_) | Command::SyncImages(_) => unreachable!("handled above"),
         Command::Render(args) => render::run(&args, &mut stdout, &mut stderr),
+        Command::Plan(args) => plan::run(&args, &mut stdout, &mut stderr).or_else(|e| {
+            use std::io::Write;
+            writeln!(stderr, "error: {e}")?;
+            Ok(match e {
+                plan::PlanError::Invalid(_) | plan::PlanError::NoNodes => 1,
+                _ => 2,
+            })
+        }),
         Command::Resolve(args) => resolve::run(&args, &mut stdout, &mut stderr),
         Command::Validate(args) => validate::run(&args, &mut stdout, &mut stderr),
         Command::Crdgen(args) => crdgen::run(&args, &mut stdout),

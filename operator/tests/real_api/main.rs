@@ -18,6 +18,7 @@
 
 mod chart;
 mod crd;
+mod plan;
 mod privilege;
 mod release;
 mod support;
