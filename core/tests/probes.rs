@@ -86,7 +86,7 @@ fn example() -> Vec<ResolvedMirror> {
                     tls(false, false, true),
                 ),
                 endpoint(
-                    url(Scheme::Http, "m3.example.com", "/proxy/docker"),
+                    url(Scheme::Http, "m3.example.com", "/v2/proxy/docker"),
                     HostSettings::default(),
                 ),
                 endpoint(
@@ -128,7 +128,7 @@ fn k3s_and_rke2_probe_the_hosts_toml_mirrors_with_the_certificates_under_their_c
                     false,
                 ),
                 target("https://m2.example.com/v2", None, None, true),
-                target("http://m3.example.com/proxy/docker", None, None, false),
+                target("http://m3.example.com/v2/proxy/docker", None, None, false),
             ],
         )]);
         assert_eq!(config.probes, expected, "{flavor}");
@@ -153,7 +153,7 @@ fn containerd_probes_with_the_certificates_beside_each_hosts_toml() {
                 false,
             ),
             target("https://m2.example.com/v2", None, None, true),
-            target("http://m3.example.com/proxy/docker", None, None, false),
+            target("http://m3.example.com/v2/proxy/docker", None, None, false),
         ],
     )]);
     assert_eq!(config.probes, expected);

@@ -229,7 +229,7 @@ metadata: {name: hub}
 spec:
   registry: docker.io
   endpoints:
-    - url: https://mirror.example.com/hub
+    - url: https://mirror.example.com/v2/hub
       auth: {secretRef: {name: hub-pull}}
 ---
 apiVersion: regmirror.io/v1alpha1

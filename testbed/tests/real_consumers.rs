@@ -217,3 +217,27 @@ fn containerd_uses_a_wildcard_mirror_for_every_registry() {
     write(&config, |path| PathBuf::from(path));
     assert_pulled(containerd(&world).pull(&hosts_dir, &world.image));
 }
+
+#[test]
+fn an_endpoint_path_reaches_the_same_repository_on_containerd_and_cri_o() {
+    // A Harbor-style project: the registry serves the image under `proj/`, and the endpoint
+    // names `/v2/proj` as its API root. containerd asks `/v2/proj/library/hello/…`
+    // (override_path); CRI-O's location `<host>/proj` makes containers/image ask the same.
+    let world = World::new(secure());
+    regmirror_testbed::push(
+        &world.dir.path().join("image"),
+        "v1",
+        &world.registry,
+        "proj/library/hello",
+        &world.dir.path().join("pki"),
+        &world.dir.path().join("push-proj"),
+    );
+    let endpoint = || Endpoint {
+        url: format!("{}/v2/proj", world.registry.url()),
+        ..world.endpoint(true, Some("mirror-pull"))
+    };
+    let hosts = world.containerd_hosts_dir(vec![endpoint()]);
+    assert_pulled(containerd(&world).pull(&hosts, &world.image));
+    let (skopeo, auth) = world.crio(vec![endpoint()]);
+    assert_pulled(skopeo.inspect(&world.image, auth.as_deref()));
+}

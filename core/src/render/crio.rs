@@ -4,7 +4,7 @@
 //!
 //! The probe targets are the `[[registry.mirror]]` entries in order: containers/image reaches a
 //! mirror's API at `/v2` on its host (a location's path is a repository prefix, not an API
-//! root), trusting the `*.crt` files of its certs.d directory and presenting its
+//! root, so an endpoint's `/v2/<prefix>` API root becomes location `<host>/<prefix>`), trusting the `*.crt` files of its certs.d directory and presenting its
 //! `client.cert` / `client.key`.
 
 use std::collections::BTreeMap;
@@ -94,7 +94,18 @@ pub(super) fn render(mirrors: &[&ResolvedMirror]) -> Result<Output, Vec<RenderEr
             }
             // The registry itself is the last resort already; only its credentials are written.
             if !is_upstream {
-                let location = format!("{}{}", endpoint.url.host, endpoint.url.path);
+                let Some(prefix) = repository_prefix(&endpoint.url.path) else {
+                    problems.push(unsupported(
+                        mirror,
+                        &format!("spec.endpoints[{i}].url"),
+                        "an endpoint whose API root is not /v2 or under it (containers/image always asks a mirror's host at /v2/; the path after /v2 becomes a repository prefix)",
+                    ));
+                    continue;
+                };
+                let location = match prefix {
+                    "" => endpoint.url.host.clone(),
+                    prefix => format!("{}/{prefix}", endpoint.url.host),
+                };
                 conf.push_str(&format!(
                     "\n[[registry.mirror]]\nlocation = {}\ninsecure = {insecure}\n",
                     quote(&location)
@@ -168,6 +179,17 @@ pub(super) fn render(mirrors: &[&ResolvedMirror]) -> Result<Output, Vec<RenderEr
     })
 }
 
+/// The repository prefix that makes containers/image ask what containerd asks: an endpoint
+/// path is its API root (`/v2/harbor-project` for a Harbor proxy-cache project), and
+/// containers/image reaches every mirror at `/v2/` on its host, taking a location's path as a
+/// prefix of the repository. `None`: an API root outside `/v2`, which CRI-O cannot reach.
+fn repository_prefix(path: &str) -> Option<&str> {
+    match path {
+        "" | "/v2" => Some(""),
+        path => path.strip_prefix("/v2/"),
+    }
+}
+
 /// What to probe of a mirror endpoint: its host's API root, with the files written for the
 /// host under [`CERTS_DIR`].
 fn probe_target(endpoint: &ResolvedEndpoint) -> ProbeTarget {
@@ -183,7 +205,7 @@ fn probe_target(endpoint: &ResolvedEndpoint) -> ProbeTarget {
         }),
         insecure_skip_verify: tls.insecure_skip_verify,
         rewrites: BTreeMap::new(),
-        repository_prefix: Some(endpoint.url.path.trim_matches('/'))
+        repository_prefix: repository_prefix(&endpoint.url.path)
             .filter(|p| !p.is_empty())
             .map(str::to_owned),
     }
