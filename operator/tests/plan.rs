@@ -204,3 +204,26 @@ fn bad_input_is_refused_naming_it() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("RegistryMirror/bad"), "{stderr}");
 }
+
+#[test]
+fn the_readme_plan_example_prints_what_the_readme_shows() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let command = "$ regmirror plan examples/plan/rotated --before examples --nodes examples/plan/nodes.yaml --max-unavailable 2\n";
+    let start = readme.find(command).expect("README shows the plan example") + command.len();
+    let shown = &readme[start..start + readme[start..].find("```").unwrap()];
+    let out = plan(&[
+        "examples/plan/rotated",
+        "--before",
+        "examples",
+        "--nodes",
+        "examples/plan/nodes.yaml",
+        "--max-unavailable",
+        "2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), shown);
+}
