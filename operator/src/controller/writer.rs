@@ -219,12 +219,10 @@ impl Writer {
             );
         }
         for notice in &decision.notices {
-            // An Event that cannot be recorded is no reason to stop.
-            if let Err(e) = self
-                .recorder
-                .publish(&event(notice), &reference(&notice.subject))
-                .await
-            {
+            // An Event that cannot be recorded is no reason to stop, nor to wait: bounded like
+            // every write, so a stuck Event call never holds back the next pass.
+            let (event, subject) = (event(notice), reference(&notice.subject));
+            if let Err(e) = timed(self.recorder.publish(&event, &subject)).await {
                 tracing::warn!(error = %e, reason = notice.reason, "recording an Event failed");
             }
         }
