@@ -10,6 +10,7 @@ pub mod api;
 pub mod assemble;
 pub mod contract;
 pub mod decide;
+pub mod docker_config;
 pub mod impact;
 pub mod model;
 pub mod node;

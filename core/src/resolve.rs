@@ -5,11 +5,11 @@
 use std::sync::LazyLock;
 
 use regex::Regex;
-use serde::Deserialize;
 
 use crate::api::{
     grammar, CaRef, Endpoint, EndpointAuth, EndpointTls, KeyRef, ObjectRef, RegistryMirror,
 };
+use crate::docker_config::{decode_auth, DockerConfig};
 use crate::model::{
     ClientCert, Credentials, EndpointUrl, HostSettings, ResolvedEndpoint, ResolvedMirror,
     ResolvedTls, Scheme,
@@ -582,87 +582,23 @@ fn check_credentials(credentials: &Credentials) -> Result<(), String> {
     Ok(())
 }
 
-/// Decodes an `auth` value: base64 of `username:password`.
-fn decode_auth(auth: &str) -> Result<Credentials, String> {
-    use base64::Engine;
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(auth.trim())
-        .map_err(|_| "auth is not base64 of username:password".to_owned())?;
-    let decoded =
-        String::from_utf8(decoded).map_err(|_| "auth does not decode to UTF-8 text".to_owned())?;
-    let (username, password) = decoded
-        .split_once(':')
-        .ok_or("auth does not decode to username:password")?;
-    Ok(Credentials::Basic {
-        username: username.to_owned(),
-        password: password.to_owned(),
-    })
-}
-
-#[derive(Deserialize)]
-struct DockerConfig {
-    #[serde(default)]
-    auths: std::collections::BTreeMap<String, DockerAuthEntry>,
-}
-
-#[derive(Deserialize)]
-struct DockerAuthEntry {
-    username: Option<String>,
-    password: Option<String>,
-    auth: Option<String>,
-    identitytoken: Option<String>,
-    registrytoken: Option<String>,
-}
-
-/// Picks the entry of a `.dockerconfigjson` for `host`. Keys may be written as URLs
-/// (`https://index.docker.io/v1/`), so they are compared by host only.
+/// Picks the entry of a `.dockerconfigjson` for `host`.
 fn docker_config_credentials(json: &str, host: &str) -> Result<Credentials, String> {
-    let config: DockerConfig = serde_json::from_str(json).map_err(|e| {
-        // Not `{e}`: serde quotes the offending value, which may be a password.
-        format!(
-            ".dockerconfigjson is not a docker config ({:?} error at line {}, column {})",
-            e.classify(),
-            e.line(),
-            e.column()
-        )
-    })?;
-    let key_host = |key: &str| {
-        let without_scheme = key.split_once("://").map_or(key, |(_, rest)| rest);
-        without_scheme
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .to_ascii_lowercase()
-    };
-    let (_, entry) = config
-        .auths
-        .iter()
-        .find(|(key, _)| key_host(key) == host.to_ascii_lowercase())
-        .ok_or_else(|| {
-            let known: Vec<&str> = config.auths.keys().map(String::as_str).collect();
-            format!(
+    let config = DockerConfig::parse(json)
+        .map_err(|e| format!(".dockerconfigjson is not a docker config ({e})"))?;
+    let host = host.to_ascii_lowercase();
+    match config.credentials(|key_host| key_host == host) {
+        Some(credentials) => {
+            credentials.map_err(|e| format!(".dockerconfigjson entry for {host:?} {e}"))
+        }
+        None => {
+            let known: Vec<&str> = config.keys().collect();
+            Err(format!(
                 ".dockerconfigjson has no entry for host {host:?} (entries: {})",
                 known.join(", ")
-            )
-        })?;
-    if let (Some(username), Some(password)) = (&entry.username, &entry.password) {
-        return Ok(Credentials::Basic {
-            username: username.clone(),
-            password: password.clone(),
-        });
+            ))
+        }
     }
-    if let Some(auth) = &entry.auth {
-        return decode_auth(auth);
-    }
-    if let Some(token) = &entry.identitytoken {
-        return Ok(Credentials::IdentityToken(token.clone()));
-    }
-    if let Some(token) = &entry.registrytoken {
-        return Ok(Credentials::BearerToken(token.clone()));
-    }
-    Err(format!(
-        ".dockerconfigjson entry for {host:?} has no username/password, auth or token"
-    ))
 }
 
 fn resolve_tls(

@@ -19,9 +19,9 @@ mod placement;
 mod rollout;
 mod status;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use crate::activation::Activation;
+use crate::activation::{activation, Activation};
 use crate::api::{RegistryMirror, RegistryMirrorStatus};
 use crate::contract::NodeState;
 use crate::node::Flavor;
@@ -40,6 +40,32 @@ pub const MAX_CONFIG_BYTES: usize = 1024 * 1024 - 1024;
 
 /// How many failures a status lists; the count says how many there are.
 pub const MAX_LISTED_FAILURES: usize = 10;
+
+/// What moving a node from the config it runs to a group's config takes: the same for every
+/// node making that move, so worked out once per (running config, group) in a pass, for the
+/// rollout and for the statuses alike.
+#[derive(Default)]
+struct Steps<'v>(HashMap<(Option<&'v str>, usize), Activation>);
+
+impl<'v> Steps<'v> {
+    fn of(
+        &mut self,
+        view: &ClusterView<'v>,
+        node: &'v NodeView,
+        g: usize,
+        group: &placement::Group,
+    ) -> Activation {
+        *self
+            .0
+            .entry((node.current.as_deref(), g))
+            .or_insert_with(|| {
+                activation(
+                    node.current.as_ref().and_then(|c| view.stored.get(c)),
+                    &group.config,
+                )
+            })
+    }
+}
 
 /// Everything the decision reads.
 #[derive(Debug, Clone, Copy)]

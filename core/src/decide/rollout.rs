@@ -3,7 +3,9 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use super::{Advance, ClusterView, Decision, Notice, Placement, Subject, NO_CONFIG_PLACEHOLDER};
+use super::{
+    Advance, ClusterView, Decision, Notice, Placement, Steps, Subject, NO_CONFIG_PLACEHOLDER,
+};
 use crate::activation::{activation, Activation};
 use crate::contract::is_config_name;
 use crate::plan::{plan, NodeRollout};
@@ -11,7 +13,7 @@ use crate::plan::{plan, NodeRollout};
 /// Points the nodes the planner lets go at their targets, creating the configs they need.
 pub(super) fn advance_nodes(placement: &Placement, view: &ClusterView, decision: &mut Decision) {
     // What a move takes is the same for every node going from one config to the same group.
-    let mut steps: HashMap<(Option<&str>, usize), Activation> = HashMap::new();
+    let mut steps = Steps::default();
     // Every node is planned: one with nowhere to go now (no agent report yet, a config that
     // cannot be rendered or stored) still takes its share of the budget while it is down or
     // mid-restart; it is only never advanced.
@@ -41,14 +43,7 @@ pub(super) fn advance_nodes(placement: &Placement, view: &ClusterView, decision:
                 return (stays, None);
             };
             let group = placement.group(g);
-            let step = *steps
-                .entry((node.current.as_deref(), g))
-                .or_insert_with(|| {
-                    activation(
-                        node.current.as_ref().and_then(|c| view.stored.get(c)),
-                        &group.config,
-                    )
-                });
+            let step = steps.of(view, node, g, group);
             let rollout = NodeRollout {
                 name: &node.name,
                 control_plane: node.control_plane,

@@ -3,8 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::{mirror_name, ClusterView, Decision, Notice, Placement, Problem, Subject};
-use crate::activation::{activation, Activation};
+use super::{mirror_name, ClusterView, Decision, Notice, Placement, Problem, Steps, Subject};
 use crate::api::{Condition, NodeCounts, NodeFailure, RegistryMirrorStatus};
 use crate::contract::{NodeState, PAUSED};
 use crate::impact::Impact;
@@ -21,7 +20,7 @@ pub(super) fn write_statuses(placement: &Placement, view: &ClusterView, decision
     // What the pending nodes' moves take: the decider's own function, on the same configs,
     // once per (running config, target group).
     let mut impacts = vec![Impact::default(); mirrors];
-    let mut steps: HashMap<(Option<&str>, usize), Activation> = HashMap::new();
+    let mut steps = Steps::default();
     // Whether a node running `current` runs each of its group's mirrors' latest rendering:
     // the same for every node with that current config and group, so worked out once.
     let mut up_to_date: HashMap<(Option<&str>, usize), usize> = HashMap::new();
@@ -85,14 +84,7 @@ pub(super) fn write_statuses(placement: &Placement, view: &ClusterView, decision
             } else {
                 counts.pending += 1;
                 if let Some((g, group)) = group {
-                    let step = *steps
-                        .entry((node.current.as_deref(), g))
-                        .or_insert_with(|| {
-                            activation(
-                                node.current.as_ref().and_then(|c| view.stored.get(c)),
-                                &group.config,
-                            )
-                        });
+                    let step = steps.of(view, node, g, group);
                     impacts[m].add(step, node.control_plane);
                 }
             }

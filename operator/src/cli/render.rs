@@ -14,19 +14,36 @@ use super::{check, InputArgs};
 pub struct RenderArgs {
     #[command(flatten)]
     pub input: InputArgs,
-    /// The node's name (for messages).
-    #[arg(long, default_value = "node")]
-    pub node: String,
-    /// The node's labels, `key=value,key=value`, matched against nodeSelectors.
-    #[arg(long, value_parser = parse_labels, default_value = "")]
-    pub labels: BTreeMap<String, String>,
-    /// The node's flavor: k3s, rke2, containerd, containerd:<hosts dir>, cri-o.
-    #[arg(long, default_value = "k3s")]
-    pub flavor: Flavor,
+    #[command(flatten)]
+    pub node: NodeArgs,
     /// Write the files under this directory (as if it were the node's root) instead of
     /// printing them.
     #[arg(long)]
     pub out: Option<PathBuf>,
+}
+
+/// The one node a command works out a configuration for.
+#[derive(Debug, clap::Args)]
+pub struct NodeArgs {
+    /// The node's name (for messages).
+    #[arg(long, default_value = "node")]
+    pub node: String,
+    /// The node's labels, `key=value,key=value`, matched against nodeSelectors.
+    #[arg(long = "node-labels", alias = "labels", value_parser = parse_labels, default_value = "")]
+    pub labels: BTreeMap<String, String>,
+    /// The node's flavor: k3s, rke2, containerd, containerd:<hosts dir>, cri-o.
+    #[arg(long, default_value = "k3s")]
+    pub flavor: Flavor,
+}
+
+impl NodeArgs {
+    pub fn info(&self) -> NodeInfo {
+        NodeInfo {
+            name: self.node.clone(),
+            labels: self.labels.clone(),
+            flavor: self.flavor.clone(),
+        }
+    }
 }
 
 pub(super) fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
@@ -44,12 +61,7 @@ pub fn run(
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> std::io::Result<i32> {
-    let node = NodeInfo {
-        name: args.node.clone(),
-        labels: args.labels.clone(),
-        flavor: args.flavor.clone(),
-    };
-    let Some(config) = node_config(&args.input, &node, stderr)? else {
+    let Some(config) = node_config(&args.input, &args.node.info(), stderr)? else {
         return Ok(1);
     };
     match &args.out {

@@ -2,13 +2,11 @@
 //! endpoints in order, the repository asked of each, which credentials (Secret names) and TLS
 //! files apply, and the registry itself last.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 
-use regmirror_core::node::{Flavor, NodeInfo};
 use regmirror_core::route::route;
 
-use super::render::{node_config, parse_labels};
+use super::render::{node_config, NodeArgs};
 use super::InputArgs;
 
 #[derive(Debug, clap::Args)]
@@ -17,15 +15,8 @@ pub struct ResolveArgs {
     pub image: String,
     #[command(flatten)]
     pub input: InputArgs,
-    /// The node's name (for messages).
-    #[arg(long, default_value = "node")]
-    pub node: String,
-    /// The node's labels, `key=value,key=value`, matched against nodeSelectors.
-    #[arg(long = "node-labels", alias = "labels", value_parser = parse_labels, default_value = "")]
-    pub labels: BTreeMap<String, String>,
-    /// The node's flavor: k3s, rke2, containerd, containerd:<hosts dir>, cri-o.
-    #[arg(long, default_value = "k3s")]
-    pub flavor: Flavor,
+    #[command(flatten)]
+    pub node: NodeArgs,
     /// `text` for a person, `json` for a program.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub output: String,
@@ -36,12 +27,7 @@ pub fn run(
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> std::io::Result<i32> {
-    let node = NodeInfo {
-        name: args.node.clone(),
-        labels: args.labels.clone(),
-        flavor: args.flavor.clone(),
-    };
-    let Some(config) = node_config(&args.input, &node, stderr)? else {
+    let Some(config) = node_config(&args.input, &args.node.info(), stderr)? else {
         return Ok(1);
     };
     match route(&config, &args.image) {

@@ -9,8 +9,8 @@ use std::time::Duration;
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::Client;
+use regmirror_core::docker_config::DockerConfig;
 use regmirror_core::model::{Credentials, HostSettings, Scheme};
-use serde::Deserialize;
 
 use super::SyncError;
 
@@ -123,21 +123,6 @@ impl Remote {
     }
 }
 
-#[derive(Deserialize)]
-struct DockerConfig {
-    #[serde(default)]
-    auths: std::collections::BTreeMap<String, DockerAuthEntry>,
-}
-
-#[derive(Deserialize)]
-struct DockerAuthEntry {
-    username: Option<String>,
-    password: Option<String>,
-    auth: Option<String>,
-    identitytoken: Option<String>,
-    registrytoken: Option<String>,
-}
-
 /// Whether two `host[:port]` names are one registry (Docker Hub has several names).
 pub fn same_registry(a: &str, b: &str) -> bool {
     fn canonical(host: &str) -> String {
@@ -155,60 +140,12 @@ pub fn same_registry(a: &str, b: &str) -> bool {
 pub fn auth_file_credentials(path: &Path, registry: &str) -> Result<Option<Credentials>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    let config: DockerConfig = serde_json::from_str(&text).map_err(|e| {
-        // Not `{e}`: serde quotes the offending value, which may be a password.
-        format!(
-            "{}: not a docker config file ({:?} error at line {}, column {})",
-            path.display(),
-            e.classify(),
-            e.line(),
-            e.column()
-        )
-    })?;
-    let key_host = |key: &str| {
-        let without_scheme = key.split_once("://").map_or(key, |(_, rest)| rest);
-        without_scheme
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .to_owned()
-    };
-    let Some((_, entry)) = config
-        .auths
-        .iter()
-        .find(|(key, _)| same_registry(&key_host(key), registry))
-    else {
-        return Ok(None);
-    };
-    let bad = |what: &str| format!("{}: the entry for {registry} {what}", path.display());
-    if let (Some(username), Some(password)) = (&entry.username, &entry.password) {
-        return Ok(Some(Credentials::Basic {
-            username: username.clone(),
-            password: password.clone(),
-        }));
-    }
-    if let Some(auth) = entry.auth.as_deref().filter(|a| !a.is_empty()) {
-        use base64::Engine;
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(auth.trim())
-            .ok()
-            .and_then(|d| String::from_utf8(d).ok())
-            .ok_or_else(|| bad("has an auth that is not base64 of username:password"))?;
-        let (username, password) = decoded
-            .split_once(':')
-            .ok_or_else(|| bad("has an auth that is not base64 of username:password"))?;
-        return Ok(Some(Credentials::Basic {
-            username: username.to_owned(),
-            password: password.to_owned(),
-        }));
-    }
-    if let Some(token) = &entry.identitytoken {
-        return Ok(Some(Credentials::IdentityToken(token.clone())));
-    }
-    if let Some(token) = &entry.registrytoken {
-        return Ok(Some(Credentials::BearerToken(token.clone())));
-    }
-    Err(bad("has no credentials"))
+    let config = DockerConfig::parse(&text)
+        .map_err(|e| format!("{}: not a docker config file ({e})", path.display()))?;
+    config
+        .credentials(|host| same_registry(host, registry))
+        .transpose()
+        .map_err(|e| format!("{}: the entry for {registry} {e}", path.display()))
 }
 
 #[cfg(test)]
