@@ -17,6 +17,7 @@ pub mod control_plane;
 pub mod fake_api;
 mod image;
 pub mod install;
+pub mod node;
 mod pki;
 mod process;
 mod registry;
@@ -26,6 +27,7 @@ pub mod world;
 
 pub use control_plane::{ControlPlane, ControlPlaneOptions, TokenOptions};
 pub use image::{oci_layout, push};
+pub use node::{enter_private_network, BuiltImages, Node, NodeOptions};
 pub use pki::Pki;
 pub use process::{dead_port, free_port, require_tool};
 pub use registry::{Registry, RegistryOptions};

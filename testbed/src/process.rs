@@ -13,13 +13,23 @@ pub fn require_tool(tool: &str) {
     assert!(found, "{tool} is not installed: run `bash scripts/test` (it installs containerd, docker-registry, skopeo, apache2-utils)");
 }
 
-/// A port on 127.0.0.1 that was free a moment ago.
+/// A port on 127.0.0.1 that was free a moment ago, and never handed out before by this
+/// process (in a fresh network namespace the kernel readily gives the same port twice in a
+/// row, while the first taker has not bound it yet).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("bind 127.0.0.1:0")
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A loopback port nothing listens on: connections are refused at once. Stands for an

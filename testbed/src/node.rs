@@ -1,0 +1,926 @@
+//! A real node on this machine for a [`ControlPlane`]: kube-scheduler, and a kubelet with a
+//! containerd of its own (CRI on, root, state and socket under the node's directory), pods on a
+//! CNI bridge (Debian's `containernetworking-plugins`), the test-built pause image as sandbox
+//! image (imported, never pulled).
+//!
+//! The node lives in the calling thread's network namespace, which must be a private one
+//! ([`enter_private_network`], called before the control plane starts, so that the API server,
+//! registries and everything else the test starts are in it too): the pod bridge, the node's
+//! address ([`NODE_IP`]) and the `kubernetes` Service address ([`KUBERNETES_SERVICE_IP`], on
+//! the loopback device, so pods reach the API server at its ClusterIP without kube-proxy) never
+//! touch the machine's own network.
+//!
+//! containerd and the kubelet share a mount namespace of their own, in which the node's
+//! `<host root>/etc/containerd` is bind-mounted on `/etc/containerd`: the node's containerd reads
+//! `/etc/containerd/config.toml` and `config_path = "/etc/containerd/certs.d"` as a real node's
+//! does, while the files are `<host root>/etc/containerd/...` on this machine (the chart's
+//! `agent.hostRoot`). Every mount the kubelet and containerd make (volumes, rootfs overlays,
+//! pod network namespaces) is in that namespace and goes with it.
+//!
+//! The node's cgroups are under a cgroup root of its own (`/regmirror-<name>-<pid>` in every
+//! cgroup v1 hierarchy; the machine is cgroups v1, hence `failCgroupV1: false` and the
+//! `cgroupfs` driver). Dropping the [`Node`] kills the kubelet, the scheduler, every container
+//! and shim, and containerd, removes the cgroups, restores the kernel settings the kubelet
+//! changes and removes the directory. If the test process dies instead, a watchdog (the mount
+//! namespace's holder, leader of the node's process group) kills the group, the containers and
+//! the shims.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::control_plane::ControlPlane;
+use crate::process::{free_port, require_tool, run, run_ok};
+
+/// The node's InternalIP: on the loopback device of the private network namespace.
+pub const NODE_IP: &str = "10.240.0.1";
+/// The pods' range, on the CNI bridge.
+pub const POD_CIDR: &str = "10.244.0.0/24";
+/// The `kubernetes` Service's ClusterIP (first address of the service range), put on the
+/// private namespace's loopback device so that pods reach the API server there.
+pub const KUBERNETES_SERVICE_IP: &str = "10.96.0.1";
+/// The CNI bridge's name.
+const BRIDGE: &str = "regmirror-cni0";
+
+/// Kernel settings the kubelet sets at start (`protectKernelDefaults: false`); put back when
+/// the node goes.
+const KUBELET_SYSCTLS: [&str; 6] = [
+    "vm/overcommit_memory",
+    "vm/panic_on_oom",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
+];
+
+/// Moves the calling thread into a new network namespace (threads and processes it starts
+/// afterwards are in it too; the process's other threads are not), with the loopback device
+/// up, with the node's address and the `kubernetes` ClusterIP on it.
+/// Call it at the start of a test, before anything binds a port.
+pub fn enter_private_network() {
+    require_tool("ip");
+    // SAFETY: unshare(2) with CLONE_NEWNET affects only the calling thread.
+    let result = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(
+        result,
+        0,
+        "unshare(CLONE_NEWNET) failed (this needs root or CAP_SYS_ADMIN): {}",
+        std::io::Error::last_os_error()
+    );
+    for args in [
+        "link set lo up".to_owned(),
+        format!("addr add {KUBERNETES_SERVICE_IP}/32 dev lo"),
+        // (No dummy devices in every kernel: the node's address is on loopback too; it is
+        // not a loopback address, which is what the kubelet asks of a node IP.)
+        format!("addr add {NODE_IP}/32 dev lo"),
+    ] {
+        run_ok(Command::new("ip").args(args.split_whitespace()));
+    }
+}
+
+/// The images `testbed/images/build` packs (regmirror, regmirror-agent, pause): tag → image.
+#[derive(Debug, Clone)]
+pub struct BuiltImages {
+    /// `target/images`.
+    pub dir: PathBuf,
+    pub images: BTreeMap<String, BuiltImage>,
+}
+
+/// One image of [`BuiltImages`].
+#[derive(Debug, Clone)]
+pub struct BuiltImage {
+    /// The name the docker-archive carries, e.g. `ghcr.io/regmirror/regmirror:0.1.0`.
+    pub reference: String,
+    /// A docker-archive of it.
+    pub archive: PathBuf,
+}
+
+impl BuiltImages {
+    /// Runs `testbed/images/build` (a no-op when nothing changed) and reads its listing;
+    /// `$REGMIRROR_IMAGES_DIR`, when set, is taken as its output as it is (no build).
+    pub fn build() -> BuiltImages {
+        if let Some(dir) = std::env::var_os("REGMIRROR_IMAGES_DIR") {
+            return Self::read(PathBuf::from(dir));
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/build");
+        let output = Command::new("bash")
+            .arg(&script)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
+        assert!(
+            output.status.success(),
+            "{} failed ({}); its log is above",
+            script.display(),
+            output.status
+        );
+        Self::read(PathBuf::from(
+            String::from_utf8(output.stdout).unwrap().trim(),
+        ))
+    }
+
+    fn read(dir: PathBuf) -> BuiltImages {
+        let listing = std::fs::read_to_string(dir.join("images.txt"))
+            .unwrap_or_else(|e| panic!("read {}/images.txt: {e}", dir.display()));
+        let images = listing
+            .lines()
+            .map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                assert_eq!(fields.len(), 3, "images.txt line {line:?}");
+                (
+                    fields[0].to_owned(),
+                    BuiltImage {
+                        reference: fields[1].into(),
+                        archive: fields[2].into(),
+                    },
+                )
+            })
+            .collect();
+        BuiltImages { dir, images }
+    }
+
+    pub fn get(&self, tag: &str) -> &BuiltImage {
+        self.images
+            .get(tag)
+            .unwrap_or_else(|| panic!("no image {tag} in {}", self.dir.display()))
+    }
+}
+
+/// A node's settings.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// The Node's name.
+    pub name: String,
+    /// Extra lines for containerd's `config.toml` (appended).
+    pub containerd_config: String,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            name: "node-1".into(),
+            containerd_config: String::new(),
+        }
+    }
+}
+
+/// A process of the node.
+struct Daemon {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+/// kube-scheduler and a kubelet with its containerd; stopped and cleaned up when dropped.
+pub struct Node {
+    name: String,
+    dir: Option<tempfile::TempDir>,
+    dir_path: PathBuf,
+    daemons: Vec<Daemon>,
+    holder: Option<(Child, ChildStdin)>,
+    cgroup_root: String,
+    sysctls: Vec<(String, String)>,
+    socket: PathBuf,
+    kubectl: Command,
+    kubelet_port: u16,
+}
+
+impl Node {
+    /// Starts kube-scheduler, containerd and a kubelet for `plane`, with the test-built pause
+    /// image, and waits until the Node is Ready. The calling thread must be in the private
+    /// network namespace the control plane started in ([`enter_private_network`]).
+    pub fn start(plane: &ControlPlane, images: &BuiltImages, options: &NodeOptions) -> Node {
+        for tool in ["containerd", "ctr", "runc", "nsenter", "unshare", "openssl"] {
+            require_tool(tool);
+        }
+        assert!(
+            Path::new("/usr/lib/cni/bridge").is_file(),
+            "the CNI plugins are not installed in /usr/lib/cni: run `bash scripts/test` (it installs containernetworking-plugins)"
+        );
+        assert!(
+            Path::new("/etc/containerd").is_dir(),
+            "/etc/containerd is missing (the node's own is bind-mounted on it): install containerd (`bash scripts/test`)"
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("regmirror-node-")
+            .tempdir()
+            .expect("create the node directory");
+        let dir_path = dir.path().to_owned();
+        let bin = ControlPlane::binaries();
+        for name in ["kubelet", "kube-scheduler"] {
+            assert!(
+                bin.join(name).is_file(),
+                "{} is not built: testbed/kube/build builds it",
+                bin.join(name).display()
+            );
+        }
+        let cgroup_root = format!("/regmirror-{}-{}", options.name, std::process::id());
+        let sysctls = KUBELET_SYSCTLS
+            .iter()
+            .map(|key| {
+                let value = std::fs::read_to_string(Path::new("/proc/sys").join(key))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned();
+                (key.to_string(), value)
+            })
+            .collect();
+        let mut node = Node {
+            name: options.name.clone(),
+            dir: Some(dir),
+            dir_path: dir_path.clone(),
+            daemons: Vec::new(),
+            holder: None,
+            cgroup_root: cgroup_root.clone(),
+            sysctls,
+            socket: dir_path.join("containerd/containerd.sock"),
+            kubectl: plane.kubectl(),
+            kubelet_port: free_port(),
+        };
+        node.start_in(plane, &bin, images, options);
+        node
+    }
+
+    fn start_in(
+        &mut self,
+        plane: &ControlPlane,
+        bin: &Path,
+        images: &BuiltImages,
+        options: &NodeOptions,
+    ) {
+        let dir = self.dir_path.clone();
+        let root = self.host_root();
+        for sub in [
+            "etc/containerd/certs.d",
+            "var/lib/regmirror",
+            "etc/rancher",
+            "cni/net.d",
+            "cni/ipam",
+            "containerd",
+            "kubelet",
+            "pod-logs",
+            "pki",
+        ] {
+            let path = if sub.starts_with("etc") || sub.starts_with("var") {
+                root.join(sub)
+            } else {
+                dir.join(sub)
+            };
+            std::fs::create_dir_all(path).unwrap();
+        }
+        self.make_cgroups();
+
+        // PKI: the kubelet's and the scheduler's client certificates from the cluster CA.
+        let pki = dir.join("pki");
+        let ca = plane.dir().join("pki");
+        client_certificate(
+            &ca,
+            &pki,
+            "kubelet",
+            &format!("/O=system:nodes/CN=system:node:{}", self.name),
+        );
+        client_certificate(&ca, &pki, "scheduler", "/CN=system:kube-scheduler");
+        std::fs::write(
+            dir.join("kubelet.kubeconfig"),
+            kubeconfig(plane, &pki, "kubelet"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("scheduler.kubeconfig"),
+            kubeconfig(plane, &pki, "scheduler"),
+        )
+        .unwrap();
+
+        // The watchdog and mount namespace holder: leader of the node's process group. It
+        // bind-mounts the node's /etc/containerd, says "ready", waits for its stdin to close
+        // (this process dropping the node, or dying) and then kills the containers (by the
+        // node's cgroups), the shims (their command lines name the node's directory), and the
+        // group.
+        let script = r#"
+set -e
+mount --bind "$NODE_ROOT/etc/containerd" /etc/containerd
+echo ready
+set +e
+read -r _
+for procs in $(find "/sys/fs/cgroup/pids$CGROUP_ROOT" -name cgroup.procs 2>/dev/null); do
+  for pid in $(cat "$procs"); do kill -KILL "$pid" 2>/dev/null; done
+done
+for p in /proc/[0-9]*; do
+  if grep -qsF -- "$NODE_DIR/containerd/" "$p/cmdline"; then kill -KILL "${p#/proc/}" 2>/dev/null; fi
+done
+kill -KILL 0
+"#;
+        let mut holder = Command::new("unshare")
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                script,
+            ])
+            .env("NODE_ROOT", &root)
+            .env("NODE_DIR", &dir)
+            .env("CGROUP_ROOT", &self.cgroup_root)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .process_group(0)
+            .spawn()
+            .expect("start the node's mount namespace (unshare)");
+        let stdin = holder.stdin.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(holder.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(
+            line.trim(),
+            "ready",
+            "the node's mount namespace did not start"
+        );
+        let holder_pid = holder.id();
+        self.holder = Some((holder, stdin));
+
+        // containerd, as a node's: /etc/containerd/config.toml (the bind mount).
+        let pause = images.get("pause");
+        let config = format!(
+            r#"version = 2
+root = "{dir}/containerd/root"
+state = "{dir}/containerd/state"
+[grpc]
+  address = "{socket}"
+[ttrpc]
+  address = "{socket}.ttrpc"
+[debug]
+  address = "{dir}/containerd/debug.sock"
+[metrics]
+  address = ""
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{pause}"
+  netns_mounts_under_state_dir = true
+  enable_selinux = false
+  # A score below containerd's own needs CAP_SYS_RESOURCE, which a machine (or a CI
+  # container) may not grant: the sandboxes' -998 would fail in runc.
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{dir}/cni/net.d"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "/etc/containerd/certs.d"
+{extra}"#,
+            dir = dir.display(),
+            socket = self.socket.display(),
+            pause = pause.reference,
+            extra = options.containerd_config,
+        );
+        std::fs::write(root.join("etc/containerd/config.toml"), config).unwrap();
+        std::fs::write(
+            dir.join("cni/net.d/10-regmirror.conflist"),
+            serde_json::json!({
+                "cniVersion": "0.4.0",
+                "name": "regmirror-node",
+                "plugins": [{
+                    "type": "bridge",
+                    "bridge": BRIDGE,
+                    "isGateway": true,
+                    "ipMasq": false,
+                    "hairpinMode": true,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": POD_CIDR}]],
+                        "routes": [{"dst": "0.0.0.0/0"}],
+                        "dataDir": dir.join("cni/ipam"),
+                    },
+                }],
+            })
+            .to_string(),
+        )
+        .unwrap();
+        self.spawn_in_namespace("containerd", holder_pid, Command::new("containerd"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.socket.exists() {
+            self.check_running();
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not create its socket"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        run_ok(self.ctr().args(["images", "import"]).arg(&pause.archive));
+
+        // kube-scheduler.
+        let mut scheduler = Command::new(bin.join("kube-scheduler"));
+        scheduler.args([
+            format!(
+                "--kubeconfig={}",
+                dir.join("scheduler.kubeconfig").display()
+            ),
+            format!(
+                "--authentication-kubeconfig={}",
+                dir.join("scheduler.kubeconfig").display()
+            ),
+            format!(
+                "--authorization-kubeconfig={}",
+                dir.join("scheduler.kubeconfig").display()
+            ),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={}", free_port()),
+            "--leader-elect=false".into(),
+        ]);
+        self.spawn("kube-scheduler", holder_pid, scheduler);
+
+        // The kubelet.
+        std::fs::write(dir.join("resolv.conf"), "nameserver 127.0.0.1\n").unwrap();
+        let kubelet_config = format!(
+            r#"apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+failCgroupV1: false
+cgroupDriver: cgroupfs
+cgroupRoot: {cgroup_root}
+address: {NODE_IP}
+port: {port}
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: 0
+authentication:
+  anonymous: {{enabled: false}}
+  webhook: {{enabled: true}}
+  x509: {{clientCAFile: {ca}}}
+authorization:
+  mode: Webhook
+containerRuntimeEndpoint: unix://{socket}
+imageServiceEndpoint: unix://{socket}
+resolvConf: {dir}/resolv.conf
+podLogsDir: {dir}/pod-logs
+podCIDR: {POD_CIDR}
+failSwapOn: false
+protectKernelDefaults: false
+serializeImagePulls: false
+maxPods: 30
+syncFrequency: 10s
+nodeStatusUpdateFrequency: 5s
+fileCheckFrequency: 20s
+evictionHard:
+  memory.available: "1Mi"
+  nodefs.available: "1%"
+  nodefs.inodesFree: "1%"
+  imagefs.available: "1%"
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+imageMinimumGCAge: 24h
+localStorageCapacityIsolation: true
+"#,
+            cgroup_root = self.cgroup_root,
+            port = self.kubelet_port,
+            ca = ca.join("ca.crt").display(),
+            socket = self.socket.display(),
+            dir = dir.display(),
+        );
+        std::fs::write(dir.join("kubelet.yaml"), kubelet_config).unwrap();
+        let mut kubelet = Command::new(bin.join("kubelet"));
+        kubelet.args([
+            format!("--config={}", dir.join("kubelet.yaml").display()),
+            format!("--kubeconfig={}", dir.join("kubelet.kubeconfig").display()),
+            format!("--root-dir={}", dir.join("kubelet").display()),
+            format!("--hostname-override={}", self.name),
+            format!("--node-ip={NODE_IP}"),
+            "--v=2".into(),
+        ]);
+        self.spawn_in_namespace("kubelet", holder_pid, kubelet);
+        self.wait_ready(Duration::from_secs(120));
+    }
+
+    /// The node's host root: the chart's `agent.hostRoot` for this node (`<root>/etc/containerd`
+    /// is the node's /etc/containerd).
+    pub fn host_root(&self) -> PathBuf {
+        self.dir_path.join("root")
+    }
+
+    /// The node's directory (logs: `containerd.log`, `kubelet.log`, `kube-scheduler.log`).
+    pub fn dir(&self) -> &Path {
+        &self.dir_path
+    }
+
+    /// The Node's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The node's containerd socket.
+    pub fn containerd_socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// `ctr` against the node's containerd, in the CRI's namespace `k8s.io`.
+    pub fn ctr(&self) -> Command {
+        let mut ctr = Command::new("ctr");
+        ctr.arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", "k8s.io"]);
+        ctr
+    }
+
+    /// Imports a docker-archive into the node's containerd (the CRI's namespace), as if pulled.
+    pub fn import(&self, archive: &Path) {
+        run_ok(self.ctr().args(["images", "import"]).arg(archive));
+    }
+
+    /// The process id of the node's containerd.
+    pub fn containerd_pid(&self) -> u32 {
+        self.daemons
+            .iter()
+            .find(|d| d.name == "containerd")
+            .map(|d| d.child.id())
+            .expect("containerd runs")
+    }
+
+    /// The process ids of containerd, the kubelet and the scheduler (and the watchdog).
+    pub fn pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self.daemons.iter().map(|d| d.child.id()).collect();
+        pids.extend(self.holder.as_ref().map(|(holder, _)| holder.id()));
+        pids
+    }
+
+    /// The node's cgroup root (the kubelet's `cgroupRoot`), e.g. `/regmirror-node-1-123`.
+    pub fn cgroup_root(&self) -> &str {
+        &self.cgroup_root
+    }
+
+    /// Fails with the end of its log if a process of the node has exited.
+    pub fn check_running(&mut self) {
+        for daemon in &mut self.daemons {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!(
+                    "{} of node {} exited with {status}; the end of {}:\n{}",
+                    daemon.name,
+                    self.name,
+                    daemon.log.display(),
+                    log_tail(&daemon.log)
+                );
+            }
+        }
+    }
+
+    /// Waits until the Node's Ready condition is True.
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_running();
+            let output = run(self.kubectl_command().args([
+                "get",
+                "node",
+                &self.name,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+            ]));
+            if String::from_utf8_lossy(&output.stdout).trim() == "True" {
+                return;
+            }
+            if Instant::now() > deadline {
+                let kubelet = self.dir_path.join("kubelet.log");
+                panic!(
+                    "node {} not Ready within {timeout:?} ({}); the end of {}:\n{}",
+                    self.name,
+                    String::from_utf8_lossy(&output.stderr),
+                    kubelet.display(),
+                    log_tail(&kubelet)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn kubectl_command(&self) -> Command {
+        let mut command = Command::new(self.kubectl.get_program());
+        for (key, value) in self.kubectl.get_envs() {
+            if let Some(value) = value {
+                command.env(key, value);
+            }
+        }
+        command
+    }
+
+    fn spawn(&mut self, name: &'static str, group: u32, mut command: Command) {
+        let log = self.dir_path.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("create a log file");
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .process_group(group as i32)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        self.daemons.push(Daemon { name, child, log });
+    }
+
+    /// Runs `program` in the node's mount namespace (nsenter execs it: the pid is its own).
+    fn spawn_in_namespace(&mut self, name: &'static str, holder: u32, program: Command) {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--target={holder}"))
+            .arg("--mount")
+            .arg("--")
+            .arg(program.get_program())
+            .args(program.get_args());
+        self.spawn(name, holder, command);
+    }
+
+    /// The v1 hierarchies the kubelet uses, each with the node's cgroup root in it.
+    fn cgroup_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = Vec::new();
+        for entry in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten() {
+            let path = entry.unwrap().path();
+            if path.file_name().is_some_and(|n| n == "unified") {
+                continue;
+            }
+            if path.join("cgroup.procs").is_file() {
+                dirs.push(path.join(self.cgroup_root.trim_start_matches('/')));
+            }
+        }
+        dirs
+    }
+
+    fn make_cgroups(&self) {
+        for dir in self.cgroup_dirs() {
+            std::fs::create_dir_all(&dir)
+                .unwrap_or_else(|e| panic!("create cgroup {}: {e}", dir.display()));
+            // A new cpuset has no CPUs or memory nodes until given its parent's.
+            for file in ["cpuset.cpus", "cpuset.mems"] {
+                let parent = dir.parent().unwrap().join(file);
+                if parent.is_file() {
+                    let value = std::fs::read_to_string(&parent).unwrap();
+                    std::fs::write(dir.join(file), value.trim()).unwrap();
+                }
+            }
+        }
+    }
+
+    /// Kills every process of the node: the kubelet and the scheduler, then what runs in the
+    /// node's cgroups (containers), the shims, containerd, and the watchdog.
+    fn kill_all(&mut self) {
+        for name in ["kubelet", "kube-scheduler"] {
+            if let Some(daemon) = self.daemons.iter_mut().find(|d| d.name == name) {
+                let _ = daemon.child.kill();
+                let _ = daemon.child.wait();
+            }
+        }
+        for _ in 0..3 {
+            for dir in self.cgroup_dirs() {
+                for pid in cgroup_pids(&dir) {
+                    kill(pid);
+                }
+            }
+            for pid in pids_naming(&self.dir_path.join("containerd/")) {
+                kill(pid);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for daemon in &mut self.daemons {
+            let _ = daemon.child.kill();
+            let _ = daemon.child.wait();
+        }
+        self.daemons.clear();
+        if let Some((mut holder, stdin)) = self.holder.take() {
+            drop(stdin);
+            let _ = holder.kill();
+            let _ = holder.wait();
+        }
+        for pid in pids_naming(&self.dir_path.join("containerd/")) {
+            kill(pid);
+        }
+    }
+
+    /// Removes the node's cgroups, deepest first (retrying while killed processes go).
+    fn remove_cgroups(&self) -> Vec<String> {
+        let mut left = Vec::new();
+        for dir in self.cgroup_dirs() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let mut all: Vec<PathBuf> = Vec::new();
+                collect_dirs(&dir, &mut all);
+                all.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+                for cgroup in &all {
+                    let _ = std::fs::remove_dir(cgroup);
+                }
+                if !dir.exists() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    left.push(dir.display().to_string());
+                    break;
+                }
+                for pid in cgroup_pids(&dir) {
+                    kill(pid);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        left
+    }
+
+    fn restore_sysctls(&self) {
+        for (key, value) in &self.sysctls {
+            let path = Path::new("/proc/sys").join(key);
+            if !value.is_empty()
+                && std::fs::read_to_string(&path)
+                    .map(|v| v.trim().to_owned())
+                    .ok()
+                    .as_deref()
+                    != Some(value.as_str())
+            {
+                let _ = std::fs::write(&path, value);
+            }
+        }
+    }
+
+    /// Stops the node now (as dropping does) and says what could not be cleaned up: cgroups
+    /// left, processes left, mounts of the node's directory left in this mount namespace.
+    pub fn stop(mut self) -> Vec<String> {
+        self.cleanup()
+    }
+
+    fn cleanup(&mut self) -> Vec<String> {
+        if self.dir.is_none() && self.daemons.is_empty() && self.holder.is_none() {
+            return Vec::new();
+        }
+        self.kill_all();
+        let mut problems: Vec<String> = self
+            .remove_cgroups()
+            .into_iter()
+            .map(|dir| format!("cgroup {dir} is left"))
+            .collect();
+        self.restore_sysctls();
+        let _ = run(Command::new("ip").args(["link", "del", BRIDGE]));
+        for pid in pids_naming(&self.dir_path) {
+            problems.push(format!("process {pid} is left"));
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let prefix = self.dir_path.display().to_string();
+        for line in mounts.lines().filter(|l| l.contains(&prefix)) {
+            problems.push(format!("mount left: {line}"));
+        }
+        if let Some(dir) = self.dir.take() {
+            if std::thread::panicking() {
+                eprintln!("node files kept in {}", dir.keep().display());
+            } else if problems.is_empty() {
+                let _ = dir.close();
+            } else {
+                let _ = dir.keep();
+            }
+        }
+        problems
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let problems = self.cleanup();
+        if !problems.is_empty() {
+            eprintln!("node {} left behind:\n{}", self.name, problems.join("\n"));
+        }
+    }
+}
+
+fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
+    if !dir.is_dir() {
+        return;
+    }
+    out.push(dir.to_owned());
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            collect_dirs(&entry.path(), out);
+        }
+    }
+}
+
+/// Every process in a cgroup or below it.
+fn cgroup_pids(dir: &Path) -> Vec<i32> {
+    let mut all = Vec::new();
+    collect_dirs(dir, &mut all);
+    all.iter()
+        .flat_map(|cgroup| {
+            std::fs::read_to_string(cgroup.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
+}
+
+/// The processes whose command line contains `path` (the node's own directory, which nothing
+/// else names).
+fn pids_naming(path: &Path) -> Vec<i32> {
+    let needle = path.display().to_string();
+    let own = std::process::id() as i32;
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != own)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|cmdline| {
+                    String::from_utf8_lossy(&cmdline)
+                        .replace('\0', " ")
+                        .contains(&needle)
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+fn kill(pid: i32) {
+    // SAFETY: kill(2) on a process id of the node's own.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+}
+
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// `<name>.crt`/`<name>.key` in `out`, a client certificate for `subject` from the cluster CA
+/// in `ca_dir`.
+pub fn client_certificate(ca_dir: &Path, out: &Path, name: &str, subject: &str) {
+    std::fs::create_dir_all(out).unwrap();
+    let ext = out.join(format!("{name}.ext"));
+    std::fs::write(
+        &ext,
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    run_ok(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+            ])
+            .args(["-subj", subject])
+            .arg("-keyout")
+            .arg(out.join(format!("{name}.key")))
+            .arg("-out")
+            .arg(out.join(format!("{name}.csr"))),
+    );
+    run_ok(
+        Command::new("openssl")
+            .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+            .arg("-in")
+            .arg(out.join(format!("{name}.csr")))
+            .arg("-CA")
+            .arg(ca_dir.join("ca.crt"))
+            .arg("-CAkey")
+            .arg(ca_dir.join("ca.key"))
+            .arg("-CAserial")
+            .arg(out.join("ca.srl"))
+            .arg("-extfile")
+            .arg(&ext)
+            .arg("-out")
+            .arg(out.join(format!("{name}.crt"))),
+    );
+}
+
+fn kubeconfig(plane: &ControlPlane, pki: &Path, name: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+  - name: regmirror-test
+    cluster:
+      server: {server}
+      certificate-authority: {ca}
+users:
+  - name: {name}
+    user:
+      client-certificate: {cert}
+      client-key: {key}
+contexts:
+  - name: regmirror-test
+    context: {{cluster: regmirror-test, user: {name}}}
+current-context: regmirror-test
+",
+        server = plane.server(),
+        ca = plane.dir().join("pki/ca.crt").display(),
+        cert = pki.join(format!("{name}.crt")).display(),
+        key = pki.join(format!("{name}.key")).display(),
+    )
+}
