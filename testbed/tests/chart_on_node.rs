@@ -1,0 +1,233 @@
+//! The chart on a real node (issue 11 item 3): `helm install charts/regmirror` on the testbed
+//! control plane with a kubelet (testbed::node), the test-built images in the node's containerd.
+//! The operator Deployment becomes Available with a leader, the agent DaemonSet's pod Running
+//! and Ready on the node, and `/readyz` and `/metrics` answer on the pods' addresses.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use regmirror_testbed::{
+    enter_private_network, BuiltImages, ControlPlane, ControlPlaneOptions, Node, NodeOptions,
+};
+
+const NAMESPACE: &str = "regmirror-system";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .into()
+}
+
+fn output(command: &mut Command) -> String {
+    let out = command.output().expect("run a command");
+    assert!(
+        out.status.success(),
+        "{command:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<String>) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Helm from target/tools/bin (installed by `scripts/chart-checks --tools-only` if missing).
+fn helm(plane: &ControlPlane) -> Command {
+    let helm = repo().join("target/tools/bin/helm");
+    if !helm.is_file() {
+        output(
+            Command::new("bash")
+                .arg(repo().join("scripts/chart-checks"))
+                .arg("--tools-only"),
+        );
+    }
+    let mut command = Command::new(helm);
+    command
+        .env("KUBECONFIG", plane.kubeconfig_path())
+        .env("HELM_CACHE_HOME", plane.dir().join("helm/cache"))
+        .env("HELM_CONFIG_HOME", plane.dir().join("helm/config"))
+        .env("HELM_DATA_HOME", plane.dir().join("helm/data"))
+        .current_dir(repo());
+    command
+}
+
+/// An HTTP GET from this network namespace (the node's), e.g. to a pod's address.
+fn get(url: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-m", "5", "-w", "\n%{http_code}", url])
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+#[test]
+fn the_chart_runs_on_a_real_node() {
+    enter_private_network();
+    let images = BuiltImages::build();
+    let plane = ControlPlane::start_with_options(&ControlPlaneOptions {
+        apiserver_args: vec!["--bind-address=0.0.0.0".into()],
+        ..ControlPlaneOptions::default()
+    });
+    let node = Node::start(&plane, &images, &NodeOptions::default());
+    // The release images, as a node that pulled them has them (imagePullPolicy IfNotPresent).
+    for tag in ["regmirror", "regmirror-agent"] {
+        node.import(&images.get(tag).archive);
+    }
+    let kubectl = |args: &[&str]| output(plane.kubectl().args(args));
+    let api_port = plane.server().rsplit(':').next().unwrap().to_owned();
+
+    kubectl(&["create", "namespace", NAMESPACE]);
+    kubectl(&[
+        "label",
+        "namespace",
+        NAMESPACE,
+        "pod-security.kubernetes.io/enforce=privileged",
+    ]);
+    let (repository, tag) = images.get("regmirror").reference.rsplit_once(':').unwrap();
+    let (agent_repository, agent_tag) = images
+        .get("regmirror-agent")
+        .reference
+        .rsplit_once(':')
+        .unwrap();
+    let host_root = node.host_root();
+    // Pods reach the API server at the kubernetes ClusterIP (on the node's loopback) but on the
+    // API server's own port, as there is no kube-proxy to map 443 to it.
+    let port_env = format!("[{{\"name\":\"KUBERNETES_SERVICE_PORT\",\"value\":\"{api_port}\"}}]");
+    let install = output(helm(&plane).args([
+        "install",
+        "regmirror",
+        "charts/regmirror",
+        "-n",
+        NAMESPACE,
+        "--set",
+        &format!("operator.image.repository={repository}"),
+        "--set",
+        &format!("operator.image.tag={tag}"),
+        "--set",
+        &format!("agent.image.repository={agent_repository}"),
+        "--set",
+        &format!("agent.image.tag={agent_tag}"),
+        "--set",
+        &format!("agent.hostRoot={}", host_root.display()),
+        // The mirrors are on the node's loopback, which the agent's pod network does not reach.
+        "--set",
+        "agent.verifyEndpoints=false",
+        "--set-json",
+        &format!("operator.extraEnv={port_env}"),
+        "--set-json",
+        &format!("agent.extraEnv={port_env}"),
+        "--wait",
+        "--timeout",
+        "180s",
+    ]));
+    assert!(install.contains("STATUS: deployed"), "{install}");
+
+    // The operator Deployment Available, a leader elected.
+    let available = kubectl(&[
+        "get",
+        "deployment",
+        "regmirror-operator",
+        "-n",
+        NAMESPACE,
+        "-o",
+        "jsonpath={.status.conditions[?(@.type==\"Available\")].status} {.status.readyReplicas}",
+    ]);
+    assert!(available.starts_with("True "), "operator: {available}");
+    let leases = wait_for("a leader Lease", Duration::from_secs(60), || {
+        let leases = kubectl(&[
+            "get",
+            "lease",
+            "-n",
+            NAMESPACE,
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}={.spec.holderIdentity}{\"\\n\"}{end}",
+        ]);
+        leases
+            .lines()
+            .any(|l| l.contains("regmirror-operator-"))
+            .then_some(leases)
+    });
+    let operator_pods = kubectl(&[
+        "get",
+        "pods",
+        "-n",
+        NAMESPACE,
+        "-l",
+        "app.kubernetes.io/component=operator",
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name} {.status.podIP} {.status.phase}{\"\\n\"}{end}",
+    ]);
+    assert!(
+        operator_pods
+            .lines()
+            .any(|l| leases.contains(l.split_whitespace().next().unwrap())),
+        "the leader is one of the operator pods: {leases} / {operator_pods}"
+    );
+
+    // The agent pod Running and Ready on the node.
+    let agent = wait_for("the agent pod Ready", Duration::from_secs(120), || {
+        let agent = kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            NAMESPACE,
+            "-l",
+            "app.kubernetes.io/component=agent",
+            "-o",
+            "jsonpath={range .items[*]}{.spec.nodeName} {.status.podIP} {.status.phase} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
+        ]);
+        agent.contains(" Running True").then_some(agent)
+    });
+    let fields: Vec<&str> = agent.split_whitespace().collect();
+    assert_eq!(fields[0], "node-1", "{agent}");
+    let agent_ip = fields[1].to_owned();
+
+    // /readyz and /metrics through the pods.
+    let (code, body) = get(&format!("http://{agent_ip}:8081/readyz"));
+    assert_eq!(code, 200, "agent /readyz: {body}");
+    let (code, body) = get(&format!("http://{agent_ip}:8081/metrics"));
+    assert_eq!(code, 200, "agent /metrics: {body}");
+    assert!(body.contains("regmirror"), "agent metrics: {body}");
+    for line in operator_pods.lines() {
+        let ip = line.split_whitespace().nth(1).unwrap();
+        let (code, body) = get(&format!("http://{ip}:8080/readyz"));
+        assert_eq!(code, 200, "operator {line} /readyz: {body}");
+        let (code, body) = get(&format!("http://{ip}:8080/metrics"));
+        assert_eq!(code, 200, "operator {line} /metrics: {body}");
+        assert!(body.contains("regmirror"), "operator metrics: {body}");
+    }
+    // The agent found the node's containerd (its /etc/containerd/config.toml).
+    let state = wait_for(
+        "the node's regmirror state",
+        Duration::from_secs(60),
+        || {
+            let annotations = kubectl(&[
+                "get",
+                "node",
+                "node-1",
+                "-o",
+                "jsonpath={.metadata.annotations}",
+            ]);
+            annotations
+                .contains("regmirror.io/flavor")
+                .then_some(annotations)
+        },
+    );
+    assert!(state.contains("containerd"), "node annotations: {state}");
+
+    let problems = node.stop();
+    assert!(problems.is_empty(), "left behind: {problems:#?}");
+}
