@@ -8,7 +8,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use regmirror_testbed::{
-    enter_private_network, BuiltImages, ControlPlane, ControlPlaneOptions, Node, NodeOptions,
+    enter_private_network, push, BuiltImages, ControlPlane, ControlPlaneOptions, Node, NodeOptions,
+    Pki, Registry, RegistryOptions,
 };
 
 const NAMESPACE: &str = "regmirror-system";
@@ -227,6 +228,133 @@ fn the_chart_runs_on_a_real_node() {
         },
     );
     assert!(state.contains("containerd"), "node annotations: {state}");
+
+    // The whole loop (item 4): an image only behind a TLS + basic-auth registry on loopback.
+    let work = node.dir().join("loop");
+    let pki = Pki::create(&work.join("pki"));
+    let options = |password: &str| RegistryOptions {
+        tls: true,
+        basic_auth: Some(("puller".into(), password.into())),
+        client_certs: false,
+    };
+    let registry = Registry::start(&work.join("registry"), &pki, options("first"));
+    let port = registry.port;
+    push(
+        &images.dir.join("oci"),
+        "pause",
+        &registry,
+        "mirrored/pause",
+        &pki.dir,
+        &work,
+    );
+    let host = registry.host();
+    let image = format!("{host}/mirrored/pause:pause");
+    let hosts_toml = host_root.join(format!("etc/containerd/certs.d/{host}/hosts.toml"));
+    let apply = |yaml: String| {
+        let file = work.join("apply.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        kubectl(&["apply", "-f", file.to_str().unwrap()]);
+    };
+    let secret = |password: &str| {
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: mirror-pull\n  namespace: {NAMESPACE}\n  annotations: {{regmirror.io/allowed-hosts: \"{host}\"}}\ntype: kubernetes.io/basic-auth\nstringData: {{username: puller, password: {password}}}\n"
+        )
+    };
+    apply(secret("first"));
+    let ca: String = pki
+        .pem("ca.crt")
+        .lines()
+        .map(|l| format!("    {l}\n"))
+        .collect();
+    apply(format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: registry-ca\n  namespace: {NAMESPACE}\ndata:\n  ca.crt: |\n{ca}"
+    ));
+    apply(format!(
+        "apiVersion: regmirror.io/v1alpha1\nkind: RegistryMirror\nmetadata:\n  name: loopback\nspec:\n  registry: \"{host}\"\n  endpoints:\n    - url: https://{host}\n      auth:\n        secretRef: {{name: mirror-pull}}\n      tls:\n        caRef:\n          configMapRef: {{name: registry-ca}}\n"
+    ));
+    let written = wait_for(
+        "the agent pod writing hosts.toml",
+        Duration::from_secs(120),
+        || std::fs::read_to_string(&hosts_toml).ok(),
+    );
+    assert!(written.contains(&format!("https://{host}")), "{written}");
+    let pod = |name: &str| {
+        apply(format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n    - name: c\n      image: {image}\n      imagePullPolicy: Always\n"
+        ));
+    };
+    let phase = |name: &str| {
+        kubectl(&[
+            "get",
+            "pod",
+            name,
+            "-o",
+            "jsonpath={.status.phase} {.status.containerStatuses[0].state.waiting.reason}",
+        ])
+    };
+    pod("pulled");
+    wait_for(
+        "the Pod pulled through regmirror's hosts.toml Running",
+        Duration::from_secs(90),
+        || {
+            let phase = phase("pulled");
+            phase.starts_with("Running").then_some(phase)
+        },
+    );
+
+    // Rotate the password: in the Secret and in the registry (restarted on its port).
+    drop(registry);
+    let registry = Registry::start_on(&work.join("registry"), &pki, options("second"), port);
+    apply(secret("second"));
+    wait_for(
+        "hosts.toml with the new credentials",
+        Duration::from_secs(120),
+        || {
+            let now = std::fs::read_to_string(&hosts_toml).ok()?;
+            (now != written).then_some(now)
+        },
+    );
+    pod("rotated");
+    wait_for(
+        "a Pod pulled with the rotated password Running",
+        Duration::from_secs(90),
+        || {
+            let phase = phase("rotated");
+            phase.starts_with("Running").then_some(phase)
+        },
+    );
+
+    // Delete the mirror: the files leave the node, and a new pull fails.
+    kubectl(&["delete", "registrymirror", "loopback"]);
+    wait_for("hosts.toml removed", Duration::from_secs(120), || {
+        (!hosts_toml.exists()).then_some(String::new())
+    });
+    pod("unmirrored");
+    let failed = wait_for(
+        "the pull without regmirror failing",
+        Duration::from_secs(90),
+        || {
+            let phase = phase("unmirrored");
+            (phase.contains("ErrImagePull") || phase.contains("ImagePullBackOff")).then_some(phase)
+        },
+    );
+    assert!(failed.starts_with("Pending"), "{failed}");
+
+    // helm uninstall: the chart's pods go.
+    output(helm(&plane).args([
+        "uninstall",
+        "regmirror",
+        "-n",
+        NAMESPACE,
+        "--wait",
+        "--timeout",
+        "120s",
+    ]));
+    wait_for("the chart's pods gone", Duration::from_secs(90), || {
+        let pods = kubectl(&["get", "pods", "-n", NAMESPACE, "-o", "name"]);
+        pods.trim().is_empty().then_some(pods)
+    });
+    drop(registry);
 
     let problems = node.stop();
     assert!(problems.is_empty(), "left behind: {problems:#?}");
