@@ -134,6 +134,17 @@ pub struct ApplyReport {
     pub backed_up: Vec<String>,
 }
 
+/// What [`HostFs::uninstall`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Uninstalled {
+    /// regmirror's files removed.
+    pub removed: Vec<String>,
+    /// Hand-written files put back.
+    pub restored: Vec<String>,
+    /// The agent's state directory was there and is gone.
+    pub state_removed: bool,
+}
+
 /// The last-good record: the configuration itself, with the name it was applied under beside
 /// its fields. Kept that way so an older agent (after a downgrade) still reads it as the
 /// configuration it is, and a record an older agent wrote (no name) still reads here.
@@ -527,6 +538,47 @@ impl HostFs {
         Ok(restored)
     }
 
+    /// Takes regmirror off the host, as before it came: the files of the configuration on the
+    /// host removed, the hand-written files it backed up before replacing them put back, and
+    /// its state (records, backups, the node's key) deleted. What `regmirror-agent cleanup`
+    /// runs before regmirror is uninstalled. A host without regmirror's state is left alone.
+    pub fn uninstall(&self) -> Result<Uninstalled> {
+        self.recover()?;
+        let mut done = Uninstalled::default();
+        if let Some(current) = self.current()? {
+            let nothing = RenderedConfig {
+                flavor: current.flavor.clone(),
+                files: Default::default(),
+                restart_key: String::new(),
+                parts: Default::default(),
+                probes: Default::default(),
+                credential_sources: Default::default(),
+            };
+            done.removed = self.apply(&nothing)?.removed;
+        }
+        // Every backup, also of files a configuration no longer names (mirrors deleted first).
+        let backups = Path::new(STATE_DIR).join("backup");
+        if let Some(dir) = self.open_dir(&backups, None)? {
+            let mut paths = Vec::new();
+            dir.files_below(Path::new("/"), &mut paths)?;
+            paths.retain(|p| !p.ends_with(MODE_SUFFIX) && !p.ends_with(STAGED_SUFFIX));
+            done.restored = self.restore_backups(paths.iter())?;
+        }
+        let state = Path::new(STATE_DIR);
+        if let (Some(parent), Some(name)) = (state.parent(), state.file_name()) {
+            if let Some(dir) = self.open_dir(state, None)? {
+                dir.remove_tree()?;
+                let parent = self
+                    .open_dir(parent, None)?
+                    .expect("the state directory's parent");
+                parent.remove_dir(name)?;
+                parent.sync()?;
+                done.state_removed = true;
+            }
+        }
+        Ok(done)
+    }
+
     /// Puts the last good configuration back. `None` when there is none.
     pub fn rollback(&self) -> Result<Option<ApplyReport>> {
         match self.last_good()? {
@@ -740,6 +792,63 @@ impl Dir {
 
     fn sync(&self) -> Result<()> {
         rustix::fs::fsync(&self.fd).map_err(io("fsync directory", &self.path))
+    }
+
+    /// Removes the empty directory `name`.
+    fn remove_dir(&self, name: &OsStr) -> Result<()> {
+        match rustix::fs::unlinkat(&self.fd, name, AtFlags::REMOVEDIR) {
+            Ok(()) | Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(io("remove directory", &self.path.join(name))(e)),
+        }
+    }
+
+    /// The paths of the regular files below this directory, each as `prefix` joined with its
+    /// path from here.
+    fn files_below(&self, prefix: &Path, out: &mut Vec<String>) -> Result<()> {
+        for name in self.names()? {
+            match self.kind(&name)? {
+                Some(FileType::Directory) => {
+                    if let Some(sub) = self.subdir(&name, None)? {
+                        sub.files_below(&prefix.join(&name), out)?;
+                    }
+                }
+                Some(FileType::RegularFile) => {
+                    out.push(prefix.join(&name).to_string_lossy().into_owned())
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The names of the entries of this directory.
+    fn names(&self) -> Result<Vec<OsString>> {
+        let entries = rustix::fs::Dir::read_from(&self.fd).map_err(io("list", &self.path))?;
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io("list", &self.path))?;
+            let name = OsStr::from_bytes(entry.file_name().to_bytes()).to_owned();
+            if name != "." && name != ".." {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+
+    /// Removes everything in this directory: subdirectories entered without following a link,
+    /// links removed as links.
+    fn remove_tree(&self) -> Result<()> {
+        for name in self.names()? {
+            if self.kind(&name)? == Some(FileType::Directory) {
+                if let Some(sub) = self.subdir(&name, None)? {
+                    sub.remove_tree()?;
+                }
+                self.remove_dir(&name)?;
+            } else {
+                self.remove(&name)?;
+            }
+        }
+        Ok(())
     }
 }
 

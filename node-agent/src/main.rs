@@ -1,7 +1,8 @@
 //! `regmirror-agent`: `run` is the DaemonSet's agent. The other commands are for a person on
 //! the node: `apply` reads a configuration (the `config.json` of a config Secret) and puts it
 //! onto the host through the journal; `rollback` returns to the last verified configuration;
-//! `recover` finishes or discards an apply a crash interrupted.
+//! `recover` finishes or discards an apply a crash interrupted; `cleanup` takes regmirror off
+//! the node before an uninstall; `resolve` shows where an image's pull goes.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,6 +43,9 @@ enum Command {
     Rollback,
     /// Finish or discard an interrupted apply.
     Recover,
+    /// Take regmirror off this node before it is uninstalled: its files removed, hand-written
+    /// files it replaced put back, its state (and the node's key) deleted.
+    Cleanup,
     /// Show where this node's runtime pulls an image from, by the configuration applied here:
     /// endpoints in order, the repository asked of each, credentials (Secret names) and TLS
     /// files, the registry itself last (`kubectl exec` into the node's agent pod).
@@ -211,6 +215,18 @@ fn main() {
                     "recovered"
                 } else {
                     "nothing to recover"
+                }
+            )
+        }),
+        Command::Cleanup => host.uninstall().map_err(CliError::from).map(|done| {
+            println!(
+                "removed: {}, restored: {}{}",
+                done.removed.len(),
+                done.restored.len(),
+                if done.state_removed {
+                    ", state deleted"
+                } else {
+                    ""
                 }
             )
         }),

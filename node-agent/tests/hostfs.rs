@@ -765,3 +765,79 @@ mod with_real_containerd {
         assert!(pull.ok, "after rollback: {}", pull.output);
     }
 }
+
+#[test]
+fn cleanup_leaves_the_host_as_it_was_before_regmirror() {
+    let root = tempfile::tempdir().unwrap();
+    let host = HostFs::new(root.path());
+    // A hand-written registries.yaml (0640) and someone else's hosts.toml.
+    let handwritten = root.path().join("etc/rancher/k3s/registries.yaml");
+    std::fs::create_dir_all(handwritten.parent().unwrap()).unwrap();
+    std::fs::write(&handwritten, "mirrors: {hand: written}\n").unwrap();
+    std::fs::set_permissions(&handwritten, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let users_own = root
+        .path()
+        .join("var/lib/rancher/k3s/agent/etc/containerd/certs.d/quay.io/hosts.toml");
+    std::fs::create_dir_all(users_own.parent().unwrap()).unwrap();
+    std::fs::write(&users_own, "user's own\n").unwrap();
+    host.apply(&old()).unwrap();
+    host.mark_good("old").unwrap();
+    host.apply(&new()).unwrap();
+    assert!(root.path().join("var/lib/regmirror").is_dir());
+
+    let out = Command::new(env!("CARGO_BIN_EXE_regmirror-agent"))
+        .arg("--root")
+        .arg(root.path())
+        .arg("cleanup")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("removed: {}, restored: 1, state deleted", new().files.len())
+    );
+    for path in new().files.keys().chain(old().files.keys()) {
+        if path != REGISTRIES {
+            assert_eq!(read(root.path(), path), None, "{path} is gone");
+        }
+    }
+    assert_eq!(
+        std::fs::read_to_string(&handwritten).unwrap(),
+        "mirrors: {hand: written}\n",
+        "the hand-written file is back"
+    );
+    assert_eq!(mode(root.path(), "/etc/rancher/k3s/registries.yaml"), 0o640);
+    assert_eq!(std::fs::read_to_string(&users_own).unwrap(), "user's own\n");
+    assert!(
+        !root.path().join("var/lib/regmirror").exists(),
+        "no state, backups or key left"
+    );
+
+    // A second cleanup, or one on a host regmirror never touched, does nothing.
+    assert_eq!(host.uninstall().unwrap(), Default::default());
+}
+
+#[test]
+fn cleanup_after_the_mirrors_were_deleted_still_puts_hand_written_files_back() {
+    let root = tempfile::tempdir().unwrap();
+    let host = HostFs::new(root.path());
+    let handwritten = root.path().join("etc/rancher/k3s/registries.yaml");
+    std::fs::create_dir_all(handwritten.parent().unwrap()).unwrap();
+    std::fs::write(&handwritten, "mirrors: {hand: written}\n").unwrap();
+    host.apply(&old()).unwrap();
+    // Every RegistryMirror deleted: the node runs the empty configuration.
+    host.apply(&config(&[])).unwrap();
+    assert!(!handwritten.exists());
+
+    let done = host.uninstall().unwrap();
+    assert_eq!(done.restored, [REGISTRIES]);
+    assert!(done.state_removed);
+    assert_eq!(
+        std::fs::read_to_string(&handwritten).unwrap(),
+        "mirrors: {hand: written}\n"
+    );
+}
