@@ -212,7 +212,16 @@ fn table() -> Vec<Row> {
         accepts(
             "longest-registry-and-url",
             json!({"registry": format!("{}:5000", host_of(255)),
-                "endpoints": [{"url": format!("https://mirror.example.com/{}", "p".repeat(2048 - 27))}]}),
+                "endpoints": [{"url": format!("https://mirror.example.com/v2/{}", "p".repeat(2048 - 30))}]}),
+        ),
+        accepts(
+            "endpoint-path-outside-v2",
+            url_spec("https://mirror.internal.example.com:5000/proxy/docker"),
+        )
+        .validate_refuses(
+            "cri-o cannot express an endpoint whose API root is not /v2 or under it",
+            flavors_differ,
+            Some("k3s"),
         ),
         accepts("empty-node-selector", selector(json!({}))),
         accepts(
