@@ -327,8 +327,9 @@ impl ControlPlane {
                 format!("--audit-policy-file={}", policy_file.display()),
                 format!("--audit-log-path={}", log.display()),
                 "--audit-log-format=json".into(),
-                // One file, never rotated: whoever reads it counts from an offset.
-                "--audit-log-maxsize=0".into(),
+                // One file, never rotated, so that readers can count from an offset (0 is
+                // not "never": the log rotates at lumberjack's default of 100 MB then).
+                "--audit-log-maxsize=1000000".into(),
             ]);
             plane.audit_log = Some(log);
         }

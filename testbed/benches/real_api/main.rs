@@ -11,10 +11,12 @@
 //! ```
 //!
 //! Knobs (environment): `REGMIRROR_BENCH_NODES` (5000), `REGMIRROR_BENCH_SETTLE` seconds idle
-//! for the settled phase (120), `REGMIRROR_BENCH_MAX_UNAVAILABLE` (the operator's restart
-//! budget for the first rollout, which restarts k3s on every node: "10%"),
-//! `REGMIRROR_BENCH_RESTART` seconds a simulated k3s restart takes (1),
-//! `REGMIRROR_BENCH_TIMEOUT` seconds any one phase may take (3600).
+//! for the settled phase (320: the operator's 5-minute resync falls into it),
+//! `REGMIRROR_BENCH_MAX_UNAVAILABLE` (the operator's restart budget for the first rollout,
+//! which restarts k3s on every node: "10%"), `REGMIRROR_BENCH_RESTART` seconds a simulated k3s
+//! restart takes (1), `REGMIRROR_BENCH_TIMEOUT` seconds any one phase may take (3600),
+//! `REGMIRROR_BENCH_KEEP=1` keeps the control plane's directory (logs, audit log, operator
+//! log) instead of removing it.
 //!
 //! Phases: the full rollout (the 50 mirrors applied to a cluster without any), settled (idle),
 //! a hot change of a mirror every node has (its endpoint's path), a hot change of a mirror of
@@ -98,6 +100,7 @@ struct Settings {
     max_unavailable: String,
     restart: Duration,
     timeout: Duration,
+    keep: bool,
 }
 
 impl Settings {
@@ -110,10 +113,11 @@ impl Settings {
         };
         Settings {
             nodes: number("REGMIRROR_BENCH_NODES", "5000") as usize,
-            settle: Duration::from_secs(number("REGMIRROR_BENCH_SETTLE", "120")),
+            settle: Duration::from_secs(number("REGMIRROR_BENCH_SETTLE", "320")),
             max_unavailable: var("REGMIRROR_BENCH_MAX_UNAVAILABLE", "10%"),
             restart: Duration::from_secs(number("REGMIRROR_BENCH_RESTART", "1")),
             timeout: Duration::from_secs(number("REGMIRROR_BENCH_TIMEOUT", "3600")),
+            keep: var("REGMIRROR_BENCH_KEEP", "") == "1",
         }
     }
 }
@@ -141,8 +145,13 @@ fn main() {
         .build()
         .unwrap();
     let reports = runtime.block_on(bench(&plane, &settings, &regmirror));
+    // The simulated kubelets and agents stop before the API server does.
+    runtime.shutdown_timeout(Duration::from_secs(5));
     print_summary(&settings, &reports);
-    // Dropping the plane stops it; the operator stopped with `bench`.
+    // The operator stopped with `bench`; dropping the plane stops it and removes its files.
+    if settings.keep {
+        eprintln!("bench: files kept in {}", plane.stop().display());
+    }
 }
 
 /// The release build of the operator (and agent), as
@@ -214,6 +223,7 @@ async fn bench(plane: &ControlPlane, settings: &Settings, regmirror: &Path) -> V
     })
     .await;
 
+    quiet_controller_manager(&Audit::new(plane.audit_log().unwrap())).await;
     let operator_kubeconfig = plane
         .service_account_kubeconfig(NS, "regmirror-operator", &token)
         .await;
@@ -256,6 +266,29 @@ async fn bench(plane: &ControlPlane, settings: &Settings, regmirror: &Path) -> V
         kubelets.failures.load(std::sync::atomic::Ordering::Relaxed)
     );
     reports
+}
+
+/// Waits until the controller manager is done with the new Nodes: its TTL controller
+/// annotates every Node with the cache TTL for the cluster's size (and again whenever the size
+/// crosses a boundary while the Nodes are created). In a running cluster that happened long
+/// ago; left running into the measured phases it would add thousands of Node writes.
+async fn quiet_controller_manager(audit: &Audit) {
+    let started = Instant::now();
+    let mut writes = 0;
+    loop {
+        let from = audit.offset();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let now = audit.between(from, audit.offset());
+        let recent = measure::total(&now, "controller-manager", measure::node_write);
+        if recent == 0 {
+            break;
+        }
+        writes += recent;
+    }
+    eprintln!(
+        "bench: the controller manager wrote {writes}+ Nodes after they were created; quiet after {:.0?}",
+        started.elapsed()
+    );
 }
 
 /// The CRD, the namespace, and the chart's ServiceAccounts and RBAC (not its admission
@@ -686,31 +719,51 @@ fn print_summary(settings: &Settings, reports: &[Report]) {
         "## {} nodes, {MIRRORS} mirrors, {POOLS} pools; maxUnavailable {}; simulated k3s restart {:?}",
         settings.nodes, settings.max_unavailable, settings.restart
     );
+    if let Some(first) = reports.first() {
+        println!();
+        println!(
+            "Operator before the first phase (caches filled, no mirrors): VmHWM {:.1} MiB, VmRSS {:.1} MiB",
+            mib(first.start.memory.peak_kib),
+            mib(first.start.memory.now_kib)
+        );
+    }
     println!();
-    println!("| phase | wall | apply → last node Applied | apply → mirrors Ready | operator CPU | passes (full + nodes only) | CPU per pass | passes per minute | VmHWM | VmRSS after |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| phase | wall | apply → last node Applied | apply → mirrors Ready | operator CPU | passes (full + nodes only) | operator CPU / pass | conclude + writes per pass (mean, operator's histogram) | passes per minute | Node changes watched | VmHWM | VmRSS at end |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in reports {
-        let passes = |kind: &str| {
-            let series = format!("regmirror_passes_total{{kind=\"{kind}\"}}");
-            measure::sample(&r.end.operator, &series) - measure::sample(&r.start.operator, &series)
+        let delta = |series: &str| {
+            measure::sample(&r.end.operator, series) - measure::sample(&r.start.operator, series)
         };
-        let (full, nodes_only) = (passes("full"), passes("nodes_only"));
+        let full = delta("regmirror_passes_total{kind=\"full\"}");
+        let nodes_only = delta("regmirror_passes_total{kind=\"nodes_only\"}");
+        let passes = full + nodes_only;
+        let timed = delta("regmirror_reconcile_duration_seconds_count");
+        let pass_duration = if timed > 0.0 {
+            format!(
+                "{:.2} s",
+                delta("regmirror_reconcile_duration_seconds_sum") / timed
+            )
+        } else {
+            "–".into()
+        };
         let cpu = r.end.cpu_seconds - r.start.cpu_seconds;
         let minutes = r.wall.as_secs_f64() / 60.0;
         let optional =
             |d: Option<Duration>| d.map_or("–".into(), |d| format!("{:.1} s", d.as_secs_f64()));
+        let per_pass = if passes > 0.0 {
+            format!("{:.0} ms", 1000.0 * cpu / passes)
+        } else {
+            "–".into()
+        };
         println!(
-            "| {} | {:.1} s | {} | {} | {:.2} s | {} ({} + {}) | {} | {:.1} | {:.1} MiB | {:.1} MiB |",
+            "| {} | {:.1} s | {} | {} | {:.2} s | {passes} ({full} + {nodes_only}) | {per_pass} | {pass_duration} | {:.1} | {} | {:.1} MiB | {:.1} MiB |",
             r.name,
             r.wall.as_secs_f64(),
             optional(r.last_applied),
             optional(r.mirrors_ready),
             cpu,
-            full + nodes_only,
-            full,
-            nodes_only,
-            if full + nodes_only > 0.0 { format!("{:.0} ms", 1000.0 * cpu / (full + nodes_only)) } else { "–".into() },
-            (full + nodes_only) / minutes,
+            passes / minutes,
+            measure::node_changes(&r.audit),
             mib(r.end.memory.peak_kib),
             mib(r.end.memory.now_kib),
         );

@@ -168,6 +168,11 @@ impl Audit {
     /// resource. Each request is counted once, when its response completed (a watch when it
     /// ends).
     pub fn between(&self, from: u64, to: u64) -> AuditCounts {
+        assert!(
+            from <= to,
+            "the audit log {} shrank: rotated?",
+            self.path.display()
+        );
         let mut file = std::fs::File::open(&self.path).expect("open the audit log");
         file.seek(std::io::SeekFrom::Start(from)).unwrap();
         let mut counts = AuditCounts::new();
@@ -229,6 +234,19 @@ pub fn total(counts: &AuditCounts, who: &str, keep: impl Fn(&str, &str) -> bool)
 /// Writes to Nodes themselves (annotations; not their status).
 pub fn node_write(verb: &str, resource: &str) -> bool {
     resource == "nodes" && matches!(verb, "patch" | "update")
+}
+
+/// Changes to Nodes by anyone (created, written, status posted): each is a watch event the
+/// operator receives and decodes, whether or not it matters to it.
+pub fn node_changes(counts: &AuditCounts) -> u64 {
+    counts
+        .iter()
+        .filter(|((_, verb, resource), _)| {
+            matches!(resource.as_str(), "nodes" | "nodes/status")
+                && matches!(verb.as_str(), "create" | "patch" | "update" | "delete")
+        })
+        .map(|(_, (n, failed))| n - failed)
+        .sum()
 }
 
 /// A moment of the benchmark, to measure the phase between two of them.
