@@ -2,7 +2,8 @@
 //! the node: `apply` reads a configuration (the `config.json` of a config Secret) and puts it
 //! onto the host through the journal; `rollback` returns to the last verified configuration;
 //! `recover` finishes or discards an apply a crash interrupted; `cleanup` takes regmirror off
-//! the node before an uninstall; `resolve` shows where an image's pull goes.
+//! the node before an uninstall (`cleanup --hold`: the DaemonSet's command while the chart's
+//! uninstall hook runs); `resolve` shows where an image's pull goes.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,7 +46,7 @@ enum Command {
     Recover,
     /// Take regmirror off this node before it is uninstalled: its files removed, hand-written
     /// files it replaced put back, its state (and the node's key) deleted.
-    Cleanup,
+    Cleanup(CleanupArgs),
     /// Show where this node's runtime pulls an image from, by the configuration applied here:
     /// endpoints in order, the repository asked of each, credentials (Secret names) and TLS
     /// files, the registry itself last (`kubectl exec` into the node's agent pod).
@@ -83,6 +84,17 @@ struct RunArgs {
     listen: SocketAddr,
 }
 
+#[derive(clap::Args)]
+struct CleanupArgs {
+    /// Then stay up until SIGTERM, serving /healthz, and /readyz answering 200 only once the
+    /// cleanup succeeded (what the chart's uninstall hook has the DaemonSet run).
+    #[arg(long)]
+    hold: bool,
+    /// Where /metrics, /healthz and /readyz are served with --hold.
+    #[arg(long, default_value = "0.0.0.0:8081", requires = "hold")]
+    listen: SocketAddr,
+}
+
 /// Why the agent command stopped.
 #[derive(Debug, Error)]
 enum CliError {
@@ -104,6 +116,10 @@ enum CliError {
     },
     #[error(transparent)]
     Image(#[from] regmirror_core::route::BadImage),
+    #[error(transparent)]
+    Bind(#[from] regmirror_process::endpoints::BindError),
+    #[error("cleanup failed (held until SIGTERM, not Ready): {0}")]
+    Held(#[source] HostError),
     #[error("cannot write JSON: {0}")]
     Json(#[source] serde_json::Error),
     #[error("{}: not a rendered config: {source}", path.display())]
@@ -142,6 +158,57 @@ fn run(root: PathBuf, args: RunArgs) -> Result<(), CliError> {
             .await
             .map_err(CliError::Client)?;
         Ok(watch::run(client, settings).await?)
+    })
+}
+
+fn print_cleanup(done: &regmirror_node_agent::hostfs::Uninstalled) {
+    println!(
+        "removed: {}, restored: {}{}",
+        done.removed.len(),
+        done.restored.len(),
+        if done.state_removed {
+            ", state deleted"
+        } else {
+            ""
+        }
+    )
+}
+
+/// `cleanup --hold`: cleans the host up, then serves the endpoints until SIGTERM, Ready only if
+/// the cleanup succeeded. A failed cleanup is logged and keeps the pod not Ready, so the
+/// uninstall hook waiting for every pod Ready names the DaemonSet as unfinished.
+fn cleanup_and_hold(host: &HostFs, listen: SocketAddr) -> Result<(), CliError> {
+    regmirror_process::logging::init();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::AsyncRuntime)?;
+    runtime.block_on(async {
+        let health =
+            regmirror_process::endpoints::Health::new(prometheus_client::registry::Registry::default());
+        tokio::spawn(regmirror_process::endpoints::serve(listen, health.clone()).await?);
+        let failed = match host.uninstall() {
+            Ok(done) => {
+                tracing::info!(
+                    removed = ?done.removed,
+                    restored = ?done.restored,
+                    state_deleted = done.state_removed,
+                    "regmirror is off this node; holding until SIGTERM"
+                );
+                print_cleanup(&done);
+                health.set_ready(true);
+                None
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cleanup failed; this node keeps regmirror's files, holding not Ready until SIGTERM");
+                Some(e)
+            }
+        };
+        regmirror_process::shutdown::requested().await;
+        match failed {
+            Some(e) => Err(CliError::Held(e)),
+            None => Ok(()),
+        }
     })
 }
 
@@ -218,18 +285,11 @@ fn main() {
                 }
             )
         }),
-        Command::Cleanup => host.uninstall().map_err(CliError::from).map(|done| {
-            println!(
-                "removed: {}, restored: {}{}",
-                done.removed.len(),
-                done.restored.len(),
-                if done.state_removed {
-                    ", state deleted"
-                } else {
-                    ""
-                }
-            )
-        }),
+        Command::Cleanup(args) if args.hold => cleanup_and_hold(&host, args.listen),
+        Command::Cleanup(_) => host
+            .uninstall()
+            .map_err(CliError::from)
+            .map(|done| print_cleanup(&done)),
         Command::Resolve { image, output } => resolve(&host, &image, &output),
     };
     if let Err(e) = result {

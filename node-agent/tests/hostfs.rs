@@ -841,3 +841,125 @@ fn cleanup_after_the_mirrors_were_deleted_still_puts_hand_written_files_back() {
         "mirrors: {hand: written}\n"
     );
 }
+
+/// The status code of `GET http://<addr><path>`; `None` while nothing answers.
+fn status(addr: &str, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Runs `cleanup --hold` on `root`; returns the process once /healthz answers.
+fn hold(root: &Path) -> (std::process::Child, String) {
+    let addr = format!("127.0.0.1:{}", regmirror_testbed::free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_regmirror-agent"))
+        .arg("--root")
+        .arg(root)
+        .args(["cleanup", "--hold", "--listen", &addr])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while status(&addr, "/healthz") != Some(200) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cleanup --hold serves /healthz"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    (child, addr)
+}
+
+fn terminate(child: std::process::Child) -> std::process::Output {
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn cleanup_hold_is_ready_once_the_host_is_clean_and_stays_up_until_sigterm() {
+    let root = tempfile::tempdir().unwrap();
+    let host = HostFs::new(root.path());
+    let handwritten = root.path().join("etc/rancher/k3s/registries.yaml");
+    std::fs::create_dir_all(handwritten.parent().unwrap()).unwrap();
+    std::fs::write(&handwritten, "mirrors: {hand: written}\n").unwrap();
+    std::fs::set_permissions(&handwritten, std::fs::Permissions::from_mode(0o640)).unwrap();
+    host.apply(&old()).unwrap();
+
+    let (child, addr) = hold(root.path());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while status(&addr, "/readyz") != Some(200) {
+        assert!(std::time::Instant::now() < deadline, "Ready after cleanup");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Ready means done: the host is as before regmirror.
+    assert_eq!(
+        std::fs::read_to_string(&handwritten).unwrap(),
+        "mirrors: {hand: written}\n"
+    );
+    assert_eq!(mode(root.path(), REGISTRIES), 0o640);
+    assert_eq!(read(root.path(), HOSTS), None);
+    assert_eq!(read(root.path(), CA), None);
+    assert!(!root.path().join("var/lib/regmirror").exists());
+    // It holds: still up, still Ready, a while later.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(status(&addr, "/readyz"), Some(200));
+
+    let out = terminate(child);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("removed: {}, restored: 1, state deleted", old().files.len())
+    );
+}
+
+#[test]
+fn cleanup_hold_that_fails_says_why_and_stays_not_ready() {
+    let root = tempfile::tempdir().unwrap();
+    let host = HostFs::new(root.path());
+    host.apply(&old()).unwrap();
+    // A link planted where regmirror keeps its backups: cleanup refuses to go through it.
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(
+        elsewhere.path(),
+        root.path().join("var/lib/regmirror/backup"),
+    )
+    .unwrap();
+
+    let (child, addr) = hold(root.path());
+    for _ in 0..10 {
+        assert_eq!(status(&addr, "/readyz"), Some(503), "not Ready");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(status(&addr, "/healthz"), Some(200), "alive");
+    let out = terminate(child);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cleanup failed")
+            && stderr.contains("regmirror never writes or reads through links"),
+        "{stderr}"
+    );
+    assert!(
+        root.path().join("var/lib/regmirror").is_dir(),
+        "the state stays for another try"
+    );
+}
