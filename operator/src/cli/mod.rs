@@ -8,6 +8,7 @@ pub mod plan;
 pub mod render;
 pub mod resolve;
 pub mod sync_images;
+pub mod uninstall_cleanup;
 pub mod validate;
 
 use std::path::PathBuf;
@@ -44,6 +45,9 @@ pub enum Command {
     Crdgen(crdgen::CrdgenArgs),
     /// Copy images from their registries into a RegistryMirror's endpoint (air gap).
     SyncImages(sync_images::SyncImagesArgs),
+    /// Before an uninstall (the chart's pre-delete hook): stop the operator, have every agent
+    /// take regmirror off its node, wait until all did.
+    UninstallCleanup(uninstall_cleanup::UninstallCleanupArgs),
 }
 
 /// Where the manifests are, and the namespace rules for their references.
@@ -77,12 +81,15 @@ pub fn run(cli: Cli) -> i32 {
         }
         // Progress lines and the bar are written from the runtime's threads too.
         Command::SyncImages(args) => return sync_images::main(args),
+        Command::UninstallCleanup(args) => return uninstall_cleanup::main(args),
         command => command,
     };
     let mut stdout = std::io::stdout().lock();
     let mut stderr = std::io::stderr().lock();
     let result = match command {
-        Command::Controller(_) | Command::SyncImages(_) => unreachable!("handled above"),
+        Command::Controller(_) | Command::SyncImages(_) | Command::UninstallCleanup(_) => {
+            unreachable!("handled above")
+        }
         Command::Render(args) => render::run(&args, &mut stdout, &mut stderr),
         Command::Plan(args) => plan::run(&args, &mut stdout, &mut stderr).or_else(|e| {
             use std::io::Write;

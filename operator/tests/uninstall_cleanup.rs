@@ -1,0 +1,197 @@
+//! `regmirror uninstall-cleanup` (the chart's pre-delete hook) against the strict fake API
+//! server: exactly the requests its hook Role allows, in order, and what it prints.
+
+use std::time::Duration;
+
+use regmirror::cli::uninstall_cleanup::{clean_up, Settings, UninstallCleanupError};
+use regmirror_testbed::api::status_error;
+use regmirror_testbed::fake_api::{Expect, Scenario};
+use serde_json::{json, Value};
+
+const NS: &str = "regmirror-system";
+const SCALE: &str =
+    "/apis/apps/v1/namespaces/regmirror-system/deployments/regmirror-operator/scale?";
+const DS: &str = "/apis/apps/v1/namespaces/regmirror-system/daemonsets/regmirror-agent";
+
+fn settings(timeout: Duration) -> Settings {
+    Settings {
+        namespace: NS.into(),
+        daemonset: "regmirror-agent".into(),
+        container: "agent".into(),
+        deployment: "regmirror-operator".into(),
+        timeout,
+        poll: Duration::from_millis(10),
+    }
+}
+
+fn scale(replicas: i32) -> Value {
+    json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
+           "metadata": {"name": "regmirror-operator", "namespace": NS},
+           "spec": {"replicas": replicas}})
+}
+
+/// The agent DaemonSet at `generation`, with this status.
+fn daemonset(generation: i64, observed: i64, desired: i32, updated: i32, ready: i32) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": "regmirror-agent", "namespace": NS, "generation": generation},
+        "spec": {
+            "selector": {"matchLabels": {"app.kubernetes.io/component": "agent"}},
+            "template": {"spec": {"containers": [{"name": "agent", "image": "agent"}]}},
+        },
+        "status": {
+            "observedGeneration": observed, "desiredNumberScheduled": desired,
+            "updatedNumberScheduled": updated, "numberReady": ready,
+            "currentNumberScheduled": desired, "numberMisscheduled": 0,
+        },
+    })
+}
+
+fn expected_patch() -> Value {
+    json!({"spec": {
+        "updateStrategy": {"type": "RollingUpdate",
+                           "rollingUpdate": {"maxUnavailable": "100%", "maxSurge": 0}},
+        "template": {"spec": {"containers": [{"name": "agent", "args": ["cleanup", "--hold"]}]}},
+    }})
+}
+
+fn scale_down() -> Expect {
+    Expect::patch(SCALE)
+        .content_type("application/merge-patch+json")
+        .body(json!({"spec": {"replicas": 0}}))
+        .answer(200, scale(0))
+}
+
+fn hold(generation: i64) -> Expect {
+    Expect::patch(format!("{DS}?"))
+        .content_type("application/strategic-merge-patch+json")
+        .body(expected_patch())
+        .answer(200, daemonset(generation, generation - 1, 3, 3, 3))
+}
+
+#[tokio::test]
+async fn stops_the_operator_rolls_the_agents_to_cleanup_and_waits_for_every_node() {
+    let (client, api) = Scenario::new()
+        .then(scale_down())
+        .then(hold(5))
+        // The old generation's status: not done, however Ready the old pods are.
+        .then(Expect::get(DS).answer(200, daemonset(5, 4, 3, 3, 3)))
+        .then(Expect::get(DS).answer(200, daemonset(5, 5, 3, 0, 0)))
+        .then(Expect::get(DS).answer(200, daemonset(5, 5, 3, 3, 1)))
+        .then(Expect::get(DS).answer(200, daemonset(5, 5, 3, 3, 3)))
+        .serve();
+    let mut out = Vec::new();
+    clean_up(client, &settings(Duration::from_secs(30)), &mut out)
+        .await
+        .unwrap();
+    api.finish();
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "Deployment regmirror-system/regmirror-operator scaled to 0: the operator tells no node a new configuration\n\
+         DaemonSet regmirror-system/regmirror-agent runs `regmirror-agent cleanup --hold` on every node (generation 5)\n\
+         the DaemonSet controller has not seen the change yet (generation 5 observed 4)\n\
+         0 of 3 nodes cleaned up (agent Ready), 0 of 3 agents running the cleanup\n\
+         1 of 3 nodes cleaned up (agent Ready), 3 of 3 agents running the cleanup\n\
+         3 of 3 nodes cleaned up (agent Ready), 3 of 3 agents running the cleanup\n\
+         every node is cleaned up (3 of 3): regmirror's files removed, hand-written files put back, /var/lib/regmirror deleted\n"
+    );
+}
+
+#[tokio::test]
+async fn a_node_not_cleaned_up_in_time_is_a_clear_error() {
+    let (client, api) = Scenario::new()
+        .then(scale_down())
+        .then(hold(2))
+        .background(Expect::get(DS).answer(200, daemonset(2, 2, 3, 3, 2)))
+        .serve();
+    let mut out = Vec::new();
+    let err = clean_up(client, &settings(Duration::from_millis(300)), &mut out)
+        .await
+        .unwrap_err();
+    api.finish();
+    assert!(
+        matches!(err, UninstallCleanupError::Timeout { .. }),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "the nodes were not all cleaned up within 300ms: DaemonSet regmirror-system/regmirror-agent: \
+         2 of 3 nodes cleaned up (agent Ready), 3 of 3 agents running the cleanup; a node whose agent \
+         is not Ready keeps regmirror's files, and its agent's log says why \
+         (kubectl -n regmirror-system logs -l app.kubernetes.io/component=agent)"
+    );
+    // Progress is printed once per change, not once per read.
+    let out = String::from_utf8(out).unwrap();
+    assert_eq!(out.matches("2 of 3 nodes").count(), 1, "{out}");
+}
+
+#[tokio::test]
+async fn a_forbidden_request_is_tried_again_while_the_hook_rbac_settles() {
+    let (client, api) = Scenario::new()
+        .then(Expect::patch(SCALE).answer(403, status_error(403, "Forbidden", "not yet")))
+        .then(scale_down())
+        .then(hold(3))
+        .then(Expect::get(DS).answer(200, daemonset(3, 3, 1, 1, 1)))
+        .serve();
+    let mut out = Vec::new();
+    clean_up(client, &settings(Duration::from_secs(30)), &mut out)
+        .await
+        .unwrap();
+    api.finish();
+    let out = String::from_utf8(out).unwrap();
+    assert!(
+        out.starts_with(
+            "scaling Deployment regmirror-system/regmirror-operator to 0 failed, trying again: "
+        ),
+        "{out}"
+    );
+    assert!(out.ends_with("every node is cleaned up (1 of 1): regmirror's files removed, hand-written files put back, /var/lib/regmirror deleted\n"), "{out}");
+}
+
+#[tokio::test]
+async fn a_missing_operator_is_skipped_and_a_refused_patch_fails_naming_the_daemonset() {
+    let (client, api) = Scenario::new()
+        .then(Expect::patch(SCALE).answer(404, status_error(404, "NotFound", "gone")))
+        .then(Expect::patch(format!("{DS}?")).answer(
+            422,
+            status_error(
+                422,
+                "Invalid",
+                "spec.template.spec.containers[1].image: Required value",
+            ),
+        ))
+        .serve();
+    let mut out = Vec::new();
+    let err = clean_up(client, &settings(Duration::from_secs(30)), &mut out)
+        .await
+        .unwrap_err();
+    api.finish();
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "Deployment regmirror-system/regmirror-operator not found: no operator to stop\n"
+    );
+    let message = err.to_string();
+    assert!(
+        message.starts_with("cannot patch DaemonSet regmirror-system/regmirror-agent to run `regmirror-agent cleanup --hold`: ")
+            && message.contains("Required value"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn without_a_daemonset_there_is_nothing_to_wait_for() {
+    let (client, api) = Scenario::new()
+        .then(scale_down())
+        .then(Expect::patch(format!("{DS}?")).answer(404, status_error(404, "NotFound", "gone")))
+        .serve();
+    let mut out = Vec::new();
+    clean_up(client, &settings(Duration::from_secs(30)), &mut out)
+        .await
+        .unwrap();
+    api.finish();
+    assert!(
+        String::from_utf8(out)
+            .unwrap()
+            .ends_with("DaemonSet regmirror-system/regmirror-agent not found: no agent to clean the nodes up with; the nodes keep whatever regmirror last wrote\n")
+    );
+}
