@@ -131,10 +131,10 @@ def test_operator_role_is_least_privilege(rendering):
 
 
 @pytest.mark.parametrize("rendering", RENDERINGS)
-def test_events_role_creates_and_patches_events_only(rendering):
+def test_events_role_creates_events_only(rendering):
     got = rules(find(rendering, "Role", "regmirror-events", "default"))
     assert got == sorted([
-        r(["events.k8s.io"], ["events"], ["create", "patch"]), r([""], ["events"], ["create", "patch"]),
+        r(["events.k8s.io"], ["events"], ["create"]),
     ]), f"Role default/regmirror-events rules differ: {got}"
 
 
@@ -287,3 +287,90 @@ def test_admission_policy_applies_to_the_agent_and_is_bound(rendering):
         f"admission policy does not match {AGENT_USER}"
     b = find(rendering, "ValidatingAdmissionPolicyBinding", vap[0]["metadata"]["name"])
     assert b["spec"]["policyName"] == vap[0]["metadata"]["name"], "policy binding names the policy"
+
+
+# ---------------------------------------------------------------- uninstall cleanup hook
+HOOK = "regmirror-uninstall-cleanup"
+HOOK_DELETE_POLICY = "before-hook-creation,hook-succeeded"
+
+
+def hook_objects(rendering):
+    return [d for d in docs(rendering) if d["metadata"]["name"] == HOOK]
+
+
+def with_hook(rendering):
+    try:
+        return bool(hook_objects(rendering))
+    except BaseException:  # an unreadable rendering fails in the test
+        return True
+
+
+HOOK_RENDERINGS = [r for r in RENDERINGS if r == inputs.DEFAULT or with_hook(r)]
+
+
+@pytest.mark.parametrize("rendering", HOOK_RENDERINGS)
+def test_uninstall_cleanup_hook_objects_are_pre_delete_hooks_in_order(rendering):
+    """On by default: ServiceAccount and Role, then the RoleBinding, then the Job, each a
+    pre-delete hook deleted once it succeeded (or before it is made again)."""
+    objects = {d["kind"]: d for d in hook_objects(rendering)}
+    assert sorted(objects) == ["Job", "Role", "RoleBinding", "ServiceAccount"], \
+        f"{HOOK} objects ({rendering} values): {sorted(objects)}"
+    weights = {}
+    for kind, d in objects.items():
+        a = d["metadata"].get("annotations", {})
+        assert a.get("helm.sh/hook") == "pre-delete", f"{kind} {HOOK}: helm.sh/hook {a.get('helm.sh/hook')}"
+        assert a.get("helm.sh/hook-delete-policy") == HOOK_DELETE_POLICY, \
+            f"{kind} {HOOK}: hook-delete-policy {a.get('helm.sh/hook-delete-policy')}"
+        assert d["metadata"]["namespace"] == NAMESPACE, f"{kind} {HOOK} outside {NAMESPACE}"
+        weights[kind] = int(a["helm.sh/hook-weight"])
+    assert weights["ServiceAccount"] < weights["RoleBinding"] < weights["Job"] \
+        and weights["Role"] < weights["RoleBinding"], f"{HOOK} hook weights: RBAC before the Job: {weights}"
+
+
+@pytest.mark.parametrize("rendering", HOOK_RENDERINGS)
+def test_uninstall_cleanup_role_is_least_privilege(rendering):
+    got = rules(find(rendering, "Role", HOOK, NAMESPACE))
+    assert got == sorted([
+        r(["apps"], ["daemonsets"], ["get", "patch"], ["regmirror-agent"]),
+        r(["apps"], ["deployments/scale"], ["get", "patch"], ["regmirror-operator"]),
+    ]), f"Role {NAMESPACE}/{HOOK} rules differ from the least-privilege set: {got}"
+    binding = find(rendering, "RoleBinding", HOOK, NAMESPACE)
+    assert (binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": HOOK}
+            and binding["subjects"] == [{"kind": "ServiceAccount", "name": HOOK, "namespace": NAMESPACE}]), \
+        f"RoleBinding {HOOK} must bind ServiceAccount {HOOK} to Role {HOOK}: {binding}"
+
+
+@pytest.mark.parametrize("rendering", HOOK_RENDERINGS)
+def test_uninstall_cleanup_job_runs_the_operator_image(rendering):
+    job = find(rendering, "Job", HOOK, NAMESPACE)
+    pod = job["spec"]["template"]["spec"]
+    _, operator_pod, operator_container = operator(rendering)
+    (c,) = pod["containers"]
+    assert c["image"] == operator_container["image"], f"hook image {c['image']} is not the operator's"
+    assert "command" not in c, "the operator image's entrypoint is regmirror"
+    assert c["args"][:6] == ["uninstall-cleanup", f"--namespace={NAMESPACE}", "--daemonset=regmirror-agent",
+                             "--container=agent", "--deployment=regmirror-operator", c["args"][5]] \
+        and c["args"][5].startswith("--timeout="), f"hook args {c['args']}"
+    timeout = int(c["args"][5].removeprefix("--timeout="))
+    assert job["spec"]["activeDeadlineSeconds"] > timeout, \
+        f"activeDeadlineSeconds {job['spec']['activeDeadlineSeconds']} must exceed --timeout {timeout}"
+    assert job["spec"]["backoffLimit"] == 0 and pod["restartPolicy"] == "Never", "one try, its log kept"
+    assert pod["serviceAccountName"] == HOOK, f"hook ServiceAccount {pod['serviceAccountName']}"
+    assert pod["securityContext"] == operator_pod["securityContext"] \
+        and c["securityContext"] == operator_container["securityContext"], "hook runs as locked down as the operator"
+    # The DaemonSet's container the hook patches is the agent's.
+    _, agent_container = agent(rendering)
+    assert agent_container["name"] == "agent", "the hook patches container agent"
+
+
+def test_uninstall_cleanup_defaults():
+    job = find(inputs.DEFAULT, "Job", HOOK, NAMESPACE)
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--timeout=180" in args and job["spec"]["activeDeadlineSeconds"] == 240, \
+        f"default timeout/deadline: {args} {job['spec']['activeDeadlineSeconds']}"
+
+
+def test_uninstall_cleanup_off_renders_nothing_of_it():
+    """ci/minimal-values.yaml turns cleanupOnUninstall off."""
+    assert hook_objects("minimal-values") == [], f"cleanupOnUninstall.enabled=false still renders {HOOK}"
+    assert "minimal-values" not in HOOK_RENDERINGS
