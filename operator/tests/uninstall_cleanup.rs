@@ -37,7 +37,17 @@ fn daemonset(generation: i64, observed: i64, desired: i32, updated: i32, ready: 
         "metadata": {"name": "regmirror-agent", "namespace": NS, "generation": generation},
         "spec": {
             "selector": {"matchLabels": {"app.kubernetes.io/component": "agent"}},
-            "template": {"spec": {"containers": [{"name": "agent", "image": "agent"}]}},
+            "template": {"spec": {
+                "containers": [{"name": "agent", "image": "agent", "args": ["run"], "volumeMounts": [
+                    {"name": "tmp", "mountPath": "/tmp"},
+                    {"name": "host-var-lib-regmirror", "mountPath": "/host/var/lib/regmirror"},
+                ]}],
+                "volumes": [
+                    {"name": "tmp", "emptyDir": {}},
+                    {"name": "host-var-lib-regmirror",
+                     "hostPath": {"path": "/srv/node-1/var/lib/regmirror", "type": "DirectoryOrCreate"}},
+                ],
+            }},
         },
         "status": {
             "observedGeneration": observed, "desiredNumberScheduled": desired,
@@ -51,7 +61,15 @@ fn expected_patch() -> Value {
     json!({"spec": {
         "updateStrategy": {"type": "RollingUpdate",
                            "rollingUpdate": {"maxUnavailable": "100%", "maxSurge": 0}},
-        "template": {"spec": {"containers": [{"name": "agent", "args": ["cleanup", "--hold"]}]}},
+        "template": {"spec": {
+            "containers": [{"name": "agent", "args": ["cleanup", "--hold"], "volumeMounts": [
+                {"$patch": "delete", "mountPath": "/host/var/lib/regmirror"},
+                {"name": "host-var-lib-regmirror", "mountPath": "/host/var/lib"},
+            ]}],
+            // The state directory's parent: a mount point cannot be removed in the container.
+            "volumes": [{"name": "host-var-lib-regmirror",
+                         "hostPath": {"path": "/srv/node-1/var/lib", "type": "Directory"}}],
+        }},
     }})
 }
 
@@ -60,6 +78,10 @@ fn scale_down() -> Expect {
         .content_type("application/merge-patch+json")
         .body(json!({"spec": {"replicas": 0}}))
         .answer(200, scale(0))
+}
+
+fn read(generation: i64) -> Expect {
+    Expect::get(DS).answer(200, daemonset(generation - 1, generation - 1, 3, 3, 3))
 }
 
 fn hold(generation: i64) -> Expect {
@@ -73,6 +95,7 @@ fn hold(generation: i64) -> Expect {
 async fn stops_the_operator_rolls_the_agents_to_cleanup_and_waits_for_every_node() {
     let (client, api) = Scenario::new()
         .then(scale_down())
+        .then(read(5))
         .then(hold(5))
         // The old generation's status: not done, however Ready the old pods are.
         .then(Expect::get(DS).answer(200, daemonset(5, 4, 3, 3, 3)))
@@ -101,6 +124,7 @@ async fn stops_the_operator_rolls_the_agents_to_cleanup_and_waits_for_every_node
 async fn a_node_not_cleaned_up_in_time_is_a_clear_error() {
     let (client, api) = Scenario::new()
         .then(scale_down())
+        .then(read(2))
         .then(hold(2))
         .background(Expect::get(DS).answer(200, daemonset(2, 2, 3, 3, 2)))
         .serve();
@@ -130,6 +154,7 @@ async fn a_forbidden_request_is_tried_again_while_the_hook_rbac_settles() {
     let (client, api) = Scenario::new()
         .then(Expect::patch(SCALE).answer(403, status_error(403, "Forbidden", "not yet")))
         .then(scale_down())
+        .then(read(3))
         .then(hold(3))
         .then(Expect::get(DS).answer(200, daemonset(3, 3, 1, 1, 1)))
         .serve();
@@ -152,6 +177,7 @@ async fn a_forbidden_request_is_tried_again_while_the_hook_rbac_settles() {
 async fn a_missing_operator_is_skipped_and_a_refused_patch_fails_naming_the_daemonset() {
     let (client, api) = Scenario::new()
         .then(Expect::patch(SCALE).answer(404, status_error(404, "NotFound", "gone")))
+        .then(read(2))
         .then(Expect::patch(format!("{DS}?")).answer(
             422,
             status_error(
@@ -182,7 +208,7 @@ async fn a_missing_operator_is_skipped_and_a_refused_patch_fails_naming_the_daem
 async fn without_a_daemonset_there_is_nothing_to_wait_for() {
     let (client, api) = Scenario::new()
         .then(scale_down())
-        .then(Expect::patch(format!("{DS}?")).answer(404, status_error(404, "NotFound", "gone")))
+        .then(Expect::get(DS).answer(404, status_error(404, "NotFound", "gone")))
         .serve();
     let mut out = Vec::new();
     clean_up(client, &settings(Duration::from_secs(30)), &mut out)
@@ -193,5 +219,24 @@ async fn without_a_daemonset_there_is_nothing_to_wait_for() {
         String::from_utf8(out)
             .unwrap()
             .ends_with("DaemonSet regmirror-system/regmirror-agent not found: no agent to clean the nodes up with; the nodes keep whatever regmirror last wrote\n")
+    );
+}
+
+#[tokio::test]
+async fn a_daemonset_without_the_state_volume_is_not_patched() {
+    let mut foreign = daemonset(1, 1, 1, 1, 1);
+    foreign["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] = json!([]);
+    let (client, api) = Scenario::new()
+        .then(scale_down())
+        .then(Expect::get(DS).answer(200, foreign))
+        .serve();
+    let err = clean_up(client, &settings(Duration::from_secs(30)), &mut Vec::new())
+        .await
+        .unwrap_err();
+    api.finish();
+    assert_eq!(
+        err.to_string(),
+        "DaemonSet regmirror-system/regmirror-agent is not the chart's agent DaemonSet: \
+         container agent mounts nothing at /host/var/lib/regmirror"
     );
 }

@@ -2,7 +2,11 @@
 //! control plane with a kubelet (testbed::node), the test-built images in the node's containerd.
 //! The operator Deployment becomes Available with a leader, the agent DaemonSet's pod Running
 //! and Ready on the node, and `/readyz` and `/metrics` answer on the pods' addresses.
+//! `helm uninstall` (its pre-delete hook) leaves the node as it was before regmirror: its files
+//! gone, a hand-written file it replaced back with its content and mode, /var/lib/regmirror gone.
 
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -74,6 +78,33 @@ fn get(url: &str) -> (u16, String) {
     (code.trim().parse().unwrap_or(0), body.to_owned())
 }
 
+/// Every regular file below `dir`: path from `dir` -> (content, mode).
+fn files_below(dir: &Path) -> BTreeMap<PathBuf, (Vec<u8>, u32)> {
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, (Vec<u8>, u32)>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                walk(base, &path, out);
+            } else if meta.is_file() {
+                out.insert(
+                    path.strip_prefix(base).unwrap().into(),
+                    (
+                        std::fs::read(&path).unwrap(),
+                        meta.permissions().mode() & 0o7777,
+                    ),
+                );
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
 #[test]
 fn the_chart_runs_on_a_real_node() {
     enter_private_network();
@@ -104,6 +135,18 @@ fn the_chart_runs_on_a_real_node() {
         .rsplit_once(':')
         .unwrap();
     let host_root = node.host_root();
+    // A hand-written hosts.toml where regmirror will write one (RegistryMirror "kept" below):
+    // the agent backs it up, and helm uninstall must put it back.
+    let kept_toml = host_root.join("etc/containerd/certs.d/kept.example/hosts.toml");
+    let hand_written = "# written by hand\nserver = \"https://kept.example\"\n";
+    std::fs::create_dir_all(kept_toml.parent().unwrap()).unwrap();
+    std::fs::write(&kept_toml, hand_written).unwrap();
+    std::fs::set_permissions(&kept_toml, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let before = files_below(&host_root.join("etc/containerd"));
+    // The testbed makes an empty /var/lib/regmirror; a node before regmirror has none.
+    let state_dir = host_root.join("var/lib/regmirror");
+    let _ = std::fs::remove_dir(&state_dir);
+    assert!(!state_dir.exists(), "no regmirror state before the install");
     // Pods reach the API server at the kubernetes ClusterIP (on the node's loopback) but on the
     // API server's own port, as there is no kube-proxy to map 443 to it.
     let port_env = format!("[{{\"name\":\"KUBERNETES_SERVICE_PORT\",\"value\":\"{api_port}\"}}]");
@@ -340,20 +383,77 @@ fn the_chart_runs_on_a_real_node() {
     );
     assert!(failed.starts_with("Pending"), "{failed}");
 
-    // helm uninstall: the chart's pods go.
-    output(helm(&plane).args([
+    // A mirror for kept.example replaces the hand-written hosts.toml (backed up first).
+    apply(
+        "apiVersion: regmirror.io/v1alpha1\nkind: RegistryMirror\nmetadata:\n  name: kept\nspec:\n  registry: kept.example\n  endpoints:\n    - url: https://mirror.kept.example\n".into(),
+    );
+    wait_for(
+        "regmirror's hosts.toml for kept.example",
+        Duration::from_secs(120),
+        || {
+            let now = std::fs::read_to_string(&kept_toml).ok()?;
+            now.contains("https://mirror.kept.example").then_some(now)
+        },
+    );
+    assert_eq!(
+        std::fs::read_to_string(
+            state_dir.join("backup/etc/containerd/certs.d/kept.example/hosts.toml")
+        )
+        .unwrap(),
+        hand_written,
+        "the hand-written hosts.toml is backed up"
+    );
+
+    // helm uninstall: the pre-delete hook cleans the node up, then the chart's pods go.
+    let started = Instant::now();
+    let uninstall = output(helm(&plane).args([
         "uninstall",
         "regmirror",
         "-n",
         NAMESPACE,
         "--wait",
         "--timeout",
-        "120s",
+        "300s",
     ]));
+    println!(
+        "helm uninstall (with the cleanup hook) took {:?}:\n{uninstall}",
+        started.elapsed()
+    );
     wait_for("the chart's pods gone", Duration::from_secs(90), || {
         let pods = kubectl(&["get", "pods", "-n", NAMESPACE, "-o", "name"]);
         pods.trim().is_empty().then_some(pods)
     });
+    // The node as before regmirror: the same files under /etc/containerd, each with its content
+    // and mode (the hand-written hosts.toml back, regmirror's gone), and no /var/lib/regmirror.
+    let after = files_below(&host_root.join("etc/containerd"));
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>(),
+        "the files under <hostRoot>/etc/containerd after helm uninstall"
+    );
+    for (path, was) in &before {
+        assert_eq!(&after[path], was, "{} as before regmirror", path.display());
+    }
+    assert_eq!(std::fs::read_to_string(&kept_toml).unwrap(), hand_written);
+    assert_eq!(
+        std::fs::metadata(&kept_toml).unwrap().permissions().mode() & 0o7777,
+        0o640
+    );
+    assert!(!hosts_toml.exists(), "regmirror's hosts.toml gone");
+    assert!(!state_dir.exists(), "{} gone", state_dir.display());
+    // The hook's Job and RBAC are deleted once it succeeded.
+    let left = kubectl(&[
+        "get",
+        "jobs,serviceaccounts,roles,rolebindings",
+        "-n",
+        NAMESPACE,
+        "-o",
+        "name",
+    ]);
+    assert!(
+        !left.contains("regmirror-uninstall-cleanup"),
+        "hook objects left: {left}"
+    );
     drop(registry);
 
     let problems = node.stop();

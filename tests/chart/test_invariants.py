@@ -358,9 +358,13 @@ def test_uninstall_cleanup_job_runs_the_operator_image(rendering):
     assert pod["serviceAccountName"] == HOOK, f"hook ServiceAccount {pod['serviceAccountName']}"
     assert pod["securityContext"] == operator_pod["securityContext"] \
         and c["securityContext"] == operator_container["securityContext"], "hook runs as locked down as the operator"
-    # The DaemonSet's container the hook patches is the agent's.
-    _, agent_container = agent(rendering)
+    # What the hook patches: container agent, and the hostPath volume at /host/var/lib/regmirror,
+    # which the cleanup pods mount one level up to delete the state directory.
+    agent_pod, agent_container = agent(rendering)
     assert agent_container["name"] == "agent", "the hook patches container agent"
+    state = [(v, m) for v, m in host_mounts(agent_pod, agent_container) if m["mountPath"] == "/host/var/lib/regmirror"]
+    assert len(state) == 1 and state[0][0]["hostPath"]["path"].endswith("/var/lib/regmirror"), \
+        f"the agent's state volume (hostPath .../var/lib/regmirror at /host/var/lib/regmirror): {state}"
 
 
 def test_uninstall_cleanup_defaults():

@@ -6,7 +6,8 @@
 //!    regmirror's files off their node, put the hand-written files back, delete the agent's
 //!    state, then report Ready and hold until Helm deletes the DaemonSet), with the update
 //!    strategy's `maxUnavailable` at 100% (and `maxSurge` 0) so every node goes at once and no
-//!    node ever runs two agents.
+//!    node ever runs two agents; its state volume is mounted one level up, so that the state
+//!    directory can be deleted ([`hold_patch`]).
 //! 3. It waits until the DaemonSet's rollout is complete and every pod Ready: the new
 //!    generation observed, every scheduled pod updated and Ready. Progress is printed; on
 //!    timeout the error says how far it got.
@@ -86,6 +87,19 @@ pub enum UninstallCleanupError {
         name: String,
         #[source]
         source: kube::Error,
+    },
+    #[error("cannot read DaemonSet {namespace}/{name}: {source}")]
+    Read {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("DaemonSet {namespace}/{name} is not the chart's agent DaemonSet: {why}")]
+    Unusable {
+        namespace: String,
+        name: String,
+        why: String,
     },
     #[error(
         "cannot patch DaemonSet {namespace}/{name} to run `regmirror-agent cleanup --hold`: {source}"
@@ -198,6 +212,98 @@ where
     }
 }
 
+fn no_daemonset(settings: &Settings) -> String {
+    format!(
+        "DaemonSet {}/{} not found: no agent to clean the nodes up with; \
+         the nodes keep whatever regmirror last wrote",
+        settings.namespace, settings.daemonset
+    )
+}
+
+/// Where the agent sees its state directory (`/var/lib/regmirror` of the node).
+pub const STATE_MOUNT: &str = "/host/var/lib/regmirror";
+/// Where the cleanup pods see the state directory's parent instead.
+pub const STATE_PARENT_MOUNT: &str = "/host/var/lib";
+
+/// The strategic merge patch that has the DaemonSet's pods run `cleanup --hold`.
+///
+/// Besides the command and the update strategy it moves the state volume one level up: the
+/// agent's state directory is the volume mounted at [`STATE_MOUNT`], and a mount point cannot
+/// be removed from inside the container (EBUSY). The cleanup pods mount the hostPath's parent
+/// at [`STATE_PARENT_MOUNT`] instead, so the state directory is a plain directory there and
+/// `cleanup` deletes it from the node. Only these pods, which hold until Helm deletes the
+/// DaemonSet, see more of the node's `/var/lib`.
+pub fn hold_patch(
+    ds: &DaemonSet,
+    settings: &Settings,
+) -> Result<serde_json::Value, UninstallCleanupError> {
+    let unusable = |why: String| UninstallCleanupError::Unusable {
+        namespace: settings.namespace.clone(),
+        name: settings.daemonset.clone(),
+        why,
+    };
+    let pod = ds
+        .spec
+        .template
+        .spec
+        .as_ref()
+        .ok_or_else(|| unusable("it has no pod template".into()))?;
+    let container = pod
+        .containers
+        .iter()
+        .find(|c| c.name == settings.container)
+        .ok_or_else(|| unusable(format!("it has no container {}", settings.container)))?;
+    let volume = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == STATE_MOUNT)
+        .map(|m| m.name.clone())
+        .ok_or_else(|| {
+            unusable(format!(
+                "container {} mounts nothing at {STATE_MOUNT}",
+                settings.container
+            ))
+        })?;
+    let host_path = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == volume)
+        .and_then(|v| v.host_path.as_ref())
+        .map(|h| h.path.trim_end_matches('/').to_owned())
+        .ok_or_else(|| unusable(format!("volume {volume} is not a hostPath")))?;
+    let parent = match host_path.rsplit_once('/') {
+        Some((parent, "regmirror")) if !parent.is_empty() => parent.to_owned(),
+        _ => {
+            return Err(unusable(format!(
+                "volume {volume} is host path {host_path}, not a directory named regmirror"
+            )))
+        }
+    };
+    Ok(json!({
+        "spec": {
+            "updateStrategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": "100%", "maxSurge": 0},
+            },
+            "template": {"spec": {
+                "containers": [{
+                    "name": settings.container,
+                    "args": ["cleanup", "--hold"],
+                    "volumeMounts": [
+                        {"$patch": "delete", "mountPath": STATE_MOUNT},
+                        {"name": volume, "mountPath": STATE_PARENT_MOUNT},
+                    ],
+                }],
+                "volumes": [
+                    {"name": volume, "hostPath": {"path": parent, "type": "Directory"}},
+                ],
+            }},
+        }
+    }))
+}
+
 /// Stops the operator, has every agent clean its node up, and waits until all did.
 pub async fn clean_up(
     client: kube::Client,
@@ -245,17 +351,23 @@ pub async fn clean_up(
 
     // 2. Every agent cleans its node up, all at once.
     let daemonsets: Api<DaemonSet> = Api::namespaced(client, ns);
-    let hold = Patch::Strategic(json!({
-        "spec": {
-            "updateStrategy": {
-                "type": "RollingUpdate",
-                "rollingUpdate": {"maxUnavailable": "100%", "maxSurge": 0},
-            },
-            "template": {"spec": {"containers": [
-                {"name": settings.container, "args": ["cleanup", "--hold"]},
-            ]}},
+    let what = format!("reading DaemonSet {ns}/{}", settings.daemonset);
+    let current = match retrying(&what, deadline, settings.poll, out, || {
+        daemonsets.get(&settings.daemonset)
+    })
+    .await?
+    {
+        Ok(ds) => ds,
+        Err(e) if not_found(&e) => return say(out, no_daemonset(settings)),
+        Err(source) => {
+            return Err(UninstallCleanupError::Read {
+                namespace: ns.clone(),
+                name: settings.daemonset.clone(),
+                source,
+            })
         }
-    }));
+    };
+    let hold = Patch::Strategic(hold_patch(&current, settings)?);
     let what = format!("patching DaemonSet {ns}/{}", settings.daemonset);
     let patched = match retrying(&what, deadline, settings.poll, out, || {
         daemonsets.patch(&settings.daemonset, &params, &hold)
@@ -263,16 +375,7 @@ pub async fn clean_up(
     .await?
     {
         Ok(ds) => ds,
-        Err(e) if not_found(&e) => {
-            return say(
-                out,
-                format!(
-                    "DaemonSet {ns}/{} not found: no agent to clean the nodes up with; \
-                     the nodes keep whatever regmirror last wrote",
-                    settings.daemonset
-                ),
-            )
-        }
+        Err(e) if not_found(&e) => return say(out, no_daemonset(settings)),
         Err(source) => {
             return Err(UninstallCleanupError::Patch {
                 namespace: ns.clone(),
