@@ -113,9 +113,9 @@ async fn stops_the_operator_rolls_the_agents_to_cleanup_and_waits_for_every_node
         "Deployment regmirror-system/regmirror-operator scaled to 0: the operator tells no node a new configuration\n\
          DaemonSet regmirror-system/regmirror-agent runs `regmirror-agent cleanup --hold` on every node (generation 5)\n\
          the DaemonSet controller has not seen the change yet (generation 5 observed 4)\n\
-         0 of 3 nodes cleaned up (agent Ready), 0 of 3 agents running the cleanup\n\
-         1 of 3 nodes cleaned up (agent Ready), 3 of 3 agents running the cleanup\n\
-         3 of 3 nodes cleaned up (agent Ready), 3 of 3 agents running the cleanup\n\
+         0 of 3 agents running the cleanup, 0 of 3 Ready\n\
+         3 of 3 agents running the cleanup, 1 of 3 Ready\n\
+         3 of 3 agents running the cleanup, 3 of 3 Ready\n\
          every node is cleaned up (3 of 3): regmirror's files removed, hand-written files put back, /var/lib/regmirror deleted\n"
     );
 }
@@ -140,13 +140,13 @@ async fn a_node_not_cleaned_up_in_time_is_a_clear_error() {
     assert_eq!(
         err.to_string(),
         "the nodes were not all cleaned up within 300ms: DaemonSet regmirror-system/regmirror-agent: \
-         2 of 3 nodes cleaned up (agent Ready), 3 of 3 agents running the cleanup; a node whose agent \
+         3 of 3 agents running the cleanup, 2 of 3 Ready; a node whose agent \
          is not Ready keeps regmirror's files, and its agent's log says why \
          (kubectl -n regmirror-system logs -l app.kubernetes.io/component=agent)"
     );
     // Progress is printed once per change, not once per read.
     let out = String::from_utf8(out).unwrap();
-    assert_eq!(out.matches("2 of 3 nodes").count(), 1, "{out}");
+    assert_eq!(out.matches("2 of 3 Ready").count(), 1, "{out}");
 }
 
 #[tokio::test]

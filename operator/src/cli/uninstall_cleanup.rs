@@ -169,8 +169,8 @@ impl fmt::Display for Progress {
         }
         write!(
             f,
-            "{} of {} nodes cleaned up (agent Ready), {} of {} agents running the cleanup",
-            self.ready, self.desired, self.updated, self.desired
+            "{} of {} agents running the cleanup, {} of {} Ready",
+            self.updated, self.desired, self.ready, self.desired
         )
     }
 }
