@@ -5,14 +5,14 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use regmirror_core::contract::{NodeState, CURRENT_CONFIG, FLAVOR, MESSAGE, PUBLIC_KEY, STATE};
+use regmirror_process::events::{EventPublisher, Occurrence};
 use serde_json::json;
 
 /// Writes to the agent's own Node only.
 pub struct NodeReporter {
     nodes: Api<Node>,
-    recorder: Recorder,
+    events: EventPublisher,
     node: String,
 }
 
@@ -20,13 +20,7 @@ impl NodeReporter {
     pub fn new(client: kube::Client, node: &str) -> Self {
         NodeReporter {
             nodes: Api::all(client.clone()),
-            recorder: Recorder::new(
-                client,
-                Reporter {
-                    controller: "regmirror-agent".into(),
-                    instance: Some(node.to_owned()),
-                },
-            ),
+            events: EventPublisher::new(client, "regmirror-agent", node),
             node: node.to_owned(),
         }
     }
@@ -56,16 +50,11 @@ impl NodeReporter {
 
     /// Records an Event on the Node. A failure to record is logged, not fatal.
     pub async fn event(&self, node: &Node, warning: bool, reason: &str, note: &str) {
-        let event = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.to_owned(),
-            note: Some(note.to_owned()),
-            action: "Apply".to_owned(),
-            secondary: None,
+        let what = Occurrence {
+            warning,
+            reason,
+            action: "Apply",
+            note,
         };
         let reference = ObjectReference {
             api_version: Some("v1".into()),
@@ -74,7 +63,7 @@ impl NodeReporter {
             uid: node.metadata.uid.clone(),
             ..ObjectReference::default()
         };
-        if let Err(e) = self.recorder.publish(&event, &reference).await {
+        if let Err(e) = self.events.publish(&what, &reference).await {
             tracing::warn!(error = %e, reason, "recording an Event failed");
         }
     }

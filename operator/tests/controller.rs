@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
-use kube::runtime::events::{Recorder, Reporter};
 use prometheus_client::registry::Registry;
 use regmirror::controller::{reconcile as reconcile_pass, Metrics, Settings, Snapshot, Writer};
 use regmirror_core::api::{Endpoint, EndpointAuth, ObjectRef, RegistryMirror, RegistryMirrorSpec};
@@ -18,6 +17,7 @@ use regmirror_core::contract::{
 use regmirror_core::decide::Decision;
 use regmirror_core::plan::MaxUnavailable;
 use regmirror_core::sources::ALLOWED_HOSTS;
+use regmirror_process::events::EventPublisher;
 use regmirror_testbed::api::{status_error, Recorded};
 use regmirror_testbed::cluster::{node_key, ready_node, sealing_key, sealing_key_secret, Cluster};
 use regmirror_testbed::fake_api::{event, events, Expect, Scenario};
@@ -112,13 +112,7 @@ fn writer(client: kube::Client) -> Writer {
         client: client.clone(),
         namespace: NS.into(),
         agent_role: ROLE.into(),
-        recorder: Recorder::new(
-            client,
-            Reporter {
-                controller: "regmirror".into(),
-                instance: None,
-            },
-        ),
+        events: EventPublisher::new(client, "regmirror", "regmirror-0"),
     }
 }
 
@@ -233,7 +227,7 @@ fn new_config_for_edge_1() -> Scenario {
             "PATCH",
             format!("/apis/regmirror.io/v1alpha1/registrymirrors/docker-hub/status{APPLY}"),
         ))
-        .then(event("Normal", "ConfigScheduled", Some("edge-1")))
+        .then(event("Normal", "RolloutStep", Some("docker-hub")))
 }
 
 /// The lines of [`new_config_for_edge_1`].
@@ -243,7 +237,7 @@ fn new_config_for_edge_1_lines() -> [String; 5] {
         format!("PATCH /apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/roles/{ROLE}{APPLY}"),
         "PATCH /api/v1/nodes/edge-1?".to_owned(),
         format!("PATCH /apis/regmirror.io/v1alpha1/registrymirrors/docker-hub/status{APPLY}"),
-        format!("POST {EVENTS}? Normal ConfigScheduled edge-1"),
+        format!("POST {EVENTS}? Normal RolloutStep docker-hub"),
     ]
 }
 
@@ -260,6 +254,20 @@ async fn first_rollout_stores_the_config_grants_it_and_points_a_node_at_it() {
         lines(&requests),
         new_config_for_edge_1_lines(),
         "credentials in registries.yaml take a k3s restart: edge-2 waits for edge-1 (maxUnavailable 1)"
+    );
+
+    let event = &requests[4].body;
+    assert_eq!(event["action"], json!("Rollout"));
+    assert_eq!(
+        event["note"],
+        json!("told 1 node to apply a new configuration (1 with a runtime restart): edge-1"),
+        "one Event per mirror and pass, not per node"
+    );
+    assert_eq!(event["regarding"]["kind"], json!("RegistryMirror"));
+    assert_eq!(
+        event["series"],
+        json!(null),
+        "never folded into an earlier Event"
     );
 
     let secret = &requests[0].body;
@@ -337,7 +345,10 @@ async fn first_rollout_stores_the_config_grants_it_and_points_a_node_at_it() {
             ("Stalled", "False", "RollingOut")
         ]
     );
-    assert_eq!(requests[4].body["regarding"]["uid"], json!("uid-edge-1"));
+    assert_eq!(
+        requests[4].body["regarding"]["uid"],
+        json!("uid-docker-hub")
+    );
 }
 
 #[tokio::test]
@@ -384,7 +395,7 @@ async fn a_rotated_password_restarts_one_node_at_a_time() {
                 "PATCH",
                 format!("/apis/regmirror.io/v1alpha1/registrymirrors/docker-hub/status{APPLY}"),
             ))
-            .then(event("Normal", "ConfigScheduled", Some("edge-2"))),
+            .then(event("Normal", "RolloutStep", Some("docker-hub"))),
     )
     .await;
     assert_eq!(

@@ -422,7 +422,7 @@ impl Drop for FakeApi {
     }
 }
 
-/// Where kube's event recorder posts Events (the client's default namespace).
+/// Where Events about cluster-scoped objects are posted (`regmirror_process::events`).
 pub const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events?";
 
 /// The Events a component publishes: `POST /apis/events.k8s.io/…`, answered with the Event

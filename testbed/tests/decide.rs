@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use regmirror_core::activation::{activation, Activation};
 use regmirror_core::api::{Endpoint, EndpointAuth, ObjectRef, RegistryMirror, RegistryMirrorSpec};
 use regmirror_core::contract::{NodeState, PAUSED};
-use regmirror_core::decide::{conclude, NodeView, Subject, NO_CONFIG_PLACEHOLDER};
+use regmirror_core::decide::{conclude, NodeView, NO_CONFIG_PLACEHOLDER};
 use regmirror_core::node::Flavor;
 use regmirror_core::plan::MaxUnavailable;
 use regmirror_core::sources::{RefPolicy, SourceKind, SourceObject, Sources};
@@ -129,12 +129,24 @@ fn nodes_with_equal_needs_share_one_stored_config() {
     );
     assert_eq!(d.statuses["eu"].nodes.targeted, 3);
     assert_eq!(d.statuses["eu"].nodes.pending, 3);
+    let rollout: Vec<(&str, &str)> = d
+        .notices
+        .iter()
+        .filter(|n| n.reason == "RolloutStep")
+        .map(|n| (n.mirror.as_str(), n.note.as_str()))
+        .collect();
     assert_eq!(
-        d.notices
-            .iter()
-            .filter(|n| matches!(n.subject, Subject::Node(_)))
-            .count(),
-        3
+        rollout.len(),
+        1,
+        "one Event for the mirror, not one per node: {rollout:?}"
+    );
+    assert_eq!(rollout[0].0, "eu");
+    assert!(
+        rollout[0]
+            .1
+            .starts_with("told 3 nodes to apply a new configuration ("),
+        "{}",
+        rollout[0].1
     );
 }
 
@@ -250,10 +262,7 @@ fn an_invalid_mirror_changes_no_node_and_says_which_field() {
         c.condition("hub", "Degraded"),
         "kstatus reads Stalled=True as Failed"
     );
-    assert!(d
-        .notices
-        .iter()
-        .any(|n| n.warning && n.subject == Subject::Mirror("hub".into())));
+    assert!(d.notices.iter().any(|n| n.warning && n.mirror == "hub"));
     assert_eq!(c.nodes[0].desired, before);
 }
 

@@ -115,29 +115,22 @@ async fn a_scenario_dropped_unfinished_fails_the_test() {
 
 #[tokio::test]
 async fn an_event_is_matched_by_type_reason_and_subject() {
-    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    use regmirror_process::events::{EventPublisher, Occurrence};
     let (client, api) = Scenario::new()
         .then(event("Normal", "Applied", Some("a")))
         .serve();
-    let recorder = Recorder::new(
-        client,
-        Reporter {
-            controller: "test".into(),
-            instance: None,
-        },
-    );
+    let events = EventPublisher::new(client, "test", "test-0");
     let node = k8s_openapi::api::core::v1::ObjectReference {
         kind: Some("Node".into()),
         name: Some("a".into()),
         ..Default::default()
     };
-    let event = Event {
-        type_: EventType::Normal,
-        reason: "Applied".into(),
-        note: None,
-        action: "Apply".into(),
-        secondary: None,
+    let what = Occurrence {
+        warning: false,
+        reason: "Applied",
+        action: "Apply",
+        note: "applied",
     };
-    recorder.publish(&event, &node).await.unwrap();
+    events.publish(&what, &node).await.unwrap();
     api.finish();
 }

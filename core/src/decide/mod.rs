@@ -151,20 +151,15 @@ impl Decision {
     }
 }
 
-/// Something worth a Kubernetes Event.
+/// Something worth a Kubernetes Event on a RegistryMirror.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Notice {
-    pub subject: Subject,
+    pub mirror: String,
     pub warning: bool,
     pub reason: &'static str,
+    /// What the operator was doing: `Rollout` or `Reconcile`.
+    pub action: &'static str,
     pub note: String,
-}
-
-/// What an Event is about.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Subject {
-    Mirror(String),
-    Node(String),
 }
 
 /// Why a mirror reaches no node now.

@@ -1,11 +1,9 @@
 //! How far the rollout may take each node now: which nodes advance to their target (within
 //! the restart budget), which need their key sealed again, which configs live on.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use super::{
-    Advance, ClusterView, Decision, Notice, Placement, Steps, Subject, NO_CONFIG_PLACEHOLDER,
-};
+use super::{Advance, ClusterView, Decision, Notice, Placement, Steps, NO_CONFIG_PLACEHOLDER};
 use crate::activation::{activation, Activation};
 use crate::contract::is_config_name;
 use crate::plan::{plan, NodeRollout};
@@ -64,6 +62,7 @@ pub(super) fn advance_nodes(placement: &Placement, view: &ClusterView, decision:
     let plan = plan(&nodes, view.max_unavailable);
 
     let mut advancing = plan.advance.iter().peekable();
+    let mut told = Vec::new();
     for (rollout, target) in nodes.iter().zip(&targets) {
         let Some((g, index)) = *target else {
             continue;
@@ -83,12 +82,7 @@ pub(super) fn advance_nodes(placement: &Placement, view: &ClusterView, decision:
                 activation: rollout.activation,
                 public_key: view.nodes[index].public_key.clone().unwrap_or_default(),
             });
-            decision.notices.push(Notice {
-                subject: Subject::Node(rollout.name.to_owned()),
-                warning: false,
-                reason: "ConfigScheduled",
-                note: format!("told to apply {}", group.config_name),
-            });
+            told.push((g, rollout.name, rollout.activation));
         } else if rollout.desired == Some(group.config_name.as_str())
             && !view.stored.contains_key(&group.config_name)
         {
@@ -100,6 +94,69 @@ pub(super) fn advance_nodes(placement: &Placement, view: &ClusterView, decision:
                 .or_insert_with(|| group.config.clone());
         }
     }
+    decision
+        .notices
+        .extend(rollout_notices(&told, placement, view));
+}
+
+/// The most node names a rollout Event lists.
+const NAMED_NODES: usize = 5;
+
+/// One Event per mirror for the nodes this pass tells to apply a config with that mirror in
+/// it — not one per node: a change to every node of a large cluster would double the API
+/// requests of the rollout, and `kubectl describe node` has the agent's own Event of the apply.
+fn rollout_notices(
+    told: &[(usize, &str, Activation)],
+    placement: &Placement,
+    view: &ClusterView,
+) -> Vec<Notice> {
+    let mut by_mirror: BTreeMap<usize, Vec<(&str, Activation)>> = BTreeMap::new();
+    for &(g, node, step) in told {
+        for &m in &placement.group(g).mirrors {
+            by_mirror.entry(m).or_default().push((node, step));
+        }
+    }
+    by_mirror
+        .into_iter()
+        .filter_map(|(m, nodes)| {
+            let name = view.mirrors.get(m)?.metadata.name.clone()?;
+            Some(Notice {
+                mirror: name,
+                warning: false,
+                reason: "RolloutStep",
+                action: "Rollout",
+                note: rollout_note(&nodes),
+            })
+        })
+        .collect()
+}
+
+/// "told 3 nodes to apply a new configuration (2 with a runtime restart, 1 live): a, b, c".
+fn rollout_note(nodes: &[(&str, Activation)]) -> String {
+    let count = |step| nodes.iter().filter(|(_, s)| *s == step).count();
+    let steps: Vec<String> = [
+        (Activation::Restart, "with a runtime restart"),
+        (Activation::Reload, "with a runtime reload"),
+        (Activation::Hot, "live"),
+    ]
+    .into_iter()
+    .filter_map(|(step, how)| {
+        Some(count(step))
+            .filter(|&n| n > 0)
+            .map(|n| format!("{n} {how}"))
+    })
+    .collect();
+    let mut named: Vec<&str> = nodes.iter().take(NAMED_NODES).map(|(n, _)| *n).collect();
+    if nodes.len() > NAMED_NODES {
+        named.push("…");
+    }
+    format!(
+        "told {} node{} to apply a new configuration ({}): {}",
+        nodes.len(),
+        if nodes.len() == 1 { "" } else { "s" },
+        steps.join(", "),
+        named.join(", ")
+    )
 }
 
 /// Nodes whose config key was sealed to a key they no longer hold get it sealed again, for

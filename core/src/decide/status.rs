@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::{mirror_name, ClusterView, Decision, Notice, Placement, Problem, Steps, Subject};
+use super::{mirror_name, ClusterView, Decision, Notice, Placement, Problem, Steps};
 use crate::api::{Condition, NodeCounts, NodeFailure, RegistryMirrorStatus};
 use crate::contract::{NodeState, PAUSED};
 use crate::impact::Impact;
@@ -222,9 +222,10 @@ fn condition_notice(
     message: &str,
 ) -> Option<Notice> {
     let notice = |warning| Notice {
-        subject: Subject::Mirror(mirror.to_owned()),
+        mirror: mirror.to_owned(),
         warning,
         reason,
+        action: "Reconcile",
         note: message.to_owned(),
     };
     match (type_, status) {

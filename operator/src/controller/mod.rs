@@ -17,20 +17,18 @@ use futures::{stream, Stream, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference, Secret};
 use k8s_openapi::api::rbac::v1::Role;
 use kube::api::Api;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Resource;
 use prometheus_client::registry::Registry;
 use regmirror_core::api::RegistryMirror;
-use regmirror_core::decide::{
-    conclude, place_reusing, ClusterView, Decision, NodeView, Placement, Subject,
-};
+use regmirror_core::decide::{conclude, place_reusing, ClusterView, Decision, NodeView, Placement};
 use regmirror_core::plan::MaxUnavailable;
 use regmirror_core::render::RenderedConfig;
 use regmirror_core::seal::SealingKey;
 use regmirror_core::sources::{RefPolicy, SourceKind, Sources};
 use regmirror_process::endpoints::{self, BindError, Health};
+use regmirror_process::events::EventPublisher;
 use regmirror_process::lease::LeaseLock;
 use regmirror_process::shutdown;
 use thiserror::Error;
@@ -84,8 +82,17 @@ pub enum ControllerError {
 }
 
 const LEASE_DURATION: Duration = Duration::from_secs(15);
-/// Changes arriving together (a Helm install, a node pool joining) make one pass.
+/// Nodes per page of a (re)list.
+const NODE_PAGE: u32 = 100;
+/// Node states arriving together (a node pool joining, agents reporting) make one pass.
 const DEBOUNCE: Duration = Duration::from_millis(250);
+/// A change of what places nodes (mirrors, Secrets, labels) waits until such changes have been
+/// quiet this long: `kubectl apply -f dir/` sends its objects one by one over seconds, and a
+/// pass in between would restart nodes for part of the change and again for the rest.
+const PLACEMENT_QUIET: Duration = Duration::from_secs(2);
+/// ... but no longer than this after the first of them: a stream of changes must not starve
+/// the rollout.
+const PLACEMENT_WAIT_MAX: Duration = Duration::from_secs(10);
 /// A pass now and then even without changes: picks up anything a watch missed.
 const RESYNC: Duration = Duration::from_secs(300);
 /// After a pass with failed writes, the next comes after a backoff that doubles per failed
@@ -125,7 +132,10 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Control
     tokio::spawn(async move {
         let mut changes = Box::pin(changes);
         while let Some(change) = changes.next().await {
-            collected.lock().expect("not poisoned").add(change);
+            collected
+                .lock()
+                .expect("not poisoned")
+                .add(change, Instant::now());
             let _ = changed_tx.send(());
         }
     });
@@ -137,13 +147,7 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Control
         client: client.clone(),
         namespace: settings.namespace.clone(),
         agent_role: settings.agent_role.clone(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "regmirror".into(),
-                instance: Some(settings.identity.clone()),
-            },
-        ),
+        events: EventPublisher::new(client.clone(), "regmirror", &settings.identity),
     };
     let lease = LeaseLock::new(
         client.clone(),
@@ -161,7 +165,9 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Control
     tracing::info!(identity = %settings.identity, "leading; reconciling");
     metrics.leader.set(1);
 
-    let mut next_pass = Instant::now();
+    // A resync or a retry after failures, whichever is planned; changes may bring it forward.
+    let mut planned = Instant::now();
+    let mut next_pass = planned;
     let mut failures = 0;
     // The last pass's snapshot and placement, for passes woken only by node states.
     let mut last: Option<(Snapshot, Placement)> = None;
@@ -170,7 +176,8 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Control
             _ = &mut stop => break Ok(()),
             _ = held.lost() => break Err(ControllerError::LostLease(settings.lease_name.clone())),
             Ok(()) = changed.changed() => {
-                next_pass = next_pass.min(Instant::now() + DEBOUNCE);
+                let due = pending.lock().expect("not poisoned").due();
+                next_pass = due.map_or(planned, |due| due.min(planned));
                 continue;
             }
             _ = tokio::time::sleep_until(next_pass) => {}
@@ -221,12 +228,15 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Control
         }
         last = Some((snapshot, placement));
         failures = if passed.is_ok() { 0 } else { failures + 1 };
-        next_pass = Instant::now()
+        planned = Instant::now()
             + if failures == 0 {
                 RESYNC
             } else {
                 retry_after(failures, jitter())
             };
+        // Changes that came during the pass are for the next one.
+        let due = pending.lock().expect("not poisoned").due();
+        next_pass = due.map_or(planned, |due| due.min(planned));
     };
     metrics.leader.set(0);
     held.release().await;
@@ -250,15 +260,38 @@ pub struct Pending {
     pub everything: bool,
     /// Nodes whose state alone changed.
     pub nodes: HashSet<String>,
+    /// When the first and the latest change of `everything` came.
+    placement_changes: Option<(Instant, Instant)>,
+    /// When the first change of `nodes` came.
+    first_state_change: Option<Instant>,
 }
 
 impl Pending {
-    fn add(&mut self, change: Change) {
+    pub fn add(&mut self, change: Change, now: Instant) {
         match change {
-            Change::Placement => self.everything = true,
+            Change::Placement => {
+                self.everything = true;
+                let first = self.placement_changes.map_or(now, |(first, _)| first);
+                self.placement_changes = Some((first, now));
+            }
             Change::NodeState(name) => {
                 self.nodes.insert(name);
+                self.first_state_change.get_or_insert(now);
             }
+        }
+    }
+
+    /// When the pass for these changes should start, if any is pending: once placement
+    /// changes have been quiet for [`PLACEMENT_QUIET`] (at most [`PLACEMENT_WAIT_MAX`] after
+    /// the first), node states alone [`DEBOUNCE`] after the first. Node states waiting with a
+    /// placement change go in its pass.
+    pub fn due(&self) -> Option<Instant> {
+        match (self.placement_changes, self.first_state_change) {
+            (Some((first, latest)), _) => {
+                Some((latest + PLACEMENT_QUIET).min(first + PLACEMENT_WAIT_MAX))
+            }
+            (None, Some(first)) => Some(first + DEBOUNCE),
+            (None, None) => None,
         }
     }
 }
@@ -347,12 +380,12 @@ pub struct Snapshot {
     pub agent_role: Option<Vec<String>>,
     /// The operator's sealing key, once it exists.
     pub sealing_key: Option<SealingKey>,
-    /// UIDs of RegistryMirrors, for Events.
-    pub uids: HashMap<(&'static str, String), String>,
+    /// UIDs of RegistryMirrors by name, for Events.
+    pub uids: HashMap<String, String>,
     /// Where each node is in `nodes`.
     pub node_index: HashMap<String, usize>,
-    /// Per node (as `nodes`): its UID, for Events, and the resourceVersion its view was made
-    /// from, so that the next snapshot reuses the view of a Node that did not change.
+    /// Per node (as `nodes`): the resourceVersion its view was made from, so that the next
+    /// snapshot reuses the view of a Node that did not change.
     pub node_meta: Vec<NodeMeta>,
     /// The resourceVersion of each stored config's Secret, so that the next snapshot reuses
     /// configs it opened already.
@@ -362,7 +395,6 @@ pub struct Snapshot {
 /// What a snapshot remembers of a Node besides its view.
 #[derive(Debug, Clone, Default)]
 pub struct NodeMeta {
-    pub uid: Option<String>,
     pub version: Option<String>,
     /// What of the Node decides where it goes (labels, flavor, key): a Node whose placement
     /// inputs changed is not taken into a snapshot that keeps its placement.
@@ -405,7 +437,7 @@ impl Snapshot {
     ) -> Self {
         let mut snapshot = Snapshot::default();
         for mirror in mirrors {
-            snapshot.remember_uid("RegistryMirror", &mirror.meta().name, &mirror.meta().uid);
+            snapshot.remember_uid(&mirror.meta().name, &mirror.meta().uid);
             snapshot.mirrors.push(mirror.clone());
         }
         for node in nodes {
@@ -420,7 +452,6 @@ impl Snapshot {
             let (key, view, meta) = unchanged.unwrap_or_else(|| {
                 let view = snapshot::node_view(node);
                 let meta = NodeMeta {
-                    uid: node.metadata.uid.clone(),
                     version: version.clone(),
                     placement: snapshot::node_fingerprints(node).0,
                 };
@@ -554,7 +585,6 @@ impl Snapshot {
             Some(&i) if self.node_meta[i].placement == placement => {
                 self.nodes[i] = view;
                 self.node_meta[i] = NodeMeta {
-                    uid: node.metadata.uid.clone(),
                     version: node.metadata.resource_version.clone(),
                     placement,
                 };
@@ -579,33 +609,19 @@ impl Snapshot {
         }
     }
 
-    fn remember_uid(&mut self, kind: &'static str, name: &Option<String>, uid: &Option<String>) {
+    fn remember_uid(&mut self, name: &Option<String>, uid: &Option<String>) {
         if let (Some(name), Some(uid)) = (name, uid) {
-            self.uids.insert((kind, name.clone()), uid.clone());
+            self.uids.insert(name.clone(), uid.clone());
         }
     }
 
-    /// The object an Event is about.
-    pub fn reference(&self, subject: &Subject) -> ObjectReference {
-        let (api_version, kind, name) = match subject {
-            Subject::Node(name) => ("v1".to_owned(), "Node", name),
-            Subject::Mirror(name) => (
-                RegistryMirror::api_version(&()).into_owned(),
-                "RegistryMirror",
-                name,
-            ),
-        };
+    /// The RegistryMirror an Event is about.
+    pub fn reference(&self, mirror: &str) -> ObjectReference {
         ObjectReference {
-            api_version: Some(api_version),
-            kind: Some(kind.to_owned()),
-            name: Some(name.clone()),
-            uid: match subject {
-                Subject::Node(name) => self
-                    .node_index
-                    .get(name)
-                    .and_then(|i| self.node_meta[*i].uid.clone()),
-                Subject::Mirror(_) => self.uids.get(&(kind, name.clone())).cloned(),
-            },
+            api_version: Some(RegistryMirror::api_version(&()).into_owned()),
+            kind: Some("RegistryMirror".to_owned()),
+            name: Some(mirror.to_owned()),
+            uid: self.uids.get(mirror).cloned(),
             ..ObjectReference::default()
         }
     }
@@ -641,7 +657,9 @@ impl Caches {
         let (nodes, w) = reflector::store();
         changes.push(reflect(
             Api::all(client.clone()),
-            watcher::Config::default(),
+            // A kubelet's Node is ~10 KiB of JSON before `slim_node` keeps the little the
+            // operator reads: small pages keep the (re)list's peak memory small.
+            watcher::Config::default().page_size(NODE_PAGE),
             w,
             snapshot::slim_node,
             snapshot::node_fingerprints,
@@ -828,4 +846,53 @@ fn everything_on_change<K: Resource>(object: &K) -> (u64, u64) {
 pub(crate) fn hash(value: &impl std::hash::Hash) -> u64 {
     use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
     BuildHasherDefault::<DefaultHasher>::default().hash_one(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(start: Instant, ms: u64) -> Instant {
+        start + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn nothing_pending_is_never_due() {
+        assert_eq!(Pending::default().due(), None);
+    }
+
+    #[test]
+    fn node_states_alone_are_due_a_debounce_after_the_first() {
+        let t = Instant::now();
+        let mut p = Pending::default();
+        p.add(Change::NodeState("a".into()), t);
+        p.add(Change::NodeState("b".into()), at(t, 200));
+        assert_eq!(p.due(), Some(t + DEBOUNCE));
+    }
+
+    #[test]
+    fn a_placement_change_waits_until_changes_are_quiet() {
+        // `kubectl apply -f` of many mirrors: one every 100 ms for 3 s.
+        let t = Instant::now();
+        let mut p = Pending::default();
+        for i in 0..30 {
+            p.add(Change::Placement, at(t, i * 100));
+            p.add(Change::NodeState(format!("n{i}")), at(t, i * 100 + 50));
+        }
+        assert_eq!(
+            p.due(),
+            Some(at(t, 2_900) + PLACEMENT_QUIET),
+            "node states wait with it"
+        );
+    }
+
+    #[test]
+    fn changes_that_never_stop_do_not_hold_the_pass_forever() {
+        let t = Instant::now();
+        let mut p = Pending::default();
+        for i in 0..200 {
+            p.add(Change::Placement, at(t, i * 1_000));
+        }
+        assert_eq!(p.due(), Some(t + PLACEMENT_WAIT_MAX));
+    }
 }

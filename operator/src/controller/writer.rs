@@ -12,18 +12,19 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::Duration;
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Secret};
 use k8s_openapi::api::rbac::v1::Role;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::events::{Event, EventType, Recorder};
 use regmirror_core::api::RegistryMirror;
 use regmirror_core::contract::{
     agent_role, config_secret, sealed_config, CONFIG_KEY, DESIRED_ACTIVATION, DESIRED_CONFIG,
     SEALING_KEY_DATA, SEALING_KEY_SECRET,
 };
-use regmirror_core::decide::{Advance, Decision, Notice, Subject};
+use regmirror_core::decide::{Advance, Decision, Notice};
 use regmirror_core::render::RenderedConfig;
 use regmirror_core::seal::{NodePublicKey, SealingKey};
+use regmirror_process::events::{EventPublisher, Occurrence};
 use serde_json::json;
 use thiserror::Error;
 use tracing::Instrument;
@@ -32,6 +33,9 @@ use super::metrics::Metrics;
 
 /// The field manager regmirror's writes are recorded under.
 pub const FIELD_MANAGER: &str = "regmirror";
+
+/// How many Node writes of a pass are in flight at once.
+pub const NODE_WRITES_IN_FLIGHT: usize = 8;
 
 /// How long one write may take.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -121,19 +125,19 @@ pub struct Writer {
     pub namespace: String,
     /// The Role through which agents read configs.
     pub agent_role: String,
-    pub recorder: Recorder,
+    pub events: EventPublisher,
 }
 
 impl Writer {
     /// Writes `decision`, sealing configs and their keys with `key`. Every write is tried;
     /// the ones that failed come back (and are counted in `metrics`). `reference` names the
-    /// object an Event is about.
+    /// RegistryMirror of that name, for its Events.
     pub async fn write(
         &self,
         decision: &Decision,
         key: &SealingKey,
         metrics: &Metrics,
-        reference: impl Fn(&Subject) -> ObjectReference,
+        reference: impl Fn(&str) -> ObjectReference,
     ) -> Result<(), WriteErrors> {
         let mut errors = Vec::new();
         let mut record = |kind: WriteKind, action: String, result: Result<(), WriteFailure>| {
@@ -178,16 +182,31 @@ impl Writer {
             ),
             None => true,
         };
+        let mut pointable = Vec::new();
         for advance in decision.advance.iter().chain(&decision.rekey) {
-            let action = format!("annotate Node {}", advance.node);
             if unstored.contains(advance.config.as_str()) || !role_updated {
                 tracing::info!(node = %advance.node, config = %advance.config, "not pointing the node at a config its agent cannot read yet");
-                continue;
+            } else {
+                pointable.push(advance);
             }
-            let span =
-                tracing::info_span!("point_node", node = %advance.node, config = %advance.config);
-            let result = self.point_node(advance, key).instrument(span).await;
-            record(WriteKind::NodeAnnotate, action, result);
+        }
+        // Each Node write stands alone: a few in flight, so that a change reaching thousands
+        // of nodes is not paced by one round trip after another.
+        let mut waiting = pointable.into_iter();
+        let mut in_flight = FuturesUnordered::new();
+        loop {
+            while in_flight.len() < NODE_WRITES_IN_FLIGHT {
+                let Some(advance) = waiting.next() else { break };
+                in_flight.push(self.point_node_traced(advance, key));
+            }
+            let Some((advance, result)) = in_flight.next().await else {
+                break;
+            };
+            record(
+                WriteKind::NodeAnnotate,
+                format!("annotate Node {}", advance.node),
+                result,
+            );
         }
         for (mirror, status) in &decision.statuses {
             let api: Api<RegistryMirror> = Api::all(self.client.clone());
@@ -221,8 +240,8 @@ impl Writer {
         for notice in &decision.notices {
             // An Event that cannot be recorded is no reason to stop, nor to wait: bounded like
             // every write, so a stuck Event call never holds back the next pass.
-            let (event, subject) = (event(notice), reference(&notice.subject));
-            if let Err(e) = timed(self.recorder.publish(&event, &subject)).await {
+            let (what, subject) = (occurrence(notice), reference(&notice.mirror));
+            if let Err(e) = timed(self.events.publish(&what, &subject)).await {
                 tracing::warn!(error = %e, reason = notice.reason, "recording an Event failed");
             }
         }
@@ -307,6 +326,20 @@ impl Writer {
         Err(WriteFailure::Forged(name.to_owned()))
     }
 
+    /// [`Self::point_node`] in a span naming the node, answering which node it was for.
+    async fn point_node_traced<'a>(
+        &self,
+        advance: &'a Advance,
+        key: &SealingKey,
+    ) -> (&'a Advance, Result<(), WriteFailure>) {
+        let span =
+            tracing::info_span!("point_node", node = %advance.node, config = %advance.config);
+        (
+            advance,
+            self.point_node(advance, key).instrument(span).await,
+        )
+    }
+
     /// Points a node at its config: which one, the step it takes, and the key to open it,
     /// sealed to the node's own public key — in one write.
     async fn point_node(&self, advance: &Advance, key: &SealingKey) -> Result<(), WriteFailure> {
@@ -357,19 +390,11 @@ fn apply_params() -> PatchParams {
     PatchParams::apply(FIELD_MANAGER).force()
 }
 
-fn event(notice: &Notice) -> Event {
-    Event {
-        type_: if notice.warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: notice.reason.to_owned(),
-        note: Some(notice.note.clone()),
-        action: match notice.subject {
-            Subject::Node(_) => "Rollout".to_owned(),
-            Subject::Mirror(_) => "Reconcile".to_owned(),
-        },
-        secondary: None,
+fn occurrence(notice: &Notice) -> Occurrence<'_> {
+    Occurrence {
+        warning: notice.warning,
+        reason: notice.reason,
+        action: notice.action,
+        note: &notice.note,
     }
 }

@@ -169,12 +169,17 @@ pub fn value_sets() -> Vec<ValueSet> {
     sets
 }
 
+/// `helm uninstall` here, where no kubelet runs Pods: without `--no-hooks` the chart's
+/// pre-delete hook Job (the agents' cleanup on every node) would wait for a Pod that never
+/// starts, until its deadline. The hook runs on a real node in testbed/tests/chart_on_node.rs.
+const UNINSTALL_WITHOUT_KUBELET: [&str; 5] = ["uninstall", RELEASE, "-n", NAMESPACE, "--no-hooks"];
+
 /// Removes every trace of the chart and of these tests: the release, the namespaces, the Nodes
 /// and RegistryMirrors the tests made, the stand-in ServiceMonitor CRD.
 pub fn reset() {
     support::crd_applied();
     if run(helm().args(["status", RELEASE, "-n", NAMESPACE]), None).ok {
-        run_ok(helm().args(["uninstall", RELEASE, "-n", NAMESPACE]), None);
+        run_ok(helm().args(UNINSTALL_WITHOUT_KUBELET), None);
     }
     let selector = format!("--selector={TEST_LABEL}");
     // Pods bound to a Node never end gracefully without a kubelet.
@@ -631,7 +636,7 @@ fn helm_install_upgrade_uninstall_with_every_value_set() {
         simulate_use(node);
         let allowed = set.allowed_namespaces();
         let before = regmirror_objects(&allowed, "chart");
-        let uninstalled = run_ok(helm().args(["uninstall", RELEASE, "-n", NAMESPACE]), None);
+        let uninstalled = run_ok(helm().args(UNINSTALL_WITHOUT_KUBELET), None);
         assert!(
             uninstalled.contains(&format!("release \"{RELEASE}\" uninstalled")),
             "{uninstalled}"

@@ -19,13 +19,13 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Secret};
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{watcher, WatchStreamExt};
 use regmirror_core::activation::{agent_step, Activation};
 use regmirror_core::contract::{
     sealed_config, NodeState, CONFIG_KEY, CURRENT_CONFIG, DESIRED_ACTIVATION, DESIRED_CONFIG,
     FLAVOR, MESSAGE, PUBLIC_KEY, STATE,
 };
+use regmirror_process::events::{EventPublisher, Occurrence};
 use regmirror_testbed::cluster::node_key;
 use serde_json::json;
 
@@ -444,19 +444,12 @@ impl Agents {
     /// The Event a real agent records on its Node after an apply.
     async fn event(&self, node: &Node, message: &str) {
         let name = node.metadata.name.clone().unwrap_or_default();
-        let recorder = Recorder::new(
-            self.client.clone(),
-            Reporter {
-                controller: "regmirror-agent".into(),
-                instance: Some(name.clone()),
-            },
-        );
-        let event = Event {
-            type_: EventType::Normal,
-            reason: "Applied".into(),
-            note: Some(message.to_owned()),
-            action: "Apply".into(),
-            secondary: None,
+        let events = EventPublisher::new(self.client.clone(), "regmirror-agent", &name);
+        let what = Occurrence {
+            warning: false,
+            reason: "Applied",
+            action: "Apply",
+            note: message,
         };
         let reference = ObjectReference {
             api_version: Some("v1".into()),
@@ -465,7 +458,7 @@ impl Agents {
             uid: node.metadata.uid.clone(),
             ..ObjectReference::default()
         };
-        if let Err(e) = recorder.publish(&event, &reference).await {
+        if let Err(e) = events.publish(&what, &reference).await {
             eprintln!("agent: recording an Event failed: {e}");
         }
     }
