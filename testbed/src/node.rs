@@ -24,12 +24,23 @@
 //! changes and removes the directory. If the test process dies instead, a watchdog (the mount
 //! namespace's holder, leader of the node's process group) kills the group, the containers and
 //! the shims.
+//!
+//! containerd runs under a supervisor, as a real node's runtime runs under systemd: a request
+//! dropped in `<host root>/`[`SUPERVISOR_DIR`]`/requests` (the chart mounts `<hostRoot>/run/dbus`
+//! into the agent pod, at `/host/run/dbus`) makes it stop containerd (SIGTERM, then wait) and
+//! start it again with the same configuration in the same namespaces; pods keep running, their
+//! runc shims outlive containerd. The answer goes to `answers/<request>` once containerd serves
+//! the API again. `<host root>/`[`SUPERVISOR_DIR`]`/restart` is a client for `sh` that asks and
+//! waits for the answer, as `systemctl restart` does: the agent's `agent.restartCommand`.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::control_plane::ControlPlane;
@@ -44,6 +55,30 @@ pub const POD_CIDR: &str = "10.244.0.0/24";
 pub const KUBERNETES_SERVICE_IP: &str = "10.96.0.1";
 /// The CNI bridge's name.
 const BRIDGE: &str = "regmirror-cni0";
+/// The containerd supervisor's directory, under the host root: in `/run/dbus`, the host
+/// directory the chart mounts for restarting the runtime.
+pub const SUPERVISOR_DIR: &str = "run/dbus/containerd-supervisor";
+
+/// The client of the supervisor (`<host root>/SUPERVISOR_DIR/restart`), for busybox `sh`.
+const RESTART_CLIENT: &str = r##"# Written by the testbed node (testbed/src/node.rs): asks the node's
+# containerd supervisor to restart containerd and waits for the answer, as
+# `systemctl restart` waits for the unit.
+# Exit 0 once containerd serves again; 1 when the supervisor reports a failure; 2 without an
+# answer within 120 s.
+dir=$(dirname "$0")
+id="$(hostname)-$$-$(date +%s)"
+printf 'restart\n' >"$dir/requests/.$id" && mv "$dir/requests/.$id" "$dir/requests/$id" || exit 1
+i=0
+while [ ! -e "$dir/answers/$id" ]; do
+  i=$((i + 1))
+  if [ "$i" -gt 600 ]; then echo "containerd supervisor: no answer within 120 s" >&2; exit 2; fi
+  sleep 0.2
+done
+answer=$(cat "$dir/answers/$id")
+rm -f "$dir/answers/$id"
+echo "containerd supervisor: $answer"
+[ "${answer%% *}" = restarted ]
+"##;
 
 /// Kernel settings the kubelet sets at start (`protectKernelDefaults: false`); put back when
 /// the node goes.
@@ -174,12 +209,22 @@ struct Daemon {
     log: PathBuf,
 }
 
+/// The supervisor's thread and what it shares with the [`Node`].
+struct Supervisor {
+    stop: Arc<AtomicBool>,
+    restarts: Arc<AtomicUsize>,
+    fail_next: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
 /// kube-scheduler and a kubelet with its containerd; stopped and cleaned up when dropped.
 pub struct Node {
     name: String,
     dir: Option<tempfile::TempDir>,
     dir_path: PathBuf,
-    daemons: Vec<Daemon>,
+    /// Shared with the supervisor, which replaces containerd's on a restart.
+    daemons: Vec<Arc<Mutex<Daemon>>>,
+    supervisor: Option<Supervisor>,
     holder: Option<(Child, ChildStdin)>,
     cgroup_root: String,
     sysctls: Vec<(String, String)>,
@@ -233,6 +278,7 @@ impl Node {
             dir: Some(dir),
             dir_path: dir_path.clone(),
             daemons: Vec::new(),
+            supervisor: None,
             holder: None,
             cgroup_root: cgroup_root.clone(),
             sysctls,
@@ -418,6 +464,7 @@ state = "{dir}/containerd/state"
             std::thread::sleep(Duration::from_millis(50));
         }
         run_ok(self.ctr().args(["images", "import"]).arg(&pause.archive));
+        self.start_supervisor(holder_pid);
 
         // kube-scheduler.
         let mut scheduler = Command::new(bin.join("kube-scheduler"));
@@ -536,10 +583,11 @@ localStorageCapacityIsolation: true
         run_ok(self.ctr().args(["images", "import"]).arg(archive));
     }
 
-    /// The process id of the node's containerd.
+    /// The process id of the node's containerd (a new one after each restart).
     pub fn containerd_pid(&self) -> u32 {
         self.daemons
             .iter()
+            .map(|d| lock(d))
             .find(|d| d.name == "containerd")
             .map(|d| d.child.id())
             .expect("containerd runs")
@@ -547,9 +595,100 @@ localStorageCapacityIsolation: true
 
     /// The process ids of containerd, the kubelet and the scheduler (and the watchdog).
     pub fn pids(&self) -> Vec<u32> {
-        let mut pids: Vec<u32> = self.daemons.iter().map(|d| d.child.id()).collect();
+        let mut pids: Vec<u32> = self.daemons.iter().map(|d| lock(d).child.id()).collect();
         pids.extend(self.holder.as_ref().map(|(holder, _)| holder.id()));
         pids
+    }
+
+    /// The supervisor's client as the agent pod sees it (the chart mounts the host root's
+    /// `/run/dbus` at `/host/run/dbus`): a value for `agent.restartCommand`.
+    pub fn restart_command_in_agent_pod() -> String {
+        format!("sh /host/{SUPERVISOR_DIR}/restart")
+    }
+
+    /// How many restarts of containerd the supervisor has done (failed requests not counted).
+    pub fn containerd_restarts(&self) -> usize {
+        self.supervisor
+            .as_ref()
+            .map_or(0, |s| s.restarts.load(Ordering::SeqCst))
+    }
+
+    /// The next restart request fails: answered as a failure (the client exits 1, as a
+    /// `systemctl restart` that fails does), containerd left as it is.
+    pub fn fail_next_restart(&self) {
+        if let Some(supervisor) = &self.supervisor {
+            supervisor.fail_next.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Starts the supervisor of containerd: a thread that takes the requests of
+    /// `<host root>/SUPERVISOR_DIR/requests` one at a time.
+    fn start_supervisor(&mut self, holder: u32) {
+        let dir = self.host_root().join(SUPERVISOR_DIR);
+        for sub in ["requests", "answers"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        std::fs::write(dir.join("restart"), RESTART_CLIENT).unwrap();
+        let containerd = self
+            .daemons
+            .iter()
+            .find(|d| lock(d).name == "containerd")
+            .expect("containerd runs")
+            .clone();
+        let supervisor = Supervisor {
+            stop: Arc::new(AtomicBool::new(false)),
+            restarts: Arc::new(AtomicUsize::new(0)),
+            fail_next: Arc::new(AtomicBool::new(false)),
+            thread: None,
+        };
+        let (stop, restarts, fail_next) = (
+            supervisor.stop.clone(),
+            supervisor.restarts.clone(),
+            supervisor.fail_next.clone(),
+        );
+        let socket = self.socket.clone();
+        let node_dir = self.dir_path.clone();
+        // The thread starts containerd again; spawned by this thread, it is in its network
+        // namespace (the node's).
+        let thread = std::thread::Builder::new()
+            .name(format!("{}-containerd-supervisor", self.name))
+            .spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let mut requests: Vec<String> = std::fs::read_dir(dir.join("requests"))
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                        .filter(|name| !name.starts_with('.'))
+                        .collect();
+                    requests.sort();
+                    for request in requests {
+                        let _ = std::fs::remove_file(dir.join("requests").join(&request));
+                        let answer = if fail_next.swap(false, Ordering::SeqCst) {
+                            "failed: told to fail this restart (Node::fail_next_restart)".to_owned()
+                        } else {
+                            match restart_containerd(&containerd, holder, &socket, &node_dir) {
+                                Ok(pid) => {
+                                    restarts.fetch_add(1, Ordering::SeqCst);
+                                    format!("restarted containerd, now pid {pid}")
+                                }
+                                Err(e) => format!("failed: {e}"),
+                            }
+                        };
+                        eprintln!("containerd supervisor: request {request}: {answer}");
+                        let answers = dir.join("answers");
+                        let temporary = answers.join(format!(".{request}"));
+                        let _ = std::fs::write(&temporary, format!("{answer}\n"));
+                        let _ = std::fs::rename(&temporary, answers.join(&request));
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            })
+            .expect("start the containerd supervisor");
+        self.supervisor = Some(Supervisor {
+            thread: Some(thread),
+            ..supervisor
+        });
     }
 
     /// The node's cgroup root (the kubelet's `cgroupRoot`), e.g. `/regmirror-node-1-123`.
@@ -559,7 +698,8 @@ localStorageCapacityIsolation: true
 
     /// Fails with the end of its log if a process of the node has exited.
     pub fn check_running(&mut self) {
-        for daemon in &mut self.daemons {
+        for daemon in &self.daemons {
+            let mut daemon = lock(daemon);
             if let Ok(Some(status)) = daemon.child.try_wait() {
                 panic!(
                     "{} of node {} exited with {status}; the end of {}:\n{}",
@@ -611,29 +751,15 @@ localStorageCapacityIsolation: true
         command
     }
 
-    fn spawn(&mut self, name: &'static str, group: u32, mut command: Command) {
-        let log = self.dir_path.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).expect("create a log file");
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .process_group(group as i32)
-            .spawn()
+    fn spawn(&mut self, name: &'static str, group: u32, command: Command) {
+        let daemon = spawn_daemon(&self.dir_path, name, group, command)
             .unwrap_or_else(|e| panic!("start {name}: {e}"));
-        self.daemons.push(Daemon { name, child, log });
+        self.daemons.push(Arc::new(Mutex::new(daemon)));
     }
 
     /// Runs `program` in the node's mount namespace (nsenter execs it: the pid is its own).
     fn spawn_in_namespace(&mut self, name: &'static str, holder: u32, program: Command) {
-        let mut command = Command::new("nsenter");
-        command
-            .arg(format!("--target={holder}"))
-            .arg("--mount")
-            .arg("--")
-            .arg(program.get_program())
-            .args(program.get_args());
-        self.spawn(name, holder, command);
+        self.spawn(name, holder, in_namespace(holder, program));
     }
 
     /// The v1 hierarchies the kubelet uses, each with the node's cgroup root in it.
@@ -669,10 +795,19 @@ localStorageCapacityIsolation: true
     /// Kills every process of the node: the kubelet and the scheduler, then what runs in the
     /// node's cgroups (containers), the shims, containerd, and the watchdog.
     fn kill_all(&mut self) {
+        if let Some(mut supervisor) = self.supervisor.take() {
+            supervisor.stop.store(true, Ordering::SeqCst);
+            if let Some(thread) = supervisor.thread.take() {
+                let _ = thread.join();
+            }
+        }
         for name in ["kubelet", "kube-scheduler"] {
-            if let Some(daemon) = self.daemons.iter_mut().find(|d| d.name == name) {
-                let _ = daemon.child.kill();
-                let _ = daemon.child.wait();
+            for daemon in &self.daemons {
+                let mut daemon = lock(daemon);
+                if daemon.name == name {
+                    let _ = daemon.child.kill();
+                    let _ = daemon.child.wait();
+                }
             }
         }
         for _ in 0..3 {
@@ -686,7 +821,8 @@ localStorageCapacityIsolation: true
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        for daemon in &mut self.daemons {
+        for daemon in &self.daemons {
+            let mut daemon = lock(daemon);
             let _ = daemon.child.kill();
             let _ = daemon.child.wait();
         }
@@ -751,7 +887,11 @@ localStorageCapacityIsolation: true
     }
 
     fn cleanup(&mut self) -> Vec<String> {
-        if self.dir.is_none() && self.daemons.is_empty() && self.holder.is_none() {
+        if self.dir.is_none()
+            && self.daemons.is_empty()
+            && self.holder.is_none()
+            && self.supervisor.is_none()
+        {
             return Vec::new();
         }
         self.kill_all();
@@ -789,6 +929,106 @@ impl Drop for Node {
         if !problems.is_empty() {
             eprintln!("node {} left behind:\n{}", self.name, problems.join("\n"));
         }
+    }
+}
+
+fn lock(daemon: &Mutex<Daemon>) -> MutexGuard<'_, Daemon> {
+    daemon
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Starts `command` in the node's process group `group`, its output appended to
+/// `<node dir>/<name>.log`.
+fn spawn_daemon(
+    node_dir: &Path,
+    name: &'static str,
+    group: u32,
+    mut command: Command,
+) -> std::io::Result<Daemon> {
+    let log = node_dir.join(format!("{name}.log"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)?;
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .process_group(group as i32)
+        .spawn()?;
+    Ok(Daemon { name, child, log })
+}
+
+/// `program` run by nsenter in the mount and network namespaces of the node's holder.
+fn in_namespace(holder: u32, program: Command) -> Command {
+    let mut command = Command::new("nsenter");
+    command
+        .arg(format!("--target={holder}"))
+        .args(["--mount", "--net", "--"])
+        .arg(program.get_program())
+        .args(program.get_args());
+    command
+}
+
+/// What the supervisor does on a request: stops containerd (SIGTERM; SIGKILL after 30 s), as
+/// systemd's `KillMode=process` does (the shims, and so the pods, keep running), starts it
+/// again in the node's namespaces, and waits until it serves its API. Returns its new pid.
+fn restart_containerd(
+    slot: &Mutex<Daemon>,
+    holder: u32,
+    socket: &Path,
+    node_dir: &Path,
+) -> Result<u32, String> {
+    let mut daemon = lock(slot);
+    // SAFETY: kill(2) on the node's containerd, our child.
+    unsafe {
+        libc::kill(daemon.child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match daemon.child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => {
+                let _ = daemon.child.kill();
+                let _ = daemon.child.wait();
+                break;
+            }
+        }
+    }
+    *daemon = spawn_daemon(
+        node_dir,
+        "containerd",
+        holder,
+        in_namespace(holder, Command::new("containerd")),
+    )
+    .map_err(|e| format!("cannot start containerd again: {e}"))?;
+    let pid = daemon.child.id();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(Some(status)) = daemon.child.try_wait() {
+            return Err(format!(
+                "containerd exited with {status} after the restart; the end of {}:\n{}",
+                daemon.log.display(),
+                log_tail(&daemon.log)
+            ));
+        }
+        let serves = Command::new("ctr")
+            .arg("--address")
+            .arg(socket)
+            .arg("version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if serves {
+            return Ok(pid);
+        }
+        if Instant::now() > deadline {
+            return Err("containerd does not serve its API 60 s after the restart".into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -5,67 +5,16 @@
 //! `helm uninstall` (its pre-delete hook) leaves the node as it was before regmirror: its files
 //! gone, a hand-written file it replaced back with its content and mode, /var/lib/regmirror gone.
 
+mod on_node;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use regmirror_testbed::{
-    enter_private_network, push, BuiltImages, ControlPlane, ControlPlaneOptions, Node, NodeOptions,
-    Pki, Registry, RegistryOptions,
-};
-
-const NAMESPACE: &str = "regmirror-system";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .into()
-}
-
-fn output(command: &mut Command) -> String {
-    let out = command.output().expect("run a command");
-    assert!(
-        out.status.success(),
-        "{command:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<String>) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
-        std::thread::sleep(Duration::from_secs(1));
-    }
-}
-
-/// Helm from target/tools/bin (installed by `scripts/chart-checks --tools-only` if missing).
-fn helm(plane: &ControlPlane) -> Command {
-    let helm = repo().join("target/tools/bin/helm");
-    if !helm.is_file() {
-        output(
-            Command::new("bash")
-                .arg(repo().join("scripts/chart-checks"))
-                .arg("--tools-only"),
-        );
-    }
-    let mut command = Command::new(helm);
-    command
-        .env("KUBECONFIG", plane.kubeconfig_path())
-        .env("HELM_CACHE_HOME", plane.dir().join("helm/cache"))
-        .env("HELM_CONFIG_HOME", plane.dir().join("helm/config"))
-        .env("HELM_DATA_HOME", plane.dir().join("helm/data"))
-        .current_dir(repo());
-    command
-}
+use on_node::{output, wait_for, OnNode, NAMESPACE};
+use regmirror_testbed::{push, Pki, Registry, RegistryOptions};
 
 /// An HTTP GET from this network namespace (the node's), e.g. to a pod's address.
 fn get(url: &str) -> (u16, String) {
@@ -107,33 +56,9 @@ fn files_below(dir: &Path) -> BTreeMap<PathBuf, (Vec<u8>, u32)> {
 
 #[test]
 fn the_chart_runs_on_a_real_node() {
-    enter_private_network();
-    let images = BuiltImages::build();
-    let plane = ControlPlane::start_with_options(&ControlPlaneOptions {
-        apiserver_args: vec!["--bind-address=0.0.0.0".into()],
-        ..ControlPlaneOptions::default()
-    });
-    let node = Node::start(&plane, &images, &NodeOptions::default());
-    // The release images, as a node that pulled them has them (imagePullPolicy IfNotPresent).
-    for tag in ["regmirror", "regmirror-agent"] {
-        node.import(&images.get(tag).archive);
-    }
-    let kubectl = |args: &[&str]| output(plane.kubectl().args(args));
-    let api_port = plane.server().rsplit(':').next().unwrap().to_owned();
-
-    kubectl(&["create", "namespace", NAMESPACE]);
-    kubectl(&[
-        "label",
-        "namespace",
-        NAMESPACE,
-        "pod-security.kubernetes.io/enforce=privileged",
-    ]);
-    let (repository, tag) = images.get("regmirror").reference.rsplit_once(':').unwrap();
-    let (agent_repository, agent_tag) = images
-        .get("regmirror-agent")
-        .reference
-        .rsplit_once(':')
-        .unwrap();
+    let on_node = OnNode::start();
+    let (node, images) = (&on_node.node, &on_node.images);
+    let kubectl = |args: &[&str]| on_node.kubectl(args);
     let host_root = node.host_root();
     // A hand-written hosts.toml where regmirror will write one (RegistryMirror "kept" below):
     // the agent backs it up, and helm uninstall must put it back.
@@ -147,37 +72,7 @@ fn the_chart_runs_on_a_real_node() {
     let state_dir = host_root.join("var/lib/regmirror");
     let _ = std::fs::remove_dir(&state_dir);
     assert!(!state_dir.exists(), "no regmirror state before the install");
-    // Pods reach the API server at the kubernetes ClusterIP (on the node's loopback) but on the
-    // API server's own port, as there is no kube-proxy to map 443 to it.
-    let port_env = format!("[{{\"name\":\"KUBERNETES_SERVICE_PORT\",\"value\":\"{api_port}\"}}]");
-    let install = output(helm(&plane).args([
-        "install",
-        "regmirror",
-        "charts/regmirror",
-        "-n",
-        NAMESPACE,
-        "--set",
-        &format!("operator.image.repository={repository}"),
-        "--set",
-        &format!("operator.image.tag={tag}"),
-        "--set",
-        &format!("agent.image.repository={agent_repository}"),
-        "--set",
-        &format!("agent.image.tag={agent_tag}"),
-        "--set",
-        &format!("agent.hostRoot={}", host_root.display()),
-        // The mirrors are on the node's loopback, which the agent's pod network does not reach.
-        "--set",
-        "agent.verifyEndpoints=false",
-        "--set-json",
-        &format!("operator.extraEnv={port_env}"),
-        "--set-json",
-        &format!("agent.extraEnv={port_env}"),
-        "--wait",
-        "--timeout",
-        "180s",
-    ]));
-    assert!(install.contains("STATUS: deployed"), "{install}");
+    on_node.helm_install(&[]);
 
     // The operator Deployment Available, a leader elected.
     let available = kubectl(&[
@@ -222,19 +117,7 @@ fn the_chart_runs_on_a_real_node() {
     );
 
     // The agent pod Running and Ready on the node.
-    let agent = wait_for("the agent pod Ready", Duration::from_secs(120), || {
-        let agent = kubectl(&[
-            "get",
-            "pods",
-            "-n",
-            NAMESPACE,
-            "-l",
-            "app.kubernetes.io/component=agent",
-            "-o",
-            "jsonpath={range .items[*]}{.spec.nodeName} {.status.podIP} {.status.phase} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
-        ]);
-        agent.contains(" Running True").then_some(agent)
-    });
+    let agent = on_node.agent_ready();
     let fields: Vec<&str> = agent.split_whitespace().collect();
     assert_eq!(fields[0], "node-1", "{agent}");
     let agent_ip = fields[1].to_owned();
@@ -406,7 +289,7 @@ fn the_chart_runs_on_a_real_node() {
 
     // helm uninstall: the pre-delete hook cleans the node up, then the chart's pods go.
     let started = Instant::now();
-    let uninstall = output(helm(&plane).args([
+    let uninstall = output(on_node.helm().args([
         "uninstall",
         "regmirror",
         "-n",
@@ -456,6 +339,6 @@ fn the_chart_runs_on_a_real_node() {
     );
     drop(registry);
 
-    let problems = node.stop();
+    let problems = on_node.node.stop();
     assert!(problems.is_empty(), "left behind: {problems:#?}");
 }
