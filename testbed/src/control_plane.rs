@@ -160,11 +160,13 @@ impl ControlPlane {
     /// Starts a control plane whose files live in `dir` (created; kept after drop): the PKI,
     /// etcd's data, `admin.kubeconfig` and a log per process.
     pub fn start_in(dir: &Path) -> ControlPlane {
+        Self::start_in_with_options(dir, &ControlPlaneOptions::default())
+    }
+
+    /// Starts a control plane (as [`ControlPlane::start_in`]) with `options`.
+    pub fn start_in_with_options(dir: &Path, options: &ControlPlaneOptions) -> ControlPlane {
         std::fs::create_dir_all(dir).expect("create the control plane directory");
-        Self::start_with(
-            Dir::Kept(dir.canonicalize().unwrap()),
-            &ControlPlaneOptions::default(),
-        )
+        Self::start_with(Dir::Kept(dir.canonicalize().unwrap()), options)
     }
 
     /// The directory of etcd, kube-apiserver and kube-controller-manager for this checkout:

@@ -837,10 +837,18 @@ localStorageCapacityIsolation: true
         }
     }
 
-    /// Removes the node's cgroups, deepest first (retrying while killed processes go).
+    /// Removes the node's cgroups, deepest first (retrying while killed processes go): those
+    /// of the v1 hierarchies, and the one runc makes in the unified (v2) hierarchy of a hybrid
+    /// machine.
     fn remove_cgroups(&self) -> Vec<String> {
         let mut left = Vec::new();
-        for dir in self.cgroup_dirs() {
+        let mut dirs = self.cgroup_dirs();
+        let unified =
+            Path::new("/sys/fs/cgroup/unified").join(self.cgroup_root.trim_start_matches('/'));
+        if unified.is_dir() {
+            dirs.push(unified);
+        }
+        for dir in dirs {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 let mut all: Vec<PathBuf> = Vec::new();
