@@ -22,7 +22,7 @@ use regmirror_testbed::{
     enter_private_network, require_tool, BuiltImages, ControlPlane, ControlPlaneOptions, Node,
     NodeOptions, Pki, Registry, RegistryOptions,
 };
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -32,20 +32,23 @@ fn main() {
         _ => usage(),
     };
     let dir = PathBuf::from(&args[1]);
+    // Taken from the start: a signal while the cluster starts is acted on once it has started,
+    // so that it is stopped (and a node cleaned up) rather than this process killed.
+    let signals = Signals::new();
     if with_node {
-        run_with_node(&dir);
+        run_with_node(&dir, signals);
     } else {
         let plane = ControlPlane::start_in(&dir);
         write_pids(&dir, plane.pids());
         println!("export KUBECONFIG={}", plane.kubeconfig_path().display());
-        wait_for_signal();
+        signals.wait();
         drop(plane);
     }
     let _ = std::fs::remove_file(dir.join("pids"));
     eprintln!("dev-cluster: stopped");
 }
 
-fn run_with_node(dir: &Path) {
+fn run_with_node(dir: &Path, signals: Signals) {
     require_tool("skopeo");
     // Bound in this machine's network namespace, before this thread leaves it: the person's
     // way to the API server.
@@ -129,7 +132,7 @@ fn run_with_node(dir: &Path) {
     write_pids(&dir, pids);
     print!("{env}");
 
-    wait_for_signal();
+    signals.wait();
     drop(registry);
     let problems = node.stop();
     if !problems.is_empty() {
@@ -179,21 +182,43 @@ fn write_pids(dir: &Path, pids: Vec<u32>) {
     std::fs::rename(dir.join("pids.new"), dir.join("pids")).unwrap();
 }
 
-fn wait_for_signal() {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            let mut term = signal(SignalKind::terminate()).unwrap();
-            let mut int = signal(SignalKind::interrupt()).unwrap();
-            let mut hup = signal(SignalKind::hangup()).unwrap();
+/// SIGTERM, SIGINT and SIGHUP, registered (their default action, exiting, replaced) when made.
+struct Signals {
+    runtime: tokio::runtime::Runtime,
+    streams: [Signal; 3],
+}
+
+impl Signals {
+    fn new() -> Signals {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let streams = runtime.block_on(async {
+            [
+                SignalKind::terminate(),
+                SignalKind::interrupt(),
+                SignalKind::hangup(),
+            ]
+            .map(|kind| signal(kind).unwrap())
+        });
+        Signals { runtime, streams }
+    }
+
+    /// Returns on the first of them (also one that came before).
+    fn wait(self) {
+        let Signals {
+            runtime,
+            streams: [mut term, mut int, mut hup],
+        } = self;
+        runtime.block_on(async {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
                 _ = hup.recv() => {}
             }
         });
+    }
 }
 
 fn usage() -> ! {
