@@ -24,6 +24,11 @@ fn dev_cluster(dir: &Path, args: &[&str]) -> Output {
         .arg(repo().join("scripts/dev-cluster"))
         .args(args)
         .env("REGMIRROR_DEV_CLUSTER_DIR", dir)
+        // The program cargo built for this test: no cargo build while tests run.
+        .env(
+            "REGMIRROR_DEV_CLUSTER_BIN",
+            env!("CARGO_BIN_EXE_dev-cluster"),
+        )
         .current_dir(repo())
         .output()
         .expect("run scripts/dev-cluster")
