@@ -147,6 +147,14 @@ fn e2e_run_passes_against_dev_cluster_up_node() {
     assert!(passed >= 14, "{summary}\n{output}");
     assert!(!output.contains("skipped"), "a step was skipped:\n{output}");
     let e2e_time = e2e_started.elapsed();
+    // The node pulled the images from the loopback registry (nothing imported them).
+    let registry_log = std::fs::read_to_string(dir.join("registry/registry.log")).unwrap();
+    for repository in ["regmirror/regmirror", "regmirror/regmirror-agent"] {
+        assert!(
+            registry_log.contains(&format!("GET /v2/{repository}/manifests/")),
+            "the node did not pull {repository} from the registry"
+        );
+    }
 
     // What down must take away.
     let node = std::fs::read_to_string(dir.join("node")).unwrap();
