@@ -240,3 +240,43 @@ async fn a_daemonset_without_the_state_volume_is_not_patched() {
          container agent mounts nothing at /host/var/lib/regmirror"
     );
 }
+
+#[tokio::test]
+async fn an_uninstall_tried_again_finds_the_agents_cleaning_up_already() {
+    // What the first hook run left: the agents hold after their cleanup, the state volume
+    // one level up.
+    let mut patched = daemonset(6, 6, 3, 3, 2);
+    let pod = &mut patched["spec"]["template"]["spec"];
+    pod["containers"][0]["args"] = json!(["cleanup", "--hold"]);
+    pod["containers"][0]["volumeMounts"] = json!([
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "host-var-lib-regmirror", "mountPath": "/host/var/lib"},
+    ]);
+    pod["volumes"][1]["hostPath"] = json!({"path": "/srv/node-1/var/lib", "type": "Directory"});
+    let again = json!({"spec": {
+        "updateStrategy": {"type": "RollingUpdate",
+                           "rollingUpdate": {"maxUnavailable": "100%", "maxSurge": 0}},
+        "template": {"spec": {"containers": [{"name": "agent", "args": ["cleanup", "--hold"]}]}},
+    }});
+    let (client, api) = Scenario::new()
+        .then(scale_down())
+        .then(Expect::get(DS).answer(200, patched.clone()))
+        .then(
+            Expect::patch(format!("{DS}?"))
+                .content_type("application/strategic-merge-patch+json")
+                .body(again)
+                .answer(200, patched),
+        )
+        .then(Expect::get(DS).answer(200, daemonset(6, 6, 3, 3, 3)))
+        .serve();
+    let mut out = Vec::new();
+    clean_up(client, &settings(Duration::from_secs(30)), &mut out)
+        .await
+        .unwrap();
+    api.finish();
+    assert!(
+        String::from_utf8(out)
+            .unwrap()
+            .ends_with("every node is cleaned up (3 of 3): regmirror's files removed, hand-written files put back, /var/lib/regmirror deleted\n"),
+    );
+}

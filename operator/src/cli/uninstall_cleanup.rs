@@ -225,6 +225,14 @@ pub const STATE_MOUNT: &str = "/host/var/lib/regmirror";
 /// Where the cleanup pods see the state directory's parent instead.
 pub const STATE_PARENT_MOUNT: &str = "/host/var/lib";
 
+/// What the cleanup pods run.
+const HOLD_ARGS: [&str; 2] = ["cleanup", "--hold"];
+
+/// Every node at once, never two agents on a node.
+static HOLD_STRATEGY: std::sync::LazyLock<serde_json::Value> = std::sync::LazyLock::new(
+    || json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "100%", "maxSurge": 0}}),
+);
+
 /// The strategic merge patch that has the DaemonSet's pods run `cleanup --hold`.
 ///
 /// Besides the command and the update strategy it moves the state volume one level up: the
@@ -253,6 +261,25 @@ pub fn hold_patch(
         .iter()
         .find(|c| c.name == settings.container)
         .ok_or_else(|| unusable(format!("it has no container {}", settings.container)))?;
+    let holding = container.args.as_deref() == Some(&HOLD_ARGS.map(String::from)[..])
+        && container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.mount_path == STATE_PARENT_MOUNT);
+    if holding {
+        // A hook that ran before (an uninstall tried again after a timeout) patched it
+        // already: its pods keep cleaning up; the patch only says so again.
+        return Ok(json!({
+            "spec": {
+                "updateStrategy": HOLD_STRATEGY.clone(),
+                "template": {"spec": {"containers": [{
+                    "name": settings.container,
+                    "args": HOLD_ARGS,
+                }]}},
+            }
+        }));
+    }
     let volume = container
         .volume_mounts
         .iter()
@@ -283,14 +310,11 @@ pub fn hold_patch(
     };
     Ok(json!({
         "spec": {
-            "updateStrategy": {
-                "type": "RollingUpdate",
-                "rollingUpdate": {"maxUnavailable": "100%", "maxSurge": 0},
-            },
+            "updateStrategy": HOLD_STRATEGY.clone(),
             "template": {"spec": {
                 "containers": [{
                     "name": settings.container,
-                    "args": ["cleanup", "--hold"],
+                    "args": HOLD_ARGS,
                     "volumeMounts": [
                         {"$patch": "delete", "mountPath": STATE_MOUNT},
                         {"name": volume, "mountPath": STATE_PARENT_MOUNT},
