@@ -99,7 +99,7 @@ pub fn event(
     time: Timestamp,
     stamp: i64,
 ) -> Event {
-    let subject = regarding.name.as_deref().unwrap_or(controller);
+    let subject = name_prefix(regarding.name.as_deref().unwrap_or(controller));
     Event {
         metadata: ObjectMeta {
             name: Some(format!("{subject}.{stamp:x}")),
@@ -113,9 +113,18 @@ pub fn event(
         note: Some(truncate(what.note, NOTE_MAX).to_owned()),
         regarding: Some(regarding.clone()),
         reporting_controller: Some(controller.to_owned()),
-        reporting_instance: Some(instance.to_owned()),
+        reporting_instance: Some(truncate(instance, INSTANCE_MAX).to_owned()),
         ..Event::default()
     }
+}
+
+/// The longest `reportingInstance` the API server accepts.
+const INSTANCE_MAX: usize = 128;
+
+/// An Event's name is `<object>.<stamp>`, a DNS subdomain of at most 253 characters: a long
+/// object name is cut (to end on a letter or digit, as a subdomain must).
+fn name_prefix(object: &str) -> &str {
+    truncate(object, 253 - 1 - 16).trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
 }
 
 /// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
@@ -187,6 +196,31 @@ mod tests {
         let cut = e.note.unwrap();
         assert_eq!(cut.len(), NOTE_MAX);
         assert!(cut.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn an_event_about_an_object_with_a_long_name_is_still_valid() {
+        let long = format!("{}.{}", "a".repeat(230), "b".repeat(22));
+        let what = Occurrence {
+            warning: false,
+            reason: "Applied",
+            action: "Apply",
+            note: "",
+        };
+        let e = event(
+            &what,
+            &node(&long),
+            "regmirror-agent",
+            &long,
+            Timestamp::now(),
+            i64::MAX,
+        );
+        let name = e.metadata.name.unwrap();
+        assert!(name.len() <= 253, "{}", name.len());
+        assert!(name.starts_with(&"a".repeat(230)));
+        assert!(!name.contains(".."), "{name}");
+        assert_eq!(e.reporting_instance.unwrap().len(), 128);
+        assert_eq!(e.regarding.unwrap().name.as_deref(), Some(long.as_str()));
     }
 
     #[test]

@@ -536,6 +536,16 @@ fn a_change_to_one_mirror_leaves_the_status_of_the_others_alone() {
         ["hub"],
         "quay runs its latest everywhere still"
     );
+    let events: Vec<(&str, &str)> = d
+        .notices
+        .iter()
+        .map(|n| (n.reason, n.mirror.as_str()))
+        .collect();
+    assert_eq!(
+        events,
+        [("RolloutStep", "hub")],
+        "no Event on the mirror that only shares the config"
+    );
 }
 
 #[test]

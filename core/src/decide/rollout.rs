@@ -3,7 +3,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use super::{Advance, ClusterView, Decision, Notice, Placement, Steps, NO_CONFIG_PLACEHOLDER};
+use super::placement::Group;
+use super::{
+    Advance, ClusterView, Decision, NodeView, Notice, Placement, Steps, NO_CONFIG_PLACEHOLDER,
+};
 use crate::activation::{activation, Activation};
 use crate::contract::is_config_name;
 use crate::plan::{plan, NodeRollout};
@@ -82,7 +85,7 @@ pub(super) fn advance_nodes(placement: &Placement, view: &ClusterView, decision:
                 activation: rollout.activation,
                 public_key: view.nodes[index].public_key.clone().unwrap_or_default(),
             });
-            told.push((g, rollout.name, rollout.activation));
+            told.push((g, index, rollout.activation));
         } else if rollout.desired == Some(group.config_name.as_str())
             && !view.stored.contains_key(&group.config_name)
         {
@@ -102,18 +105,21 @@ pub(super) fn advance_nodes(placement: &Placement, view: &ClusterView, decision:
 /// The most node names a rollout Event lists.
 const NAMED_NODES: usize = 5;
 
-/// One Event per mirror for the nodes this pass tells to apply a config with that mirror in
-/// it — not one per node: a change to every node of a large cluster would double the API
-/// requests of the rollout, and `kubectl describe node` has the agent's own Event of the apply.
+/// One Event per mirror for the nodes this pass tells to apply a config that changes that
+/// mirror — not one per node (a change to every node of a large cluster would double the API
+/// requests of the rollout; `kubectl describe node` has the agent's own Event of the apply),
+/// and not on the mirrors that only share the config (a restart rollout one node a pass would
+/// record an Event on every mirror of the group each pass).
 fn rollout_notices(
-    told: &[(usize, &str, Activation)],
+    told: &[(usize, usize, Activation)],
     placement: &Placement,
     view: &ClusterView,
 ) -> Vec<Notice> {
     let mut by_mirror: BTreeMap<usize, Vec<(&str, Activation)>> = BTreeMap::new();
-    for &(g, node, step) in told {
-        for &m in &placement.group(g).mirrors {
-            by_mirror.entry(m).or_default().push((node, step));
+    for &(g, index, step) in told {
+        let node = &view.nodes[index];
+        for m in changed_mirrors(view, node, placement.group(g)) {
+            by_mirror.entry(m).or_default().push((&node.name, step));
         }
     }
     by_mirror
@@ -129,6 +135,27 @@ fn rollout_notices(
             })
         })
         .collect()
+}
+
+/// The mirrors of `group` whose part of the config differs from the config `node` was told
+/// (or runs) now: all of them when that config is not known.
+fn changed_mirrors<'a>(
+    view: &'a ClusterView,
+    node: &NodeView,
+    group: &'a Group,
+) -> impl Iterator<Item = usize> + 'a {
+    let before = node
+        .desired
+        .as_ref()
+        .or(node.current.as_ref())
+        .and_then(|c| view.stored.get(c));
+    group.mirrors.iter().copied().filter(move |&m| {
+        let name = view.mirrors[m].metadata.name.as_ref();
+        match (before, name) {
+            (Some(before), Some(name)) => before.parts.get(name) != group.config.parts.get(name),
+            _ => true,
+        }
+    })
 }
 
 /// "told 3 nodes to apply a new configuration (2 with a runtime restart, 1 live): a, b, c".

@@ -182,7 +182,19 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Control
             }
             _ = tokio::time::sleep_until(next_pass) => {}
         }
-        let changes = std::mem::take(&mut *pending.lock().expect("not poisoned"));
+        let changes = {
+            let mut pending = pending.lock().expect("not poisoned");
+            let now = Instant::now();
+            // A pass that would place every node again (a resync, a retry, the first pass)
+            // while a placement change is still settling waits for it: it would otherwise act
+            // on half of a `kubectl apply`.
+            let whole_pass = pending.nodes.is_empty() || failures > 0 || last.is_none();
+            if pending.settling(now) && whole_pass {
+                next_pass = pending.placement_due().unwrap_or(planned);
+                continue;
+            }
+            pending.take_due(now)
+        };
         // Only node states changed (agents' reports, readiness, our own annotations): the
         // placement stands, and only those nodes are read again. Anything else, a resync or
         // a retry after failures places every node again.
@@ -281,17 +293,38 @@ impl Pending {
         }
     }
 
-    /// When the pass for these changes should start, if any is pending: once placement
-    /// changes have been quiet for [`PLACEMENT_QUIET`] (at most [`PLACEMENT_WAIT_MAX`] after
-    /// the first), node states alone [`DEBOUNCE`] after the first. Node states waiting with a
-    /// placement change go in its pass.
+    /// When the next pass for these changes should start, if any is pending: node states
+    /// [`DEBOUNCE`] after the first; placement changes once they have been quiet for
+    /// [`PLACEMENT_QUIET`] (at most [`PLACEMENT_WAIT_MAX`] after the first). Node states do
+    /// not wait for a placement change: a busy Secret must not slow every rollout step.
     pub fn due(&self) -> Option<Instant> {
-        match (self.placement_changes, self.first_state_change) {
-            (Some((first, latest)), _) => {
-                Some((latest + PLACEMENT_QUIET).min(first + PLACEMENT_WAIT_MAX))
-            }
-            (None, Some(first)) => Some(first + DEBOUNCE),
-            (None, None) => None,
+        let states = self.first_state_change.map(|first| first + DEBOUNCE);
+        match (self.placement_due(), states) {
+            (Some(p), Some(s)) => Some(p.min(s)),
+            (p, s) => p.or(s),
+        }
+    }
+
+    fn placement_due(&self) -> Option<Instant> {
+        self.placement_changes
+            .map(|(first, latest)| (latest + PLACEMENT_QUIET).min(first + PLACEMENT_WAIT_MAX))
+    }
+
+    /// Whether a placement change is pending and not yet due at `now`.
+    pub fn settling(&self, now: Instant) -> bool {
+        self.placement_due().is_some_and(|due| due > now)
+    }
+
+    /// Takes what is due at `now`: every change, or only the node states while a placement
+    /// change is still settling (it stays pending for a later pass).
+    pub fn take_due(&mut self, now: Instant) -> Pending {
+        if !self.settling(now) {
+            return std::mem::take(self);
+        }
+        Pending {
+            nodes: std::mem::take(&mut self.nodes),
+            first_state_change: self.first_state_change.take(),
+            ..Pending::default()
         }
     }
 }
@@ -877,13 +910,29 @@ mod tests {
         let mut p = Pending::default();
         for i in 0..30 {
             p.add(Change::Placement, at(t, i * 100));
-            p.add(Change::NodeState(format!("n{i}")), at(t, i * 100 + 50));
         }
-        assert_eq!(
-            p.due(),
-            Some(at(t, 2_900) + PLACEMENT_QUIET),
-            "node states wait with it"
-        );
+        assert_eq!(p.due(), Some(at(t, 2_900) + PLACEMENT_QUIET));
+        assert!(p.settling(at(t, 3_000)));
+        assert!(!p.settling(at(t, 2_900) + PLACEMENT_QUIET));
+    }
+
+    #[test]
+    fn node_states_do_not_wait_for_a_settling_placement_change() {
+        let t = Instant::now();
+        let mut p = Pending::default();
+        p.add(Change::Placement, t);
+        p.add(Change::NodeState("a".into()), at(t, 100));
+        assert_eq!(p.due(), Some(at(t, 100) + DEBOUNCE));
+
+        let states = p.take_due(at(t, 400));
+        assert!(!states.everything, "the placement change is still settling");
+        assert_eq!(states.nodes, HashSet::from(["a".to_owned()]));
+        assert!(p.nodes.is_empty());
+        assert_eq!(p.due(), Some(t + PLACEMENT_QUIET), "and stays pending");
+
+        let all = p.take_due(t + PLACEMENT_QUIET);
+        assert!(all.everything);
+        assert_eq!(p.due(), None, "nothing left");
     }
 
     #[test]
