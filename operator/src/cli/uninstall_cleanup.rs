@@ -229,9 +229,9 @@ pub const STATE_PARENT_MOUNT: &str = "/host/var/lib";
 const HOLD_ARGS: [&str; 2] = ["cleanup", "--hold"];
 
 /// Every node at once, never two agents on a node.
-static HOLD_STRATEGY: std::sync::LazyLock<serde_json::Value> = std::sync::LazyLock::new(
-    || json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "100%", "maxSurge": 0}}),
-);
+fn hold_strategy() -> serde_json::Value {
+    json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "100%", "maxSurge": 0}})
+}
 
 /// The strategic merge patch that has the DaemonSet's pods run `cleanup --hold`.
 ///
@@ -261,7 +261,10 @@ pub fn hold_patch(
         .iter()
         .find(|c| c.name == settings.container)
         .ok_or_else(|| unusable(format!("it has no container {}", settings.container)))?;
-    let holding = container.args.as_deref() == Some(&HOLD_ARGS.map(String::from)[..])
+    let holding = container
+        .args
+        .as_ref()
+        .is_some_and(|args| args.iter().eq(HOLD_ARGS))
         && container
             .volume_mounts
             .iter()
@@ -272,7 +275,7 @@ pub fn hold_patch(
         // already: its pods keep cleaning up; the patch only says so again.
         return Ok(json!({
             "spec": {
-                "updateStrategy": HOLD_STRATEGY.clone(),
+                "updateStrategy": hold_strategy(),
                 "template": {"spec": {"containers": [{
                     "name": settings.container,
                     "args": HOLD_ARGS,
@@ -310,7 +313,7 @@ pub fn hold_patch(
     };
     Ok(json!({
         "spec": {
-            "updateStrategy": HOLD_STRATEGY.clone(),
+            "updateStrategy": hold_strategy(),
             "template": {"spec": {
                 "containers": [{
                     "name": settings.container,

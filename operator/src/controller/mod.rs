@@ -176,8 +176,7 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Control
             _ = &mut stop => break Ok(()),
             _ = held.lost() => break Err(ControllerError::LostLease(settings.lease_name.clone())),
             Ok(()) = changed.changed() => {
-                let due = pending.lock().expect("not poisoned").due();
-                next_pass = due.map_or(planned, |due| due.min(planned));
+                next_pass = pending.lock().expect("not poisoned").next_pass(planned);
                 continue;
             }
             _ = tokio::time::sleep_until(next_pass) => {}
@@ -247,8 +246,7 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Control
                 retry_after(failures, jitter())
             };
         // Changes that came during the pass are for the next one.
-        let due = pending.lock().expect("not poisoned").due();
-        next_pass = due.map_or(planned, |due| due.min(planned));
+        next_pass = pending.lock().expect("not poisoned").next_pass(planned);
     };
     metrics.leader.set(0);
     held.release().await;
@@ -303,6 +301,11 @@ impl Pending {
             (Some(p), Some(s)) => Some(p.min(s)),
             (p, s) => p.or(s),
         }
+    }
+
+    /// The next pass: `planned` (a resync or a retry), or sooner if these changes are due.
+    pub fn next_pass(&self, planned: Instant) -> Instant {
+        self.due().map_or(planned, |due| due.min(planned))
     }
 
     fn placement_due(&self) -> Option<Instant> {
