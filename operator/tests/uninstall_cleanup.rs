@@ -24,6 +24,16 @@ fn settings(timeout: Duration) -> Settings {
     }
 }
 
+/// Runs the cleanup against `scenario`, which must be played out whole: what it returned and
+/// what it printed.
+async fn run(scenario: Scenario, timeout: Duration) -> (Result<(), UninstallCleanupError>, String) {
+    let (client, api) = scenario.serve();
+    let mut out = Vec::new();
+    let result = clean_up(client, &settings(timeout), &mut out).await;
+    api.finish();
+    (result, String::from_utf8(out).unwrap())
+}
+
 fn scale(replicas: i32) -> Value {
     json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
            "metadata": {"name": "regmirror-operator", "namespace": NS},
@@ -93,7 +103,7 @@ fn hold(generation: i64) -> Expect {
 
 #[tokio::test]
 async fn stops_the_operator_rolls_the_agents_to_cleanup_and_waits_for_every_node() {
-    let (client, api) = Scenario::new()
+    let scenario = Scenario::new()
         .then(scale_down())
         .then(read(5))
         .then(hold(5))
@@ -101,15 +111,11 @@ async fn stops_the_operator_rolls_the_agents_to_cleanup_and_waits_for_every_node
         .then(Expect::get(DS).answer(200, daemonset(5, 4, 3, 3, 3)))
         .then(Expect::get(DS).answer(200, daemonset(5, 5, 3, 0, 0)))
         .then(Expect::get(DS).answer(200, daemonset(5, 5, 3, 3, 1)))
-        .then(Expect::get(DS).answer(200, daemonset(5, 5, 3, 3, 3)))
-        .serve();
-    let mut out = Vec::new();
-    clean_up(client, &settings(Duration::from_secs(30)), &mut out)
-        .await
-        .unwrap();
-    api.finish();
+        .then(Expect::get(DS).answer(200, daemonset(5, 5, 3, 3, 3)));
+    let (result, out) = run(scenario, Duration::from_secs(30)).await;
+    result.unwrap();
     assert_eq!(
-        String::from_utf8(out).unwrap(),
+        out,
         "Deployment regmirror-system/regmirror-operator scaled to 0: the operator tells no node a new configuration\n\
          DaemonSet regmirror-system/regmirror-agent runs `regmirror-agent cleanup --hold` on every node (generation 5)\n\
          the DaemonSet controller has not seen the change yet (generation 5 observed 4)\n\
@@ -122,17 +128,13 @@ async fn stops_the_operator_rolls_the_agents_to_cleanup_and_waits_for_every_node
 
 #[tokio::test]
 async fn a_node_not_cleaned_up_in_time_is_a_clear_error() {
-    let (client, api) = Scenario::new()
+    let scenario = Scenario::new()
         .then(scale_down())
         .then(read(2))
         .then(hold(2))
-        .background(Expect::get(DS).answer(200, daemonset(2, 2, 3, 3, 2)))
-        .serve();
-    let mut out = Vec::new();
-    let err = clean_up(client, &settings(Duration::from_millis(300)), &mut out)
-        .await
-        .unwrap_err();
-    api.finish();
+        .background(Expect::get(DS).answer(200, daemonset(2, 2, 3, 3, 2)));
+    let (result, out) = run(scenario, Duration::from_millis(300)).await;
+    let err = result.unwrap_err();
     assert!(
         matches!(err, UninstallCleanupError::Timeout { .. }),
         "{err:?}"
@@ -145,25 +147,19 @@ async fn a_node_not_cleaned_up_in_time_is_a_clear_error() {
          (kubectl -n regmirror-system logs -l app.kubernetes.io/component=agent)"
     );
     // Progress is printed once per change, not once per read.
-    let out = String::from_utf8(out).unwrap();
     assert_eq!(out.matches("2 of 3 Ready").count(), 1, "{out}");
 }
 
 #[tokio::test]
 async fn a_forbidden_request_is_tried_again_while_the_hook_rbac_settles() {
-    let (client, api) = Scenario::new()
+    let scenario = Scenario::new()
         .then(Expect::patch(SCALE).answer(403, status_error(403, "Forbidden", "not yet")))
         .then(scale_down())
         .then(read(3))
         .then(hold(3))
-        .then(Expect::get(DS).answer(200, daemonset(3, 3, 1, 1, 1)))
-        .serve();
-    let mut out = Vec::new();
-    clean_up(client, &settings(Duration::from_secs(30)), &mut out)
-        .await
-        .unwrap();
-    api.finish();
-    let out = String::from_utf8(out).unwrap();
+        .then(Expect::get(DS).answer(200, daemonset(3, 3, 1, 1, 1)));
+    let (result, out) = run(scenario, Duration::from_secs(30)).await;
+    result.unwrap();
     assert!(
         out.starts_with(
             "scaling Deployment regmirror-system/regmirror-operator to 0 failed, trying again: "
@@ -175,7 +171,7 @@ async fn a_forbidden_request_is_tried_again_while_the_hook_rbac_settles() {
 
 #[tokio::test]
 async fn a_missing_operator_is_skipped_and_a_refused_patch_fails_naming_the_daemonset() {
-    let (client, api) = Scenario::new()
+    let scenario = Scenario::new()
         .then(Expect::patch(SCALE).answer(404, status_error(404, "NotFound", "gone")))
         .then(read(2))
         .then(Expect::patch(format!("{DS}?")).answer(
@@ -185,15 +181,11 @@ async fn a_missing_operator_is_skipped_and_a_refused_patch_fails_naming_the_daem
                 "Invalid",
                 "spec.template.spec.containers[1].image: Required value",
             ),
-        ))
-        .serve();
-    let mut out = Vec::new();
-    let err = clean_up(client, &settings(Duration::from_secs(30)), &mut out)
-        .await
-        .unwrap_err();
-    api.finish();
+        ));
+    let (result, out) = run(scenario, Duration::from_secs(30)).await;
+    let err = result.unwrap_err();
     assert_eq!(
-        String::from_utf8(out).unwrap(),
+        out,
         "Deployment regmirror-system/regmirror-operator not found: no operator to stop\n"
     );
     let message = err.to_string();
@@ -206,18 +198,13 @@ async fn a_missing_operator_is_skipped_and_a_refused_patch_fails_naming_the_daem
 
 #[tokio::test]
 async fn without_a_daemonset_there_is_nothing_to_wait_for() {
-    let (client, api) = Scenario::new()
+    let scenario = Scenario::new()
         .then(scale_down())
-        .then(Expect::get(DS).answer(404, status_error(404, "NotFound", "gone")))
-        .serve();
-    let mut out = Vec::new();
-    clean_up(client, &settings(Duration::from_secs(30)), &mut out)
-        .await
-        .unwrap();
-    api.finish();
+        .then(Expect::get(DS).answer(404, status_error(404, "NotFound", "gone")));
+    let (result, out) = run(scenario, Duration::from_secs(30)).await;
+    result.unwrap();
     assert!(
-        String::from_utf8(out)
-            .unwrap()
+        out
             .ends_with("DaemonSet regmirror-system/regmirror-agent not found: no agent to clean the nodes up with; the nodes keep whatever regmirror last wrote\n")
     );
 }
@@ -226,14 +213,10 @@ async fn without_a_daemonset_there_is_nothing_to_wait_for() {
 async fn a_daemonset_without_the_state_volume_is_not_patched() {
     let mut foreign = daemonset(1, 1, 1, 1, 1);
     foreign["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] = json!([]);
-    let (client, api) = Scenario::new()
+    let scenario = Scenario::new()
         .then(scale_down())
-        .then(Expect::get(DS).answer(200, foreign))
-        .serve();
-    let err = clean_up(client, &settings(Duration::from_secs(30)), &mut Vec::new())
-        .await
-        .unwrap_err();
-    api.finish();
+        .then(Expect::get(DS).answer(200, foreign));
+    let err = run(scenario, Duration::from_secs(30)).await.0.unwrap_err();
     assert_eq!(
         err.to_string(),
         "DaemonSet regmirror-system/regmirror-agent is not the chart's agent DaemonSet: \
@@ -258,7 +241,7 @@ async fn an_uninstall_tried_again_finds_the_agents_cleaning_up_already() {
                            "rollingUpdate": {"maxUnavailable": "100%", "maxSurge": 0}},
         "template": {"spec": {"containers": [{"name": "agent", "args": ["cleanup", "--hold"]}]}},
     }});
-    let (client, api) = Scenario::new()
+    let scenario = Scenario::new()
         .then(scale_down())
         .then(Expect::get(DS).answer(200, patched.clone()))
         .then(
@@ -267,16 +250,11 @@ async fn an_uninstall_tried_again_finds_the_agents_cleaning_up_already() {
                 .body(again)
                 .answer(200, patched),
         )
-        .then(Expect::get(DS).answer(200, daemonset(6, 6, 3, 3, 3)))
-        .serve();
-    let mut out = Vec::new();
-    clean_up(client, &settings(Duration::from_secs(30)), &mut out)
-        .await
-        .unwrap();
-    api.finish();
+        .then(Expect::get(DS).answer(200, daemonset(6, 6, 3, 3, 3)));
+    let (result, out) = run(scenario, Duration::from_secs(30)).await;
+    result.unwrap();
     assert!(
-        String::from_utf8(out)
-            .unwrap()
+        out
             .ends_with("every node is cleaned up (3 of 3): regmirror's files removed, hand-written files put back, /var/lib/regmirror deleted\n"),
     );
 }
