@@ -233,6 +233,7 @@ fn resolve(host: &HostFs, image: &str, output: &str) -> Result<(), CliError> {
 }
 
 fn main() {
+    regmirror_process::memory::bound_allocator();
     let cli = Cli::parse();
     let host = HostFs::new(&cli.root);
     let result = match cli.command {

@@ -6,4 +6,5 @@ pub mod endpoints;
 pub mod events;
 pub mod lease;
 pub mod logging;
+pub mod memory;
 pub mod shutdown;

@@ -238,6 +238,8 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Control
             snapshot.written(decision);
         }
         last = Some((snapshot, placement));
+        // A pass decodes a burst of responses and watch events; give what it freed back.
+        regmirror_process::memory::release_free_memory();
         failures = if passed.is_ok() { 0 } else { failures + 1 };
         planned = Instant::now()
             + if failures == 0 {
