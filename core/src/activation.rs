@@ -69,7 +69,7 @@ pub fn activation(from: Option<&RenderedConfig>, to: &RenderedConfig) -> Activat
         Ok(Flavor::Containerd { .. }) => Activation::Hot,
         // k3s / RKE2 read credentials only at start: a change there needs a restart. A first
         // config needs one only if it carries credentials (the empty key is "none").
-        Ok(Flavor::K3s | Flavor::Rke2) | Err(_) => {
+        Ok(Flavor::K3s { .. } | Flavor::Rke2 { .. }) | Err(_) => {
             let from_key = from.map_or(k3s::NO_CREDENTIALS_KEY, |c| c.restart_key.as_str());
             if from_key == to.restart_key {
                 Activation::Hot

@@ -34,6 +34,9 @@ pub const VERSION: &str = "v1alpha1";
     printcolumn = r#"{"name":"Failed","type":"integer","jsonPath":".status.nodes.failed"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
+#[x_kube(
+    validation = Rule::new(grammar::ENDPOINTS_RULE).message(grammar::ENDPOINTS_NONE)
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RegistryMirrorSpec {
     /// The registry name as written in image references (`docker.io`, `quay.io`,
@@ -49,9 +52,20 @@ pub struct RegistryMirrorSpec {
     pub registry: String,
 
     /// Endpoints tried in order before the registry itself, which always stays the last resort.
-    #[x_kube(validation = Rule::new("size(self) >= 1").message("endpoints must list at least one endpoint"))]
+    /// At least one, unless `embeddedRegistry` is on.
+    #[serde(default)]
     #[schemars(length(max = 16))]
     pub endpoints: Vec<Endpoint>,
+
+    /// Share this registry's images between nodes through k3s's (or RKE2's) embedded registry
+    /// mirror (Spegel): the registry is listed in registries.yaml even with no endpoints, and
+    /// the nodes try their peers first. Only for k3s and RKE2 nodes whose servers run with
+    /// `--embedded-registry` (`embedded-registry: true`); other flavors refuse it, and the
+    /// mirror's `EmbeddedRegistry` condition names the nodes that do not run it. On such a node
+    /// k3s shares every registry registries.yaml lists, and regmirror leaves the hosts.toml
+    /// files to k3s: every change there takes a k3s restart.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub embedded_registry: bool,
 
     /// Image-name rewrites applied when pulling from an endpoint (k3s and RKE2 only; never
     /// applied to the registry itself).
@@ -399,6 +413,8 @@ pub mod grammar {
     /// What k3s copies into hosts.toml without escaping.
     pub const BACKSLASH_OR_QUOTE: &str = r#"["\\]"#;
 
+    pub const ENDPOINTS_RULE: &str = "(has(self.endpoints) && size(self.endpoints) >= 1) || (has(self.embeddedRegistry) && self.embeddedRegistry)";
+    pub const ENDPOINTS_NONE: &str = "endpoints must list at least one endpoint, unless embeddedRegistry is true (k3s's embedded registry mirror alone)";
     pub const SCHEME_RULE: &str =
         "!self.contains('://') || self.startsWith('https://') || self.startsWith('http://')";
     pub const HTTP_WITHOUT_TLS_RULE: &str = "!self.url.startsWith('http://') || !has(self.tls) || (!has(self.tls.caRef) && !has(self.tls.clientCertSecretRef) && (!has(self.tls.insecureSkipVerify) || !self.tls.insecureSkipVerify))";

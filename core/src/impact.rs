@@ -304,6 +304,7 @@ mod tests {
             }],
             rewrites: vec![],
             node_selector: None,
+            embedded_registry: false,
         }
     }
 
@@ -314,8 +315,8 @@ mod tests {
             hosts_dir: "/etc/containerd/certs.d".into(),
         };
         let mut nodes = vec![
-            node("k1", Flavor::K3s, &[]),
-            node("k2", Flavor::K3s, &[]),
+            node("k1", Flavor::K3S, &[]),
+            node("k2", Flavor::K3S, &[]),
             node("c1", containerd.clone(), &[]),
             node("o1", Flavor::Crio, &[]),
         ];

@@ -18,6 +18,8 @@ pub struct ResolvedMirror {
     pub rewrites: Vec<(String, String)>,
     /// Which nodes get it (already checked to be evaluable).
     pub node_selector: Option<LabelSelector>,
+    /// Listed for k3s's embedded registry mirror (`spec.embeddedRegistry`).
+    pub embedded_registry: bool,
 }
 
 /// One endpoint, fully resolved.

@@ -14,21 +14,39 @@ pub const DEFAULT_CONTAINERD_HOSTS_DIR: &str = "/etc/containerd/certs.d";
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Flavor {
     /// k3s (server or agent): registries.yaml plus the hosts.toml files k3s generates from it.
-    K3s,
+    K3s {
+        /// k3s runs its embedded registry mirror (Spegel, `--embedded-registry`) on this node:
+        /// it then shares the images of every registry registries.yaml lists with the other
+        /// nodes, and puts its own node-local endpoint first in the hosts.toml files it
+        /// generates, which only it can write (see `render::k3s`).
+        embedded_registry: bool,
+    },
     /// RKE2 (server or agent): like k3s under `/etc/rancher/rke2` and `/var/lib/rancher/rke2`.
-    Rke2,
+    Rke2 { embedded_registry: bool },
     /// containerd reading hosts.toml from `hosts_dir` (its CRI `config_path`).
     Containerd { hosts_dir: String },
     /// CRI-O with containers-registries.conf(5).
     Crio,
 }
 
+/// What follows a k3s or RKE2 flavor's name when it runs the embedded registry mirror.
+const EMBEDDED_REGISTRY_SUFFIX: &str = "+embedded-registry";
+
 impl Flavor {
+    /// k3s without its embedded registry mirror: as installed.
+    pub const K3S: Flavor = Flavor::K3s {
+        embedded_registry: false,
+    };
+    /// RKE2 without its embedded registry mirror: as installed.
+    pub const RKE2: Flavor = Flavor::Rke2 {
+        embedded_registry: false,
+    };
+
     /// The short name used in messages and annotations.
     pub fn name(&self) -> &'static str {
         match self {
-            Flavor::K3s => "k3s",
-            Flavor::Rke2 => "rke2",
+            Flavor::K3s { .. } => "k3s",
+            Flavor::Rke2 { .. } => "rke2",
             Flavor::Containerd { .. } => "containerd",
             Flavor::Crio => "cri-o",
         }
@@ -50,8 +68,8 @@ impl Flavor {
             ]
         };
         match self {
-            Flavor::K3s => k3s_like("k3s"),
-            Flavor::Rke2 => k3s_like("rke2"),
+            Flavor::K3s { .. } => k3s_like("k3s"),
+            Flavor::Rke2 { .. } => k3s_like("rke2"),
             Flavor::Containerd { hosts_dir } => match hosts_dir.trim_end_matches('/') {
                 "" => Vec::new(),
                 dir => vec![format!("{dir}/")],
@@ -66,12 +84,45 @@ impl Flavor {
             .to_vec(),
         }
     }
+
+    /// Whether the node runs k3s's (or RKE2's) embedded registry mirror.
+    pub fn embedded_registry(&self) -> bool {
+        matches!(
+            self,
+            Flavor::K3s {
+                embedded_registry: true
+            } | Flavor::Rke2 {
+                embedded_registry: true
+            }
+        )
+    }
+
+    /// This flavor, running the embedded registry mirror where the flavor has one (k3s and
+    /// RKE2); other flavors are returned as they are.
+    pub fn with_embedded_registry(self) -> Flavor {
+        match self {
+            Flavor::K3s { .. } => Flavor::K3s {
+                embedded_registry: true,
+            },
+            Flavor::Rke2 { .. } => Flavor::Rke2 {
+                embedded_registry: true,
+            },
+            other => other,
+        }
+    }
 }
 
-/// `k3s`, `rke2`, `cri-o`, `containerd` or `containerd:<hosts dir>`.
+/// `k3s`, `rke2`, `cri-o`, `containerd` or `containerd:<hosts dir>`; k3s and RKE2 with
+/// `+embedded-registry` when they run it.
 impl fmt::Display for Flavor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Flavor::K3s {
+                embedded_registry: true,
+            }
+            | Flavor::Rke2 {
+                embedded_registry: true,
+            } => write!(f, "{}{EMBEDDED_REGISTRY_SUFFIX}", self.name()),
             Flavor::Containerd { hosts_dir } if hosts_dir != DEFAULT_CONTAINERD_HOSTS_DIR => {
                 write!(f, "containerd:{hosts_dir}")
             }
@@ -82,7 +133,7 @@ impl fmt::Display for Flavor {
 
 /// A flavor name that is none of the known ones.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
-#[error("unknown flavor {0:?}: expected k3s, rke2, containerd, containerd:<absolute hosts dir> or cri-o")]
+#[error("unknown flavor {0:?}: expected k3s, rke2 (either with +embedded-registry), containerd, containerd:<absolute hosts dir> or cri-o")]
 pub struct UnknownFlavor(pub String);
 
 impl FromStr for Flavor {
@@ -90,8 +141,10 @@ impl FromStr for Flavor {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
-            "k3s" => Ok(Flavor::K3s),
-            "rke2" => Ok(Flavor::Rke2),
+            "k3s" => Ok(Flavor::K3S),
+            "rke2" => Ok(Flavor::RKE2),
+            "k3s+embedded-registry" => Ok(Flavor::K3S.with_embedded_registry()),
+            "rke2+embedded-registry" => Ok(Flavor::RKE2.with_embedded_registry()),
             "cri-o" | "crio" => Ok(Flavor::Crio),
             "containerd" => Ok(Flavor::Containerd {
                 hosts_dir: DEFAULT_CONTAINERD_HOSTS_DIR.into(),
@@ -125,6 +178,8 @@ mod tests {
         for name in [
             "k3s",
             "rke2",
+            "k3s+embedded-registry",
+            "rke2+embedded-registry",
             "cri-o",
             "containerd",
             "containerd:/var/lib/containerd/certs.d",
@@ -172,6 +227,8 @@ mod tests {
     fn relative_or_escaping_hosts_dirs_are_refused() {
         for bad in [
             "docker",
+            "containerd+embedded-registry",
+            "k3s+spegel",
             "containerd:relative/dir",
             "containerd:/etc/../tmp",
             "containerd:",

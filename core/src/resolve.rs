@@ -123,10 +123,12 @@ pub fn resolve_partially(
             ));
         }
     }
-    if spec.endpoints.is_empty() {
+    if spec.endpoints.is_empty() && !spec.embedded_registry {
         errors.push(FieldError::new(
             "spec.endpoints",
-            Reason::Schema("must list at least one endpoint".into()),
+            Reason::Schema(
+                "must list at least one endpoint, unless embeddedRegistry is true".into(),
+            ),
         ));
     }
 
@@ -219,6 +221,7 @@ pub fn resolve_partially(
         endpoints,
         rewrites,
         node_selector: spec.node_selector.clone(),
+        embedded_registry: spec.embedded_registry,
     };
     (resolved, errors)
 }

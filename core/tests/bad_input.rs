@@ -16,6 +16,7 @@ fn mirror(registry: &str, urls: &[&str]) -> RegistryMirror {
     RegistryMirror::new(
         "m",
         RegistryMirrorSpec {
+            embedded_registry: false,
             registry: registry.into(),
             endpoints: urls
                 .iter()
@@ -253,7 +254,7 @@ fn endpoint_hosts_are_compared_without_regard_to_case() {
     let node = NodeInfo {
         name: "n".into(),
         labels: Default::default(),
-        flavor: Flavor::K3s,
+        flavor: Flavor::K3S,
     };
     assert_eq!(assemble(&resolved, &node).conflicts.len(), 1);
 }

@@ -82,6 +82,7 @@ fn mirror(registry: &str, endpoints: Vec<Endpoint>) -> RegistryMirror {
     RegistryMirror::new(
         "m",
         RegistryMirrorSpec {
+            embedded_registry: false,
             registry: registry.into(),
             endpoints,
             rewrites: vec![],
@@ -388,7 +389,7 @@ fn k3s_refuses_https_credentials_for_a_host_it_would_also_speak_http_to() {
         vec![with_auth("https://localhost:5000")],
         "localhost:5000",
     );
-    for flavor in [Flavor::K3s, Flavor::Rke2] {
+    for flavor in [Flavor::K3S, Flavor::RKE2] {
         let e = render(&[&m], &flavor).unwrap_err();
         assert_eq!(e.field, "spec.endpoints[0].auth");
         assert!(e.what.contains("plain http"), "{e}");
@@ -399,20 +400,20 @@ fn k3s_refuses_https_credentials_for_a_host_it_would_also_speak_http_to() {
         vec![with_auth("https://[::1]:5000")],
         "[::1]:5000",
     );
-    assert!(render(&[&m], &Flavor::K3s).is_err());
+    assert!(render(&[&m], &Flavor::K3S).is_err());
     // Loopback on 443 is https only; http written by the user is meant.
     let m = resolved(
         "localhost",
         vec![with_auth("https://localhost")],
         "localhost",
     );
-    assert!(render(&[&m], &Flavor::K3s).is_ok());
+    assert!(render(&[&m], &Flavor::K3S).is_ok());
     let m = resolved(
         "localhost:5000",
         vec![with_auth("http://localhost:5000")],
         "http://localhost:5000",
     );
-    assert!(render(&[&m], &Flavor::K3s).is_ok());
+    assert!(render(&[&m], &Flavor::K3S).is_ok());
 }
 
 #[test]
@@ -427,7 +428,7 @@ fn crio_refuses_credentials_for_an_insecure_https_mirror() {
     assert_eq!(e.field, "spec.endpoints[0].tls.insecureSkipVerify");
     assert!(e.what.contains("plain http"), "{e}");
     // containerd and k3s never fall back from an https endpoint.
-    assert!(render(&[&m], &Flavor::K3s).is_ok());
+    assert!(render(&[&m], &Flavor::K3S).is_ok());
     assert!(render(&[&m], &containerd()).is_ok());
 }
 
@@ -481,7 +482,7 @@ fn every_problem_of_a_flavor_is_reported_not_only_the_first() {
         ]
     );
     assert_eq!(
-        problems(&[&m], &Flavor::K3s).len(),
+        problems(&[&m], &Flavor::K3S).len(),
         2,
         "bearer tokens, twice"
     );
@@ -567,7 +568,7 @@ proptest! {
                 resolve(&m, &sources, &RefPolicy::new(NS)).ok()
             })
             .collect();
-        for flavor in [Flavor::K3s, Flavor::Rke2, containerd(), Flavor::Crio] {
+        for flavor in [Flavor::K3S, Flavor::RKE2, containerd(), Flavor::Crio] {
             let assembly = assemble(&resolved, &node(&flavor));
             let mirrors = &assembly.mirrors;
             let Ok(config) = render(mirrors, &flavor) else { continue };
@@ -580,7 +581,7 @@ proptest! {
                                 prop_assert!(http_written(mirrors, &host), "{flavor}: {path}: header on {url}");
                             }
                             // k3s and RKE2 keep credentials in their CRI config, by host.
-                            if matches!(flavor, Flavor::K3s | Flavor::Rke2) {
+                            if matches!(flavor, Flavor::K3s { .. } | Flavor::Rke2 { .. }) {
                                 let has_credentials = mirrors.iter().flat_map(|m| &m.endpoints)
                                     .any(|e| e.url.host == host && e.settings.auth.is_some());
                                 prop_assert!(!has_credentials || http_written(mirrors, &host), "{flavor}: {path}: {url} with credentials for its host");

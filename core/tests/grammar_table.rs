@@ -164,6 +164,7 @@ fn with(registry: &str, url: &str) -> RegistryMirror {
     RegistryMirror::new(
         "table",
         RegistryMirrorSpec {
+            embedded_registry: false,
             registry: registry.into(),
             endpoints: vec![Endpoint {
                 url: url.into(),

@@ -42,6 +42,7 @@ fn mirror(name: &str, registry: &str, urls: &[&str], auth: Option<&str>) -> Regi
     RegistryMirror::new(
         name,
         RegistryMirrorSpec {
+            embedded_registry: false,
             registry: registry.into(),
             endpoints,
             rewrites: vec![],
@@ -155,7 +156,7 @@ fn secrets_never_show_in_debug_output() {
         &RefPolicy::new(NS),
     )
     .unwrap();
-    for flavor in [Flavor::K3s, Flavor::Crio, "containerd".parse().unwrap()] {
+    for flavor in [Flavor::K3S, Flavor::Crio, "containerd".parse().unwrap()] {
         let config = render(&[&resolved], &flavor).unwrap();
         let debug = format!("{resolved:?} {config:?} {sources:?}");
         assert!(!debug.contains("hunter2-secret"), "{flavor}: {debug}");
@@ -253,7 +254,7 @@ fn conflicts_are_settled_by_name_and_keep_the_loser_off_the_node_entirely() {
     .iter()
     .map(|m| resolve(m, &sources, &policy).unwrap())
     .collect();
-    let assembly = assemble(&resolved, &node(&[], Flavor::K3s));
+    let assembly = assemble(&resolved, &node(&[], Flavor::K3S));
     let names: Vec<&str> = assembly.mirrors.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(names, ["a-hub", "c-quay"]);
     assert_eq!(assembly.conflicts.len(), 1);
@@ -311,7 +312,7 @@ fn one_host_with_two_credentials_is_a_conflict() {
         )
         .unwrap(),
     ];
-    let assembly = assemble(&resolved, &node(&[], Flavor::K3s));
+    let assembly = assemble(&resolved, &node(&[], Flavor::K3S));
     assert_eq!(assembly.mirrors.len(), 1);
     assert_eq!(
         assembly.conflicts[0].what,
@@ -333,7 +334,7 @@ fn k3s_restarts_only_for_credential_changes() {
     );
     let policy = RefPolicy::new(NS);
     let render_k3s = |m: &RegistryMirror, sources: &Sources| {
-        render(&[&resolve(m, sources, &policy).unwrap()], &Flavor::K3s).unwrap()
+        render(&[&resolve(m, sources, &policy).unwrap()], &Flavor::K3S).unwrap()
     };
     let plain = render_k3s(
         &mirror("hub", "docker.io", &["https://a.example.com"], None),
@@ -398,7 +399,7 @@ fn flavors_that_cannot_express_a_field_say_so() {
         replacement: "mirror/$1".into(),
     }];
     let resolved = resolve(&m, &Sources::new(), &RefPolicy::new(NS)).unwrap();
-    assert!(render(&[&resolved], &Flavor::K3s).is_ok());
+    assert!(render(&[&resolved], &Flavor::K3S).is_ok());
     let e = render(&[&resolved], &Flavor::Crio).unwrap_err();
     assert_eq!(
         (e.mirror.as_str(), e.field.as_str(), e.flavor),
@@ -423,7 +424,7 @@ fn flavors_that_cannot_express_a_field_say_so() {
     assert!(errors[0].to_string().contains("unescaped"), "{}", errors[0]);
     let (partial, _) =
         regmirror_core::resolve::resolve_partially(&m, &Sources::new(), &RefPolicy::new(NS));
-    assert!(render(&[&partial], &Flavor::K3s)
+    assert!(render(&[&partial], &Flavor::K3S)
         .unwrap_err()
         .what
         .contains("unescaped"));
@@ -501,7 +502,7 @@ proptest! {
     #[test]
     fn rendered_files_always_parse(mirrors in mirrors(), region in prop::sample::select(vec!["eu", "us", "none"])) {
         let resolved = resolve_all(&mirrors);
-        for flavor in [Flavor::K3s, Flavor::Rke2, "containerd".parse().unwrap(), Flavor::Crio] {
+        for flavor in [Flavor::K3S, Flavor::RKE2, "containerd".parse().unwrap(), Flavor::Crio] {
             let node = node(&[("region", region)], flavor.clone());
             let assembly = assemble(&resolved, &node);
             let Ok(config) = render(&assembly.mirrors, &flavor) else { continue };
@@ -522,7 +523,7 @@ proptest! {
         let resolved = resolve_all(&mirrors);
         let mut reversed = resolved.clone();
         reversed.reverse();
-        for flavor in [Flavor::K3s, "containerd".parse().unwrap(), Flavor::Crio] {
+        for flavor in [Flavor::K3S, "containerd".parse().unwrap(), Flavor::Crio] {
             let node = node(&[("region", "eu")], flavor.clone());
             let a = render(&assemble(&resolved, &node).mirrors, &flavor);
             let b = render(&assemble(&reversed, &node).mirrors, &flavor);
@@ -534,7 +535,7 @@ proptest! {
     #[test]
     fn a_node_gets_at_most_one_mirror_per_registry(mirrors in mirrors()) {
         let resolved = resolve_all(&mirrors);
-        let assembly = assemble(&resolved, &node(&[("region", "eu")], Flavor::K3s));
+        let assembly = assemble(&resolved, &node(&[("region", "eu")], Flavor::K3S));
         let mut registries: Vec<&str> = assembly.mirrors.iter().map(|m| m.registry.as_str()).collect();
         let before = registries.len();
         registries.dedup();

@@ -39,6 +39,7 @@ fn mirror(registry: &str, endpoints: Vec<ResolvedEndpoint>) -> ResolvedMirror {
         endpoints,
         rewrites: vec![],
         node_selector: None,
+        embedded_registry: false,
     }
 }
 
@@ -112,7 +113,7 @@ fn rendered(mirrors: &[ResolvedMirror], flavor: &Flavor) -> RenderedConfig {
 
 #[test]
 fn k3s_and_rke2_probe_the_hosts_toml_mirrors_with_the_certificates_under_their_config_dir() {
-    for (flavor, dir) in [(Flavor::K3s, "k3s"), (Flavor::Rke2, "rke2")] {
+    for (flavor, dir) in [(Flavor::K3S, "k3s"), (Flavor::RKE2, "rke2")] {
         let certs = format!("/etc/rancher/{dir}/regmirror-certs");
         let config = rendered(&example(), &flavor);
         let expected = BTreeMap::from([(
@@ -199,7 +200,7 @@ fn probes_travel_in_the_json_and_an_empty_list_leaves_the_digest_as_it_was() {
 
     // No mirror endpoint to probe: the JSON (and so the digest and the Secret's name) is what
     // it was before configs carried probes.
-    let quay_only = rendered(&example()[1..], &Flavor::K3s);
+    let quay_only = rendered(&example()[1..], &Flavor::K3S);
     assert!(quay_only.probes.is_empty());
     let json = serde_json::to_value(&quay_only).unwrap();
     assert!(json.get("probes").is_none(), "{json}");
@@ -365,7 +366,7 @@ proptest! {
     /// registry's hosts.toml, in order, with the files they name.
     #[test]
     fn hosts_toml_flavors_probe_exactly_what_the_files_configure(mirrors in mirrors()) {
-        for flavor in [Flavor::K3s, Flavor::Rke2, "containerd".parse().unwrap()] {
+        for flavor in [Flavor::K3S, Flavor::RKE2, "containerd".parse().unwrap()] {
             let refs: Vec<&ResolvedMirror> = mirrors.iter().collect();
             let Ok(config) = render(&refs, &flavor) else { continue };
             for mirror in &mirrors {

@@ -30,6 +30,7 @@ fn config(n: usize, flavor: &Flavor, password: &str) -> RenderedConfig {
     let mirrors: Vec<ResolvedMirror> = (0..n)
         .map(|i| {
             let spec = RegistryMirrorSpec {
+                embedded_registry: false,
                 registry: format!("registry-{i}.example.com"),
                 endpoints: vec![Endpoint {
                     url: format!("https://mirror-{i}.internal.example.com:5000"),

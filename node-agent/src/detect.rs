@@ -4,8 +4,11 @@
 //! agent, which is the service to restart); CRI-O by its unit or config; plain containerd by
 //! its config, whose CRI `config_path` says where hosts.toml files are read from. A k3s or
 //! RKE2 node running an external runtime (`container-runtime-endpoint` in its config file or
-//! unit) ignores registries.yaml: that is reported, never "applied".
+//! unit) ignores registries.yaml: that is reported, never "applied". k3s's embedded registry
+//! mirror (`--embedded-registry`) is part of the flavor (`k3s+embedded-registry`): it changes
+//! which files regmirror may write and how a change is picked up.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use regmirror_core::node::{Flavor, DEFAULT_CONTAINERD_HOSTS_DIR};
@@ -43,9 +46,9 @@ pub struct Host {
 /// Looks at the host under `root`.
 pub fn detect(root: &Path) -> Detected {
     for (flavor, name, units) in [
-        (Flavor::K3s, "k3s", ["k3s.service", "k3s-agent.service"]),
+        (Flavor::K3S, "k3s", ["k3s.service", "k3s-agent.service"]),
         (
-            Flavor::Rke2,
+            Flavor::RKE2,
             "rke2",
             ["rke2-server.service", "rke2-agent.service"],
         ),
@@ -56,11 +59,17 @@ pub fn detect(root: &Path) -> Detected {
         else {
             continue;
         };
-        if let Some(place) = external_runtime(root, name, &unit_file) {
+        let settings = K3sSettings::read(root, name, &unit_file);
+        if let Some(place) = settings.external_runtime() {
             return Detected::Unsupported(format!(
                 "{name} runs with an external container runtime (container-runtime-endpoint in {place}); it ignores registries.yaml, so configure that runtime instead (flavor containerd or cri-o)"
             ));
         }
+        let flavor = if settings.embedded_registry() {
+            flavor.with_embedded_registry()
+        } else {
+            flavor
+        };
         return Detected::Supported(Host {
             flavor,
             unit: unit.to_owned(),
@@ -125,8 +134,8 @@ fn config_path_missing(config: &Path) -> String {
 /// The unit a flavor given explicitly runs as, when the host does not say.
 pub fn default_unit(flavor: &Flavor, root: &Path) -> String {
     let candidates: &[&str] = match flavor {
-        Flavor::K3s => &["k3s.service", "k3s-agent.service"],
-        Flavor::Rke2 => &["rke2-server.service", "rke2-agent.service"],
+        Flavor::K3s { .. } => &["k3s.service", "k3s-agent.service"],
+        Flavor::Rke2 { .. } => &["rke2-server.service", "rke2-agent.service"],
         Flavor::Containerd { .. } => &["containerd.service"],
         Flavor::Crio => &["crio.service"],
     };
@@ -144,36 +153,110 @@ fn find_unit(root: &Path, unit: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Where an external runtime endpoint is configured for k3s/RKE2, if anywhere: the config
-/// file, its drop-ins, or the unit's command line.
-fn external_runtime(root: &Path, name: &str, unit_file: &Path) -> Option<String> {
-    let config_dir = root.join("etc/rancher").join(name);
-    let mut configs = vec![config_dir.join("config.yaml")];
-    if let Ok(entries) = std::fs::read_dir(config_dir.join("config.yaml.d")) {
-        let mut dropins: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-        dropins.sort();
-        configs.extend(dropins);
-    }
-    for config in configs {
-        let Ok(text) = std::fs::read_to_string(&config) else {
-            continue;
-        };
-        let yaml: serde_yaml::Value = serde_yaml::from_str(&text).unwrap_or_default();
-        let set = yaml
-            .get("container-runtime-endpoint")
-            .and_then(|v| v.as_str())
-            .is_some_and(|v| !v.trim().is_empty());
-        if set {
-            let shown = config.strip_prefix(root).unwrap_or(&config);
-            return Some(format!("/{}", shown.display()));
+/// What a k3s or RKE2 node was started with: its config file and drop-ins (in the order k3s
+/// reads them, a later one overriding an earlier one) and its unit's command line, whose flags
+/// override them all.
+struct K3sSettings {
+    /// Host path as shown in messages, and the parsed YAML, per config file that exists.
+    configs: Vec<(String, serde_yaml::Value)>,
+    /// The unit file as shown in messages, and its text.
+    unit: (String, String),
+}
+
+impl K3sSettings {
+    fn read(root: &Path, name: &str, unit_file: &Path) -> K3sSettings {
+        let shown = |p: &Path| format!("/{}", p.strip_prefix(root).unwrap_or(p).display());
+        let config_dir = root.join("etc/rancher").join(name);
+        let mut files = vec![config_dir.join("config.yaml")];
+        if let Ok(entries) = std::fs::read_dir(config_dir.join("config.yaml.d")) {
+            let mut dropins: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+            dropins.sort();
+            files.extend(dropins);
         }
+        let configs = files
+            .iter()
+            .filter_map(|f| {
+                let text = std::fs::read_to_string(f).ok()?;
+                Some((shown(f), serde_yaml::from_str(&text).unwrap_or_default()))
+            })
+            .collect();
+        let unit = (
+            shown(unit_file),
+            std::fs::read_to_string(unit_file).unwrap_or_default(),
+        );
+        K3sSettings { configs, unit }
     }
-    let unit_text = std::fs::read_to_string(unit_file).unwrap_or_default();
-    if unit_text.contains("--container-runtime-endpoint") {
-        let shown = unit_file.strip_prefix(root).unwrap_or(unit_file);
-        return Some(format!("/{}", shown.display()));
+
+    /// The unit's command-line arguments, unquoted (the k3s installer quotes each one).
+    fn arguments(&self) -> impl Iterator<Item = &str> {
+        self.unit
+            .1
+            .split_whitespace()
+            .map(|a| a.trim_matches(|c| c == '\'' || c == '"'))
     }
-    None
+
+    /// Where an external runtime endpoint is configured, if anywhere: such a node ignores
+    /// registries.yaml.
+    fn external_runtime(&self) -> Option<&str> {
+        let in_config = self.configs.iter().find(|(_, yaml)| {
+            yaml.get("container-runtime-endpoint")
+                .and_then(|v| v.as_str())
+                .is_some_and(|v| !v.trim().is_empty())
+        });
+        if let Some((place, _)) = in_config {
+            return Some(place);
+        }
+        self.arguments()
+            .any(|a| a.starts_with("--container-runtime-endpoint"))
+            .then_some(self.unit.0.as_str())
+    }
+
+    /// Whether `--embedded-registry` is on: the last word of the config files, or the command
+    /// line's. Only servers carry it; k3s agents learn it from their server (see
+    /// [`Host::note_node_labels`]).
+    fn embedded_registry(&self) -> bool {
+        let flag = self.arguments().fold(None, |on, a| match a {
+            "--embedded-registry" | "--embedded-registry=true" => Some(true),
+            "--embedded-registry=false" => Some(false),
+            _ => on,
+        });
+        flag.unwrap_or_else(|| {
+            self.configs
+                .iter()
+                .filter_map(|(_, yaml)| match yaml.get("embedded-registry")? {
+                    serde_yaml::Value::Bool(on) => Some(*on),
+                    serde_yaml::Value::String(on) => Some(on == "true"),
+                    _ => None,
+                })
+                .next_back()
+                .unwrap_or(false)
+        })
+    }
+}
+
+/// The label k3s (and RKE2) put on every Node that runs the embedded registry mirror. The only
+/// sign of it on an agent node, whose config files do not carry the server's setting.
+pub const EMBEDDED_REGISTRY_LABEL: &str = "p2p.k3s.cattle.io/enabled";
+
+impl Host {
+    /// Takes in what the Node's labels say: k3s marks the Nodes that run its embedded
+    /// registry mirror ([`EMBEDDED_REGISTRY_LABEL`]), the only sign of it on an agent node.
+    /// The mark only ever turns the embedded registry on for a k3s or RKE2 flavor, detected
+    /// or given: writing as if it ran costs restarts, writing as if it did not would drop its
+    /// endpoint. Returns whether the flavor changed.
+    pub fn note_node_labels(&mut self, labels: Option<&BTreeMap<String, String>>) -> bool {
+        let marked = labels
+            .and_then(|l| l.get(EMBEDDED_REGISTRY_LABEL))
+            .is_some_and(|v| v == "true");
+        let flavor = if marked {
+            self.flavor.clone().with_embedded_registry()
+        } else {
+            return false;
+        };
+        let changed = flavor != self.flavor;
+        self.flavor = flavor;
+        changed
+    }
 }
 
 /// containerd's CRI registry `config_path`: config version 2 and 3 keep it in different tables.
@@ -225,20 +308,20 @@ mod tests {
     fn k3s_and_rke2_servers_and_agents() {
         let unit = "[Service]\nExecStart=/usr/local/bin/k3s server\n";
         for (path, flavor, service) in [
-            ("etc/systemd/system/k3s.service", Flavor::K3s, "k3s.service"),
+            ("etc/systemd/system/k3s.service", Flavor::K3S, "k3s.service"),
             (
                 "etc/systemd/system/k3s-agent.service",
-                Flavor::K3s,
+                Flavor::K3S,
                 "k3s-agent.service",
             ),
             (
                 "usr/local/lib/systemd/system/rke2-server.service",
-                Flavor::Rke2,
+                Flavor::RKE2,
                 "rke2-server.service",
             ),
             (
                 "usr/lib/systemd/system/rke2-agent.service",
-                Flavor::Rke2,
+                Flavor::RKE2,
                 "rke2-agent.service",
             ),
         ] {
@@ -246,6 +329,86 @@ mod tests {
             let h = supported(detect(root.path()));
             assert_eq!((h.flavor, h.unit.as_str()), (flavor, service), "{path}");
         }
+    }
+
+    #[test]
+    fn the_embedded_registry_is_read_from_the_config_files_and_the_command_line() {
+        let server = (
+            "etc/systemd/system/k3s.service",
+            "[Service]\nExecStart=/usr/local/bin/k3s \\\n    server \\\n",
+        );
+        let flavor = |files: &[(&str, &str)]| supported(detect(host(files).path())).flavor;
+        let p2p = Flavor::K3S.with_embedded_registry();
+
+        assert_eq!(flavor(&[server]), Flavor::K3S);
+        assert_eq!(
+            flavor(&[
+                server,
+                ("etc/rancher/k3s/config.yaml", "embedded-registry: true\n")
+            ]),
+            p2p
+        );
+        // A later drop-in has the last word, as in k3s.
+        assert_eq!(
+            flavor(&[
+                server,
+                ("etc/rancher/k3s/config.yaml", "embedded-registry: true\n"),
+                (
+                    "etc/rancher/k3s/config.yaml.d/50-off.yaml",
+                    "embedded-registry: false\n"
+                ),
+            ]),
+            Flavor::K3S
+        );
+        // The command line, quoted as the installer writes it, overrides the files.
+        let flagged = format!("{}    '--embedded-registry' \\\n", server.1);
+        assert_eq!(flavor(&[(server.0, &flagged)]), p2p);
+        let off = format!("{}    '--embedded-registry=false'\n", server.1);
+        assert_eq!(
+            flavor(&[
+                (server.0, &off),
+                ("etc/rancher/k3s/config.yaml", "embedded-registry: true\n")
+            ]),
+            Flavor::K3S
+        );
+        // RKE2 alike.
+        assert_eq!(
+            flavor(&[
+                (
+                    "usr/lib/systemd/system/rke2-server.service",
+                    "ExecStart=/usr/local/bin/rke2 server\n"
+                ),
+                ("etc/rancher/rke2/config.yaml", "embedded-registry: true\n"),
+            ]),
+            Flavor::RKE2.with_embedded_registry()
+        );
+    }
+
+    #[test]
+    fn the_node_label_k3s_sets_turns_the_embedded_registry_on_for_k3s_and_rke2_only() {
+        let label = BTreeMap::from([(EMBEDDED_REGISTRY_LABEL.to_owned(), "true".to_owned())]);
+        let host = |flavor: Flavor| Host {
+            flavor,
+            unit: "k3s-agent.service".into(),
+            warning: None,
+        };
+
+        let mut agent_node = host(Flavor::K3S);
+        assert!(!agent_node.note_node_labels(None));
+        assert!(!agent_node.note_node_labels(Some(&BTreeMap::new())));
+        assert_eq!(agent_node.flavor, Flavor::K3S);
+        assert!(agent_node.note_node_labels(Some(&label)));
+        assert_eq!(agent_node.flavor.to_string(), "k3s+embedded-registry");
+        // Seen again: nothing changes.
+        assert!(!agent_node.note_node_labels(Some(&label)));
+
+        let mut rke2 = host(Flavor::RKE2);
+        assert!(rke2.note_node_labels(Some(&label)));
+        assert_eq!(rke2.flavor.to_string(), "rke2+embedded-registry");
+
+        let mut containerd = host("containerd".parse().unwrap());
+        assert!(!containerd.note_node_labels(Some(&label)));
+        assert_eq!(containerd.flavor.to_string(), "containerd");
     }
 
     #[test]
@@ -344,7 +507,7 @@ mod tests {
         assert!(ignored_by_containerd(&flavor("/etc/containerd/certs.d"), unset.path()).is_some());
         // No config file on the host: the flavor given is taken at its word.
         assert_eq!(ignored_by_containerd(&flavor("/x"), host(&[]).path()), None);
-        assert_eq!(ignored_by_containerd(&Flavor::K3s, unset.path()), None);
+        assert_eq!(ignored_by_containerd(&Flavor::K3S, unset.path()), None);
     }
 
     #[test]

@@ -189,6 +189,14 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), AgentEr
             // A person may have fixed the host since (containerd's config_path, say).
             worker.setup = set_up(&settings);
         }
+        if let Setup::Ready(agent) = &mut worker.setup {
+            if agent
+                .runtime
+                .note_node_labels(node.metadata.labels.as_ref())
+            {
+                tracing::info!(flavor = %agent.runtime.flavor, "k3s runs its embedded registry mirror on this node (its Node label says so)");
+            }
+        }
         retry = worker
             .step(&node, &changes)
             .await

@@ -201,7 +201,7 @@ async fn a_config_for_another_flavor_is_refused_untouched() {
     let node = ContainerdNode::new();
     let k3s = render(
         &[&node.world.resolved(vec![node.world.endpoint(true, None)])],
-        &Flavor::K3s,
+        &Flavor::K3S,
     )
     .unwrap();
     let outcome = node.apply(&k3s).await;
@@ -297,7 +297,7 @@ async fn k3s_credentials_restart_the_runtime_through_the_configured_command() {
     assert!(Service::alive(before));
 
     let runtime = Host {
-        flavor: Flavor::K3s,
+        flavor: Flavor::K3S,
         unit: "k3s-agent.service".into(),
         warning: None,
     };
@@ -307,7 +307,7 @@ async fn k3s_credentials_restart_the_runtime_through_the_configured_command() {
     let agent = Agent::new(root.path(), runtime, activator, TIMEOUTS);
     let config = render(
         &[&world.resolved(vec![world.endpoint(false, Some("mirror-pull"))])],
-        &Flavor::K3s,
+        &Flavor::K3S,
     )
     .unwrap();
     let ready_checks = std::sync::atomic::AtomicUsize::new(0);
@@ -361,7 +361,7 @@ async fn a_runtime_that_does_not_come_back_is_rolled_back_and_restarted_again() 
     let world = World::new(plain_with_auth());
     let root = tempfile::tempdir().unwrap();
     let runtime = Host {
-        flavor: Flavor::K3s,
+        flavor: Flavor::K3S,
         unit: "k3s.service".into(),
         warning: None,
     };
@@ -372,7 +372,7 @@ async fn a_runtime_that_does_not_come_back_is_rolled_back_and_restarted_again() 
     let agent = Agent::new(root.path(), runtime, activator, TIMEOUTS);
     let config = render(
         &[&world.resolved(vec![world.endpoint(false, Some("mirror-pull"))])],
-        &Flavor::K3s,
+        &Flavor::K3S,
     )
     .unwrap();
     let outcome = agent
@@ -405,7 +405,7 @@ async fn a_failed_first_config_gives_the_node_its_hand_written_file_back() {
     std::fs::create_dir_all(registries.parent().unwrap()).unwrap();
     std::fs::write(&registries, "mirrors: {hand-written: {}}\n").unwrap();
     let runtime = Host {
-        flavor: Flavor::K3s,
+        flavor: Flavor::K3S,
         unit: "k3s.service".into(),
         warning: None,
     };
@@ -418,7 +418,7 @@ async fn a_failed_first_config_gives_the_node_its_hand_written_file_back() {
         TIMEOUTS,
     );
     let dead = dead_endpoint("https");
-    let config = render(&[&world.resolved(vec![dead])], &Flavor::K3s).unwrap();
+    let config = render(&[&world.resolved(vec![dead])], &Flavor::K3S).unwrap();
     let name = config_secret_name(&config);
     let outcome = agent
         .apply(&name, &config, Activation::Restart, node_is_ready)
@@ -465,7 +465,7 @@ async fn k3s_nodes_whose_state_was_wiped_restart_nothing_on_a_hot_change() {
     let root = tempfile::tempdir().unwrap();
     let service = Service::start(root.path());
     let runtime = Host {
-        flavor: Flavor::K3s,
+        flavor: Flavor::K3S,
         unit: "k3s-agent.service".into(),
         warning: None,
     };
@@ -479,7 +479,7 @@ async fn k3s_nodes_whose_state_was_wiped_restart_nothing_on_a_hot_change() {
     );
     let first = render(
         &[&world.resolved(vec![world.endpoint(false, Some("mirror-pull"))])],
-        &Flavor::K3s,
+        &Flavor::K3S,
     )
     .unwrap();
     let first_name = config_secret_name(&first);
@@ -523,7 +523,7 @@ async fn k3s_nodes_whose_state_was_wiped_restart_nothing_on_a_hot_change() {
             world.endpoint(false, Some("mirror-pull")),
             dead_endpoint("https"),
         ])],
-        &Flavor::K3s,
+        &Flavor::K3S,
     )
     .unwrap();
     let decided = activation(Some(&first), &second);

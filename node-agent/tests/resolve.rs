@@ -45,6 +45,7 @@ fn the_agent_shows_the_route_of_the_configuration_it_applied() {
     );
 
     let spec = RegistryMirrorSpec {
+        embedded_registry: false,
         registry: "docker.io".into(),
         endpoints: vec![
             endpoint("https://mirror-a.example.com:5000"),
@@ -62,7 +63,7 @@ fn the_agent_shows_the_route_of_the_configuration_it_applied() {
         &RefPolicy::new("regmirror-system"),
     )
     .unwrap();
-    let config = render(&[&mirror], &Flavor::K3s).unwrap();
+    let config = render(&[&mirror], &Flavor::K3S).unwrap();
     HostFs::new(root.path()).apply(&config).unwrap();
 
     let on_node: serde_json::Value =

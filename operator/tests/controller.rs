@@ -57,6 +57,7 @@ fn cluster() -> Cluster {
     let mut mirror = RegistryMirror::new(
         "docker-hub",
         RegistryMirrorSpec {
+            embedded_registry: false,
             registry: "docker.io".into(),
             endpoints: vec![Endpoint {
                 url: "https://mirror.internal.example:5000".into(),

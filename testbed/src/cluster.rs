@@ -90,6 +90,7 @@ impl Cluster {
             let mut mirror = RegistryMirror::new(
                 &format!("mirror-{m:03}"),
                 RegistryMirrorSpec {
+                    embedded_registry: false,
                     registry: format!("registry-{m:03}.example.com"),
                     endpoints: vec![Endpoint {
                         url: format!("https://mirror-{m:03}.internal.example.com:5000"),

@@ -108,6 +108,7 @@ impl World {
 
     pub fn resolved(&self, endpoints: Vec<Endpoint>) -> ResolvedMirror {
         let spec = RegistryMirrorSpec {
+            embedded_registry: false,
             registry: self.upstream().into(),
             endpoints,
             rewrites: vec![],

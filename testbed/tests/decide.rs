@@ -39,7 +39,7 @@ fn basic_auth(user: &str, password: &str) -> SourceObject {
 /// `n` k3s nodes, `n0`, `n1`, …
 fn k3s_nodes(n: usize) -> Vec<NodeView> {
     (0..n)
-        .map(|i| node(&format!("n{i}"), Flavor::K3s, &[]))
+        .map(|i| node(&format!("n{i}"), Flavor::K3S, &[]))
         .collect()
 }
 
@@ -68,6 +68,7 @@ fn mirror(name: &str, registry: &str, url: &str, auth: Option<ObjectRef>) -> Reg
     let mut m = RegistryMirror::new(
         name,
         RegistryMirrorSpec {
+            embedded_registry: false,
             registry: registry.into(),
             endpoints: vec![Endpoint {
                 url: url.into(),
@@ -97,9 +98,9 @@ fn converge(cluster: &mut Cluster) -> usize {
 #[test]
 fn nodes_with_equal_needs_share_one_stored_config() {
     let mut c = cluster(vec![
-        node("a1", Flavor::K3s, &[("region", "eu")]),
-        node("a2", Flavor::K3s, &[("region", "eu")]),
-        node("b1", Flavor::K3s, &[("region", "us")]),
+        node("a1", Flavor::K3S, &[("region", "eu")]),
+        node("a2", Flavor::K3S, &[("region", "eu")]),
+        node("b1", Flavor::K3S, &[("region", "us")]),
         node("c1", Flavor::Crio, &[("region", "eu")]),
     ]);
     let mut eu = mirror("eu", "docker.io", "https://eu.mirror.example:5000", None);
@@ -153,7 +154,7 @@ fn nodes_with_equal_needs_share_one_stored_config() {
 #[test]
 fn a_settled_cluster_decides_nothing() {
     let mut c = cluster(vec![
-        node("a", Flavor::K3s, &[]),
+        node("a", Flavor::K3S, &[]),
         node(
             "b",
             Flavor::Containerd {
@@ -219,7 +220,7 @@ fn a_rotated_password_moves_every_node_and_retires_the_old_config() {
 
 #[test]
 fn an_invalid_mirror_changes_no_node_and_says_which_field() {
-    let mut c = cluster(vec![node("a", Flavor::K3s, &[])]);
+    let mut c = cluster(vec![node("a", Flavor::K3S, &[])]);
     c.mirrors = vec![mirror(
         "hub",
         "docker.io",
@@ -339,7 +340,7 @@ fn the_status_says_what_the_remaining_moves_take_while_a_mirror_rolls_out() {
     let mut nodes = k3s_nodes(4);
     nodes.push(NodeView {
         control_plane: true,
-        ..node("server", Flavor::K3s, &[])
+        ..node("server", Flavor::K3S, &[])
     });
     let mut c = cluster(nodes);
     c.max_unavailable = MaxUnavailable::Count(2);
@@ -391,7 +392,7 @@ fn the_status_says_what_the_remaining_moves_take_while_a_mirror_rolls_out() {
 
 #[test]
 fn a_paused_mirror_freezes_its_nodes() {
-    let mut c = cluster(vec![node("a", Flavor::K3s, &[])]);
+    let mut c = cluster(vec![node("a", Flavor::K3S, &[])]);
     c.mirrors = vec![mirror(
         "hub",
         "docker.io",
@@ -414,7 +415,7 @@ fn a_paused_mirror_freezes_its_nodes() {
 
 #[test]
 fn the_losing_mirror_of_a_conflict_is_degraded_and_left_off() {
-    let mut c = cluster(vec![node("a", Flavor::K3s, &[])]);
+    let mut c = cluster(vec![node("a", Flavor::K3S, &[])]);
     c.mirrors = vec![
         mirror("a-hub", "docker.io", "https://one.example:5000", None),
         mirror("b-hub", "docker.io", "https://two.example:5000", None),
@@ -449,7 +450,7 @@ fn deleting_the_last_mirror_empties_the_nodes_and_never_grants_every_secret() {
         "the node is told to hold none of our files"
     );
 
-    let mut bare = cluster(vec![node("a", Flavor::K3s, &[])]);
+    let mut bare = cluster(vec![node("a", Flavor::K3S, &[])]);
     let d = bare.decide();
     assert_eq!(d.agent_role, Some(vec![NO_CONFIG_PLACEHOLDER.to_owned()]));
     bare.apply(&d);
@@ -484,7 +485,7 @@ proptest! {
         shape in proptest::collection::vec((any::<bool>(), any::<bool>(), 0u8..3), 1..12),
         budget in 1usize..4,
     ) {
-        let flavors = [Flavor::K3s, Flavor::Rke2, Flavor::Crio];
+        let flavors = [Flavor::K3S, Flavor::RKE2, Flavor::Crio];
         let nodes = shape.iter().enumerate().map(|(i, (cp, eu, f))| {
             let mut n = node(&format!("n{i:02}"), flavors[*f as usize].clone(), &[("region", if *eu { "eu" } else { "us" })]);
             n.control_plane = *cp;
@@ -551,8 +552,8 @@ fn a_change_to_one_mirror_leaves_the_status_of_the_others_alone() {
 #[test]
 fn a_config_a_node_is_told_to_have_is_neither_deleted_nor_left_missing() {
     let mut c = cluster(vec![
-        node("a", Flavor::K3s, &[]),
-        node("b", Flavor::K3s, &[]),
+        node("a", Flavor::K3S, &[]),
+        node("b", Flavor::K3S, &[]),
     ]);
     c.mirrors = vec![mirror(
         "hub",
@@ -647,7 +648,7 @@ proptest! {
     ) {
         use regmirror_core::activation::agent_step;
         let nodes = roles.iter().enumerate().map(|(i, cp)| {
-            let mut n = node(&format!("n{i}"), Flavor::K3s, &[]);
+            let mut n = node(&format!("n{i}"), Flavor::K3S, &[]);
             n.control_plane = *cp;
             n
         }).collect();
@@ -814,8 +815,8 @@ fn only_configs_the_operator_made_are_granted_whatever_an_agent_reports() {
 fn a_config_too_large_for_a_secret_holds_its_nodes_and_says_why() {
     use base64::Engine;
     let mut c = cluster(vec![
-        node("a", Flavor::K3s, &[("region", "eu")]),
-        node("b", Flavor::K3s, &[("region", "us")]),
+        node("a", Flavor::K3S, &[("region", "eu")]),
+        node("b", Flavor::K3S, &[("region", "us")]),
     ]);
     c.max_unavailable = MaxUnavailable::Count(2);
     // A ~220 KB CA bundle (PEM blocks holding DER-shaped bytes), on six endpoints.
@@ -888,7 +889,7 @@ proptest! {
                 .map(|(_, l)| (*l, "true"))
                 .collect();
             if bits & 8 != 0 { labels.push(("node-role.kubernetes.io/worker", "true")); }
-            let mut n = node(&format!("n{i}"), Flavor::K3s, &labels);
+            let mut n = node(&format!("n{i}"), Flavor::K3S, &labels);
             n.control_plane = is_control_plane(&n.labels);
             n
         }).collect();
@@ -913,4 +914,80 @@ proptest! {
             prop_assert_eq!(n.control_plane, bits & 7 != 0, "etcd-only counts too: {:?}", n.labels);
         }
     }
+}
+
+#[test]
+fn a_mirror_asking_for_k3s_embedded_registry_names_the_nodes_that_do_not_run_it() {
+    let p2p = Flavor::K3S.with_embedded_registry();
+    let mut c = cluster(vec![
+        node("a", p2p.clone(), &[]),
+        node("b", Flavor::K3S, &[]),
+    ]);
+    let mut hub = mirror("hub", "docker.io", "https://mirror.example:5000", None);
+    hub.spec.endpoints.clear();
+    hub.spec.embedded_registry = true;
+    c.mirrors = vec![hub];
+
+    // b's k3s runs without it: said once, as a Warning, and in the condition with the fix.
+    let first = c.decide();
+    let warnings: Vec<_> = first
+        .notices
+        .iter()
+        .filter(|n| n.mirror == "hub" && n.reason == "NotRunning")
+        .collect();
+    assert_eq!(warnings.len(), 1, "{:?}", first.notices);
+    assert!(warnings[0].warning);
+    converge(&mut c);
+    let (status, reason, message) = c.condition("hub", "EmbeddedRegistry");
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "NotRunning"));
+    assert!(
+        message.starts_with("1 of 2 k3s/RKE2 node(s) run without the embedded registry mirror (b)"),
+        "{message}"
+    );
+    assert!(message.contains("--embedded-registry"), "{message}");
+    // The configuration itself is on both nodes: Ready, not Degraded.
+    assert_eq!(c.condition("hub", "Ready").0, "True");
+    assert_eq!(c.condition("hub", "Degraded").0, "False");
+    assert_eq!(c.status("hub").nodes.updated, 2);
+    let (a, b) = (
+        c.nodes[0].current.clone().unwrap(),
+        c.nodes[1].current.clone().unwrap(),
+    );
+    assert_ne!(
+        a, b,
+        "a node running the embedded registry gets a config of its own"
+    );
+    assert!(
+        c.stored[&a]
+            .files
+            .keys()
+            .all(|p| !p.ends_with("hosts.toml")),
+        "k3s writes the hosts.toml files where it runs the embedded registry"
+    );
+
+    // b's k3s is restarted with it (its agent reports the new flavor): b moves, with a restart,
+    // and the condition turns.
+    c.node_mut("b").flavor = Some(p2p);
+    let moved = c.decide();
+    assert_eq!(moved.advance.len(), 1);
+    assert_eq!(moved.advance[0].activation, Activation::Restart);
+    converge(&mut c);
+    let (status, reason, message) = c.condition("hub", "EmbeddedRegistry");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "Running"),
+        "{message}"
+    );
+    assert_eq!(c.nodes[0].current, c.nodes[1].current);
+
+    // A containerd node has no embedded registry: the mirror cannot reach it, and says why;
+    // the k3s nodes keep what they have.
+    let before = c.nodes[0].current.clone();
+    c.nodes.push(node("c", containerd(), &[]));
+    converge(&mut c);
+    let (status, _, message) = c.condition("hub", "Degraded");
+    assert_eq!(status, "True");
+    assert!(message.contains("spec.embeddedRegistry"), "{message}");
+    assert_eq!(c.nodes[0].current, before);
+    assert_eq!(c.nodes[2].current, None);
 }

@@ -1,12 +1,14 @@
 //! What each RegistryMirror's status says: how many of its nodes run its latest rendering,
-//! which failed, and the kstatus conditions (with an Event when one turns).
+//! which failed, the kstatus conditions (with an Event when one turns), and for a mirror
+//! asking for k3s's embedded registry mirror, which of its nodes run it.
 
 use std::collections::HashMap;
 
-use super::{mirror_name, ClusterView, Decision, Notice, Placement, Problem, Steps};
+use super::{mirror_name, ClusterView, Decision, NodeView, Notice, Placement, Problem, Steps};
 use crate::api::{Condition, NodeCounts, NodeFailure, RegistryMirrorStatus};
 use crate::contract::{NodeState, PAUSED};
 use crate::impact::Impact;
+use crate::node::Flavor;
 use crate::render::RenderedConfig;
 
 use super::MAX_LISTED_FAILURES;
@@ -17,6 +19,8 @@ pub(super) fn write_statuses(placement: &Placement, view: &ClusterView, decision
     let mirrors = view.mirrors.len();
     let mut counts = vec![NodeCounts::default(); mirrors];
     let mut failures: Vec<Vec<NodeFailure>> = vec![Vec::new(); mirrors];
+    // Per mirror asking for k3s's embedded registry: its k3s/RKE2 nodes, and those not running it.
+    let mut embedded = vec![EmbeddedRegistryNodes::default(); mirrors];
     // What the pending nodes' moves take: the decider's own function, on the same configs,
     // once per (running config, target group).
     let mut impacts = vec![Impact::default(); mirrors];
@@ -54,6 +58,9 @@ pub(super) fn write_statuses(placement: &Placement, view: &ClusterView, decision
                 })
         });
         for &m in placement.selecting(index) {
+            if view.mirrors[m].spec.embedded_registry {
+                embedded[m].add(node);
+            }
             let counts = &mut counts[m];
             counts.targeted += 1;
             // Where in the node's target this mirror is, if it is there.
@@ -96,12 +103,15 @@ pub(super) fn write_statuses(placement: &Placement, view: &ClusterView, decision
         let mut failures = std::mem::take(&mut failures[m]);
         failures.truncate(MAX_LISTED_FAILURES);
         let counts = counts[m].clone();
-        let conditions = conditions(
+        let mut conditions = conditions(
             &counts,
             placement.problem(&name),
             placement.paused(m),
             failures.first(),
         );
+        if mirror.spec.embedded_registry {
+            conditions.push(embedded[m].condition(&mirror.spec.registry));
+        }
         let previous = mirror.status.clone().unwrap_or_default();
         let generation = mirror.metadata.generation;
         let status = RegistryMirrorStatus {
@@ -213,6 +223,62 @@ fn conditions(
     ]
 }
 
+/// The k3s and RKE2 nodes of a mirror that asks for the embedded registry mirror, as their
+/// agents detected them: which of them run it.
+#[derive(Default, Clone)]
+struct EmbeddedRegistryNodes {
+    k3s_like: usize,
+    without: Vec<String>,
+}
+
+impl EmbeddedRegistryNodes {
+    /// How many nodes without it the condition names; the count says how many there are.
+    const LISTED: usize = 5;
+
+    fn add(&mut self, node: &NodeView) {
+        // Other flavors cannot render the mirror at all (its status says so); a node whose
+        // agent has not reported yet is not known either way.
+        let Some(flavor @ (Flavor::K3s { .. } | Flavor::Rke2 { .. })) = &node.flavor else {
+            return;
+        };
+        self.k3s_like += 1;
+        if !flavor.embedded_registry() {
+            self.without.push(node.name.clone());
+        }
+    }
+
+    /// `EmbeddedRegistry`: True when every k3s/RKE2 node of the mirror runs it; False, naming
+    /// the nodes that do not and the fix, otherwise. It does not touch Ready: those nodes run
+    /// the configuration, they only do not share images.
+    fn condition(&self, registry: &str) -> ConditionRow {
+        if self.without.is_empty() {
+            return (
+                "EmbeddedRegistry",
+                "True",
+                "Running",
+                format!(
+                    "k3s runs its embedded registry mirror on all {} k3s/RKE2 node(s): they share {registry} images",
+                    self.k3s_like
+                ),
+            );
+        }
+        let mut named = self.without[..self.without.len().min(Self::LISTED)].join(", ");
+        if self.without.len() > Self::LISTED {
+            named.push_str(", ...");
+        }
+        (
+            "EmbeddedRegistry",
+            "False",
+            "NotRunning",
+            format!(
+                "{} of {} k3s/RKE2 node(s) run without the embedded registry mirror ({named}): they pull {registry} images from its endpoints and the registry, not from their peers. Start the k3s or RKE2 servers with --embedded-registry (embedded-registry: true in their config.yaml) and restart them; agents follow their servers",
+                self.without.len(),
+                self.k3s_like
+            ),
+        )
+    }
+}
+
 /// An Event for a mirror's condition that changed: becoming Degraded, or becoming Ready.
 fn condition_notice(
     mirror: &str,
@@ -229,7 +295,7 @@ fn condition_notice(
         note: message.to_owned(),
     };
     match (type_, status) {
-        ("Degraded", "True") => Some(notice(true)),
+        ("Degraded", "True") | ("EmbeddedRegistry", "False") => Some(notice(true)),
         ("Ready", "True") => Some(notice(false)),
         _ => None,
     }

@@ -4,6 +4,12 @@
 //!
 //! Credentials are the exception: k3s puts them into containerd's CRI config, which it writes
 //! only when it starts. Their digest is the configuration's restart key.
+//!
+//! A node that runs k3s's embedded registry mirror (Spegel) is the other exception. There k3s
+//! puts its node-local P2P endpoint, with a client certificate it keeps to itself, first in
+//! every hosts.toml it generates; a hosts.toml written by anyone else would drop it, and the
+//! node would stop pulling from its peers. So regmirror writes no hosts.toml there, and every
+//! change takes a restart: the restart key is the digest of everything k3s reads at start.
 
 use std::collections::BTreeMap;
 
@@ -59,6 +65,8 @@ struct RegistriesYaml {
 
 #[derive(Serialize)]
 struct MirrorYaml {
+    /// None for a registry listed only for the embedded registry mirror (`docker.io: {}`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     endpoint: Vec<String>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     rewrite: BTreeMap<String, String>,
@@ -100,6 +108,7 @@ struct TlsYaml {
 pub(super) fn render(
     mirrors: &[&ResolvedMirror],
     layout: &Layout,
+    embedded_registry: bool,
 ) -> Result<Output, Vec<RenderError>> {
     let mut problems = Vec::new();
     let settings = hosts_toml::host_settings(mirrors);
@@ -182,11 +191,8 @@ pub(super) fn render(
         .iter()
         .filter_map(|(host, c)| c.auth.as_ref().map(|a| (host, a)))
         .collect();
-    let restart_key = if credentials.is_empty() {
-        NO_CREDENTIALS_KEY.to_owned()
-    } else {
-        sha256_hex(&serde_json::to_vec(&credentials).expect("credentials serialize"))
-    };
+    let credentials_key = (!credentials.is_empty())
+        .then(|| sha256_hex(&serde_json::to_vec(&credentials).expect("credentials serialize")));
     let yaml = serde_yaml::to_string(&doc).expect("registries.yaml serializes");
     let yaml = if doc.mirrors.is_empty() && doc.configs.is_empty() {
         String::new()
@@ -208,6 +214,9 @@ pub(super) fn render(
         flavor: layout.flavor,
     };
     let mut probes = BTreeMap::new();
+    // The hosts.toml files k3s would generate: written here so that changes apply live, except
+    // where k3s runs its embedded registry (only k3s can write those). Their endpoints are what
+    // the node tries either way (after its peers, there), so they are what is probed.
     match hosts_toml::hosts_files(mirrors, &style, &tls_paths) {
         Ok(docs) => {
             for (dir, doc) in docs {
@@ -215,10 +224,12 @@ pub(super) fn render(
                 if let (Some(registry), false) = (doc.registry, doc.probes.is_empty()) {
                     probes.insert(registry, doc.probes);
                 }
-                files.insert(
-                    format!("{}/{dir}/hosts.toml", layout.hosts_dir),
-                    RenderedFile::public(doc.text),
-                );
+                if !embedded_registry {
+                    files.insert(
+                        format!("{}/{dir}/hosts.toml", layout.hosts_dir),
+                        RenderedFile::public(doc.text),
+                    );
+                }
             }
         }
         Err(mut more) => problems.append(&mut more),
@@ -226,6 +237,12 @@ pub(super) fn render(
     if !problems.is_empty() {
         return Err(problems);
     }
+    let restart_key = if embedded_registry {
+        // registries.yaml and the certificate files: every byte k3s reads at start.
+        sha256_hex(&serde_json::to_vec(&files).expect("files serialize"))
+    } else {
+        credentials_key.unwrap_or_else(|| NO_CREDENTIALS_KEY.to_owned())
+    };
     Ok(Output {
         files,
         restart_key,

@@ -182,10 +182,20 @@ fn render_checked(
         restart_key,
         probes,
     } = match flavor {
-        Flavor::K3s => k3s::render(&sorted, &k3s::Layout::K3S)?,
-        Flavor::Rke2 => k3s::render(&sorted, &k3s::Layout::RKE2)?,
-        Flavor::Containerd { hosts_dir } => hosts_toml::render_containerd(&sorted, hosts_dir)?,
-        Flavor::Crio => crio::render(&sorted)?,
+        Flavor::K3s { embedded_registry } => {
+            k3s::render(&sorted, &k3s::Layout::K3S, *embedded_registry)?
+        }
+        Flavor::Rke2 { embedded_registry } => {
+            k3s::render(&sorted, &k3s::Layout::RKE2, *embedded_registry)?
+        }
+        Flavor::Containerd { hosts_dir } => {
+            no_embedded_registry(&sorted, flavor)?;
+            hosts_toml::render_containerd(&sorted, hosts_dir)?
+        }
+        Flavor::Crio => {
+            no_embedded_registry(&sorted, flavor)?;
+            crio::render(&sorted)?
+        }
     };
     let credential_sources = sorted
         .iter()
@@ -201,6 +211,28 @@ fn render_checked(
         probes,
         credential_sources,
     })
+}
+
+/// Refuses mirrors that ask for k3s's embedded registry mirror on a flavor without one.
+fn no_embedded_registry(
+    mirrors: &[&ResolvedMirror],
+    flavor: &Flavor,
+) -> Result<(), Vec<RenderError>> {
+    let problems: Vec<RenderError> = mirrors
+        .iter()
+        .filter(|m| m.embedded_registry)
+        .map(|m| RenderError {
+            mirror: m.name.clone(),
+            field: "spec.embeddedRegistry".into(),
+            flavor: flavor.name(),
+            what: "k3s's embedded registry mirror (only k3s and RKE2 nodes run one): select k3s or RKE2 nodes with nodeSelector".into(),
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
 }
 
 /// What a flavor's renderer makes.

@@ -229,6 +229,7 @@ mod tests {
                 .map(|(p, r)| (p.to_string(), r.to_string()))
                 .collect(),
             node_selector: None,
+            embedded_registry: false,
         };
         Destination::new(&mirror, &url)
     }

@@ -390,15 +390,44 @@ fn table() -> Vec<Row> {
         refuses(
             "no-endpoints",
             json!({"registry": "docker.io"}),
-            "spec.endpoints",
-            Schema("Required value"),
-        )
-        .breaking("spec required endpoints"),
+            "spec",
+            Cel("endpoints must list at least one endpoint"),
+        ),
         refuses(
             "empty-endpoints",
             json!({"registry": "docker.io", "endpoints": []}),
-            "spec.endpoints",
+            "spec",
             Cel("endpoints must list at least one endpoint"),
+        ),
+        refuses(
+            "empty-endpoints-embedded-registry-off",
+            json!({"registry": "docker.io", "endpoints": [], "embeddedRegistry": false}),
+            "spec",
+            Cel("endpoints must list at least one endpoint"),
+        ),
+        accepts(
+            "embedded-registry-alone",
+            json!({"registry": "docker.io", "embeddedRegistry": true}),
+        )
+        .validate_refuses(
+            "cannot express k3s's embedded registry mirror",
+            flavors_differ,
+            Some("k3s"),
+        ),
+        accepts(
+            "embedded-registry-with-endpoints",
+            with(minimal(), "embeddedRegistry", json!(true)),
+        )
+        .validate_refuses(
+            "cannot express k3s's embedded registry mirror",
+            flavors_differ,
+            Some("k3s"),
+        ),
+        refuses(
+            "embedded-registry-not-a-boolean",
+            json!({"registry": "docker.io", "embeddedRegistry": "yes"}),
+            "spec.embeddedRegistry",
+            Schema("must be of type boolean"),
         ),
         refuses(
             "seventeen-endpoints",
