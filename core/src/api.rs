@@ -63,7 +63,7 @@ pub struct RegistryMirrorSpec {
     /// `--embedded-registry` (`embedded-registry: true`); other flavors refuse it, and the
     /// mirror's `EmbeddedRegistry` condition names the nodes that do not run it. On such a node
     /// k3s shares every registry registries.yaml lists, and regmirror leaves the hosts.toml
-    /// files to k3s: every change there takes a k3s restart.
+    /// files to k3s: every change to registries.yaml there takes a k3s restart.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub embedded_registry: bool,
 
@@ -474,7 +474,10 @@ pub struct RegistryMirrorStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// `Ready`, `Progressing`, `Degraded` and `Stalled` (what Degraded says, for kstatus, which
-    /// reads Stalled=True as Failed), as kstatus (Flux) and Argo CD read them.
+    /// reads Stalled=True as Failed), as kstatus (Flux) and Argo CD read them; and
+    /// `EmbeddedRegistry` for a mirror with `embeddedRegistry`: whether its k3s/RKE2 nodes run
+    /// k3s's embedded registry mirror (False names those that do not; it never makes the mirror
+    /// un-Ready).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// How far the configuration has reached.
@@ -493,7 +496,7 @@ pub struct RegistryMirrorStatus {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// `Ready`, `Progressing`, `Degraded` or `Stalled`.
+    /// `Ready`, `Progressing`, `Degraded`, `Stalled` or `EmbeddedRegistry`.
     #[serde(rename = "type")]
     pub type_: String,
     /// `True`, `False` or `Unknown`.

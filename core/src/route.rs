@@ -30,6 +30,10 @@ pub struct Route {
     /// The configuration entry that applies: the image's registry, or `*`; none when no
     /// RegistryMirror on the node covers the image's registry.
     pub entry: Option<String>,
+    /// The node asks its peers first, through k3s's embedded registry mirror (whose endpoint
+    /// k3s writes itself, so it is not among `attempts`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub peers: bool,
     /// What the runtime tries, in order; the registry itself is the last one.
     pub attempts: Vec<Attempt>,
 }
@@ -86,6 +90,13 @@ pub fn route(config: &RenderedConfig, image: &str) -> Result<Route, BadImage> {
     let namespace_query = !matches!(flavor, Some(Flavor::Crio));
 
     let entry = entry_for(config, &registry);
+    // k3s's embedded registry serves every registry it lists, but never the `latest` tag
+    // (unless K3S_P2P_ENABLE_LATEST, which k3s advises against): a moving tag goes upstream.
+    let peers = object != "latest"
+        && config
+            .peer_registries
+            .iter()
+            .any(|r| r == &registry || r == "*");
     let mut attempts: Vec<Attempt> = entry
         .as_ref()
         .map(|entry| &config.probes[entry])
@@ -136,16 +147,23 @@ pub fn route(config: &RenderedConfig, image: &str) -> Result<Route, BadImage> {
         image: reference.whole(),
         flavor: config.flavor.clone(),
         entry,
+        peers,
         attempts,
     })
 }
 
 /// The configuration entry for `registry`: its own, else the wildcard, unless the runtime has
 /// a hosts.toml of the registry's own (written for its credentials or TLS as some mirror's
-/// endpoint host): containerd then reads that file and never the wildcard's.
+/// endpoint host, or by k3s for its embedded registry): containerd then reads that file and
+/// never the wildcard's.
 fn entry_for(config: &RenderedConfig, registry: &str) -> Option<String> {
     if config.probes.contains_key(registry) {
         return Some(registry.to_owned());
+    }
+    // Listed for k3s's embedded registry alone: k3s writes it a hosts.toml of its own (its
+    // peers, then the registry), so the wildcard's is not read either.
+    if config.peer_registries.iter().any(|r| r == registry) {
+        return None;
     }
     let own_hosts_file = format!("/{registry}/hosts.toml");
     if config
@@ -202,10 +220,20 @@ fn host_of(url: &str) -> &str {
 /// What a person reads: one numbered line per attempt, the details under it.
 impl fmt::Display for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let peers = if self.peers {
+            "this node's peers (k3s's embedded registry mirror), then "
+        } else {
+            ""
+        };
         match &self.entry {
             Some(entry) => writeln!(
                 f,
-                "{} on a {} node: the mirrors of {entry:?}, then the registry itself",
+                "{} on a {} node: {peers}the mirrors of {entry:?}, then the registry itself",
+                self.image, self.flavor
+            )?,
+            None if self.peers => writeln!(
+                f,
+                "{} on a {} node: {peers}the registry itself",
                 self.image, self.flavor
             )?,
             None => writeln!(
@@ -213,6 +241,12 @@ impl fmt::Display for Route {
                 "{} on a {} node: no RegistryMirror covers its registry; the registry itself",
                 self.image, self.flavor
             )?,
+        }
+        if self.peers {
+            writeln!(
+                f,
+                "  0. this node's peers, through the P2P endpoint k3s puts first in the hosts.toml it writes"
+            )?;
         }
         for (i, attempt) in self.attempts.iter().enumerate() {
             let last = if attempt.upstream {

@@ -7,6 +7,7 @@ use regmirror_core::model::ResolvedMirror;
 use regmirror_core::node::Flavor;
 use regmirror_core::render::{problems, render, RenderedConfig};
 use regmirror_core::resolve::resolve;
+use regmirror_core::route::route;
 use regmirror_core::sources::{RefPolicy, Sources};
 
 const NS: &str = "regmirror-system";
@@ -183,4 +184,74 @@ fn no_endpoints_is_refused_unless_the_mirror_asks_for_the_embedded_registry() {
         &RefPolicy::new(NS)
     )
     .is_ok());
+}
+
+#[test]
+fn a_pull_on_such_a_node_asks_the_peers_first_except_for_latest() {
+    let hub = resolved(&mirror(
+        "hub",
+        "docker.io",
+        &["https://mirror.example.com"],
+        true,
+    ));
+    let k8s = resolved(&mirror("k8s", "registry.k8s.io", &[], true));
+    let config = render(&[&hub, &k8s], &K3S_P2P).unwrap();
+    assert_eq!(config.peer_registries, ["docker.io", "registry.k8s.io"]);
+
+    let nginx = route(&config, "nginx:1.27").unwrap();
+    assert!(nginx.peers);
+    assert_eq!(
+        nginx
+            .attempts
+            .iter()
+            .map(|a| (a.endpoint.as_str(), a.upstream))
+            .collect::<Vec<_>>(),
+        [
+            ("https://mirror.example.com/v2", false),
+            ("https://registry-1.docker.io/v2", true)
+        ]
+    );
+    let shown = nginx.to_string();
+    assert!(
+        shown.starts_with("docker.io/library/nginx:1.27 on a k3s+embedded-registry node: this node's peers (k3s's embedded registry mirror), then the mirrors of \"docker.io\""),
+        "{shown}"
+    );
+    assert!(shown.contains("\n  0. this node's peers"), "{shown}");
+
+    // A registry listed for the peers alone: them, then the registry itself.
+    let pause = route(&config, "registry.k8s.io/pause:3.10").unwrap();
+    assert!(pause.peers);
+    assert_eq!(pause.entry, None);
+    assert_eq!(pause.attempts.len(), 1);
+    assert!(pause.attempts[0].upstream);
+
+    // k3s's embedded registry never serves `latest` from peers; nor does a node without it.
+    assert!(!route(&config, "nginx").unwrap().peers);
+    assert!(
+        !route(&config, "quay.io/prometheus/prometheus:v3.0.0")
+            .unwrap()
+            .peers
+    );
+    let plain = render(&[&hub], &Flavor::K3S).unwrap();
+    assert!(plain.peer_registries.is_empty());
+    assert!(!route(&plain, "nginx:1.27").unwrap().peers);
+}
+
+#[test]
+fn a_registry_listed_for_the_peers_alone_does_not_take_the_wildcards_endpoints() {
+    // k3s writes docker.io a hosts.toml of its own (its peers, then the registry): containerd
+    // never reads the wildcard's for it.
+    let hub = resolved(&mirror("hub", "docker.io", &[], true));
+    let all = resolved(&mirror("all", "*", &["https://mirror.example.com"], false));
+    let config = render(&[&hub, &all], &K3S_P2P).unwrap();
+    let nginx = route(&config, "nginx:1.27").unwrap();
+    assert_eq!(nginx.entry, None);
+    assert!(nginx.peers);
+    assert_eq!(nginx.attempts.len(), 1);
+    assert!(nginx.attempts[0].upstream);
+    // Another registry goes through the wildcard, after the peers (`*` is listed too).
+    let quay = route(&config, "quay.io/prometheus/prometheus:v3.0.0").unwrap();
+    assert_eq!(quay.entry.as_deref(), Some("*"));
+    assert!(quay.peers);
+    assert_eq!(quay.attempts[0].endpoint, "https://mirror.example.com/v2");
 }

@@ -9,6 +9,7 @@ use regmirror_core::seal::{recipient, NodeKey, SealError, SealingKey};
 
 fn config(password: &str) -> RenderedConfig {
     RenderedConfig {
+        peer_registries: Vec::new(),
         flavor: "k3s".into(),
         files: BTreeMap::from([(
             "/etc/rancher/k3s/registries.yaml".to_owned(),

@@ -166,14 +166,20 @@ impl Agent {
         };
         let flavor = self.runtime.flavor.to_string();
         if config.flavor != flavor {
-            return failed(
-                format!(
-                    "{name} was rendered for {}, but this node runs {flavor}",
+            // The operator rendered it before it read this node's flavor (just detected, or
+            // changed: k3s's embedded registry turned on); the report carries the flavor, and
+            // the operator renders again. Not the config's fault: failing it would stop it on
+            // every other node.
+            return Outcome {
+                state: NodeState::Applying,
+                current: previous_name,
+                message: format!(
+                    "waiting for a configuration rendered for {flavor}: {name} was rendered for {}; nothing was written",
                     config.flavor
                 ),
-                previous_name,
-                false,
-            );
+                activated: None,
+                rolled_back: false,
+            };
         }
 
         let report = match self.host.apply(config) {
@@ -271,6 +277,7 @@ impl Agent {
             parts: Default::default(),
             probes: Default::default(),
             credential_sources: Default::default(),
+            peer_registries: Vec::new(),
         });
         self.host.apply(&target)?;
         if good.is_none() {

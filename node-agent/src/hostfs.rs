@@ -547,6 +547,7 @@ impl HostFs {
         let mut done = Uninstalled::default();
         if let Some(current) = self.current()? {
             let nothing = RenderedConfig {
+                peer_registries: Vec::new(),
                 flavor: current.flavor.clone(),
                 files: Default::default(),
                 restart_key: String::new(),

@@ -67,7 +67,8 @@ struct RunArgs {
     /// The operator's namespace, where the rendered configs are.
     #[arg(long, env = "POD_NAMESPACE")]
     namespace: String,
-    /// `auto` detects it; or k3s, rke2, containerd, containerd:<hosts dir>, cri-o.
+    /// `auto` detects it; or k3s, rke2 (either with +embedded-registry), containerd,
+    /// containerd:<hosts dir>, cri-o.
     #[arg(long, env = "REGMIRROR_FLAVOR", default_value = "auto")]
     flavor: String,
     /// Run this (with `sh -c`) instead of restarting or reloading through systemd.

@@ -336,14 +336,19 @@ impl Worker {
             &outcome.message,
         );
         self.annotate(node, &wanted).await;
-        let (warning, reason) = match (outcome.state, outcome.rolled_back) {
-            (NodeState::Applied, _) => (false, "Applied"),
-            (_, true) => (true, "RolledBack"),
-            _ => (true, "ApplyFailed"),
+        let event = match (outcome.state, outcome.rolled_back) {
+            (NodeState::Applied, _) => Some((false, "Applied")),
+            // Nothing happened on the host (a config for another flavor): the annotation says
+            // what the node waits for.
+            (NodeState::Applying, _) => None,
+            (_, true) => Some((true, "RolledBack")),
+            _ => Some((true, "ApplyFailed")),
         };
-        self.reporter
-            .event(node, warning, reason, &outcome.message)
-            .await;
+        if let Some((warning, reason)) = event {
+            self.reporter
+                .event(node, warning, reason, &outcome.message)
+                .await;
+        }
         tracing::info!(config = %desired, state = outcome.state.as_str(), message = %outcome.message, "done");
         None
     }

@@ -198,6 +198,8 @@ async fn a_first_config_that_fails_leaves_nothing_behind() {
 
 #[tokio::test]
 async fn a_config_for_another_flavor_is_refused_untouched() {
+    // Rendered before the operator read this node's flavor: the node waits for one rendered
+    // for it, and the config is not failed (that would stop it on every other node).
     let node = ContainerdNode::new();
     let k3s = render(
         &[&node.world.resolved(vec![node.world.endpoint(true, None)])],
@@ -205,11 +207,15 @@ async fn a_config_for_another_flavor_is_refused_untouched() {
     )
     .unwrap();
     let outcome = node.apply(&k3s).await;
-    assert_eq!(outcome.state, NodeState::Failed);
+    assert_eq!(outcome.state, NodeState::Applying);
+    assert_eq!(outcome.activated, None);
     assert!(
         outcome
             .message
-            .contains("was rendered for k3s, but this node runs containerd"),
+            .starts_with("waiting for a configuration rendered for containerd: regmirror-config-")
+            && outcome
+                .message
+                .contains("was rendered for k3s; nothing was written"),
         "{}",
         outcome.message
     );

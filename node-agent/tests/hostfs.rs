@@ -15,6 +15,7 @@ fn config(files: &[(&str, &str, u32)]) -> RenderedConfig {
 
 fn config_for(flavor: &str, files: &[(&str, &str, u32)]) -> RenderedConfig {
     RenderedConfig {
+        peer_registries: Vec::new(),
         flavor: flavor.into(),
         files: files
             .iter()

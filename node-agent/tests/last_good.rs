@@ -22,6 +22,7 @@ const HOSTS_TOML: &str = "/etc/containerd/certs.d/docker.io/hosts.toml";
 
 fn config(content: &str) -> RenderedConfig {
     RenderedConfig {
+        peer_registries: Vec::new(),
         flavor: "containerd".into(),
         files: BTreeMap::from([(
             HOSTS_TOML.to_owned(),

@@ -54,7 +54,7 @@ fn crd_carries_the_cel_rules_the_api_server_enforces() {
     let mut found = Vec::new();
     rules(&crd, &mut found);
     for rule in [
-        "size(self) >= 1",
+        regmirror_core::api::grammar::ENDPOINTS_RULE,
         "!self.contains('://') || self.startsWith('https://') || self.startsWith('http://')",
         "has(self.secretRef) != has(self.configMapRef)",
     ] {

@@ -991,3 +991,20 @@ fn a_mirror_asking_for_k3s_embedded_registry_names_the_nodes_that_do_not_run_it(
     assert_eq!(c.nodes[0].current, before);
     assert_eq!(c.nodes[2].current, None);
 }
+
+#[test]
+fn the_embedded_registry_condition_is_unknown_until_a_k3s_node_reports() {
+    let mut waiting = node("a", Flavor::K3S, &[]);
+    waiting.flavor = None;
+    let mut c = cluster(vec![waiting]);
+    let mut hub = mirror("hub", "docker.io", "https://mirror.example:5000", None);
+    hub.spec.embedded_registry = true;
+    c.mirrors = vec![hub];
+    converge(&mut c);
+    let (status, reason, message) = c.condition("hub", "EmbeddedRegistry");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("Unknown", "NoK3sNodes"),
+        "{message}"
+    );
+}

@@ -9,7 +9,8 @@
 //! puts its node-local P2P endpoint, with a client certificate it keeps to itself, first in
 //! every hosts.toml it generates; a hosts.toml written by anyone else would drop it, and the
 //! node would stop pulling from its peers. So regmirror writes no hosts.toml there, and every
-//! change takes a restart: the restart key is the digest of everything k3s reads at start.
+//! change to registries.yaml takes a restart: the restart key is its digest. (Certificate
+//! files keep their paths, and containerd reads them at each pull: those change live.)
 
 use std::collections::BTreeMap;
 
@@ -200,6 +201,7 @@ pub(super) fn render(
         yaml
     };
     let registries = format!("{MANAGED_HEADER}\n{yaml}");
+    let registries_text = registries.clone();
     let registries = if credentials.is_empty() {
         RenderedFile::public(registries)
     } else {
@@ -238,8 +240,9 @@ pub(super) fn render(
         return Err(problems);
     }
     let restart_key = if embedded_registry {
-        // registries.yaml and the certificate files: every byte k3s reads at start.
-        sha256_hex(&serde_json::to_vec(&files).expect("files serialize"))
+        // All of registries.yaml: k3s turns it into hosts.toml files only when it starts. The
+        // certificate files it names are read by containerd at each pull, as elsewhere.
+        sha256_hex(registries_text.as_bytes())
     } else {
         credentials_key.unwrap_or_else(|| NO_CREDENTIALS_KEY.to_owned())
     };

@@ -58,6 +58,11 @@ pub struct RenderedConfig {
     /// the JSON like `probes`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub credential_sources: BTreeMap<String, String>,
+    /// The registries (`*` for every registry) whose images this node pulls from its peers
+    /// first, through k3s's embedded registry mirror: every registry registries.yaml lists, on
+    /// a node that runs it. Empty, it is left out of the JSON like `probes`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peer_registries: Vec<String>,
 }
 
 /// One endpoint to check after an apply: `GET <url>/` must answer like a registry's API root,
@@ -203,6 +208,12 @@ fn render_checked(
         .filter(|e| e.settings.auth.is_some())
         .filter_map(|e| Some((e.url.host.clone(), e.credentials_from.clone()?)))
         .collect();
+    let mut peer_registries: Vec<String> = if flavor.embedded_registry() {
+        sorted.iter().map(|m| m.registry.clone()).collect()
+    } else {
+        Vec::new()
+    };
+    peer_registries.dedup();
     Ok(RenderedConfig {
         flavor: flavor.to_string(),
         files,
@@ -210,6 +221,7 @@ fn render_checked(
         parts: BTreeMap::new(),
         probes,
         credential_sources,
+        peer_registries,
     })
 }
 

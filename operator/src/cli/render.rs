@@ -31,7 +31,8 @@ pub struct NodeArgs {
     /// The node's labels, `key=value,key=value`, matched against nodeSelectors.
     #[arg(long = "node-labels", alias = "labels", value_parser = parse_labels, default_value = "")]
     pub labels: BTreeMap<String, String>,
-    /// The node's flavor: k3s, rke2, containerd, containerd:<hosts dir>, cri-o.
+    /// The node's flavor: k3s, rke2 (either with +embedded-registry), containerd,
+    /// containerd:<hosts dir>, cri-o.
     #[arg(long, default_value = "k3s")]
     pub flavor: Flavor,
 }
