@@ -54,7 +54,7 @@ pub struct RegistryMirrorSpec {
     /// Endpoints tried in order before the registry itself, which always stays the last resort.
     /// At least one, unless `embeddedRegistry` is on.
     #[serde(default)]
-    #[schemars(length(max = 16))]
+    #[schemars(length(max = 16), transform = no_default)]
     pub endpoints: Vec<Endpoint>,
 
     /// Share this registry's images between nodes through k3s's (or RKE2's) embedded registry
@@ -83,6 +83,12 @@ pub struct RegistryMirrorSpec {
     )]
     #[schemars(schema_with = "node_selector_schema")]
     pub node_selector: Option<LabelSelector>,
+}
+
+/// Leaves a field without a schema default: the API server would store it into every object
+/// that omits the field, and GitOps tools would see objects differ from what they applied.
+fn no_default(schema: &mut schemars::Schema) {
+    schema.remove("default");
 }
 
 /// A `nodeSelector` as written: Kubernetes' LabelSelector, refusing unknown fields.
