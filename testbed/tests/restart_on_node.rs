@@ -200,3 +200,143 @@ fn the_agent_restarts_the_nodes_runtime_through_its_restart_command() {
     let problems = on_node.node.stop();
     assert!(problems.is_empty(), "left behind: {problems:#?}");
 }
+
+/// k3s's embedded registry mirror, for real through the operator, the agent and the API
+/// server (issue 12 item 2): the Node label k3s puts on a node that runs it turns the agent's
+/// flavor to `k3s+embedded-registry`; the node then moves, by one budgeted restart, to a
+/// configuration without regmirror's hosts.toml files (k3s writes those, with its P2P endpoint
+/// first); a mirror listing docker.io for the peers alone restarts it once more, and its
+/// `EmbeddedRegistry` condition says the node runs it.
+#[test]
+fn a_node_that_runs_k3s_embedded_registry_leaves_hosts_toml_to_k3s() {
+    let on_node = OnNode::start();
+    let node = &on_node.node;
+    let kubectl = |args: &[&str]| on_node.kubectl(args);
+    on_node.helm_install(&[
+        "--set",
+        "agent.flavor=k3s",
+        "--set",
+        &format!(
+            "agent.restartCommand={}",
+            Node::restart_command_in_agent_pod()
+        ),
+        "--set",
+        "agent.readyTimeoutSeconds=90",
+    ]);
+    on_node.agent_ready();
+    let annotations = || -> BTreeMap<String, String> {
+        let json = kubectl(&[
+            "get",
+            "node",
+            "node-1",
+            "-o",
+            "jsonpath={.metadata.annotations}",
+        ]);
+        serde_json::from_str(&json).unwrap_or_default()
+    };
+    // Applied, running what it was told, reporting `flavor`.
+    let settled = |what: &str, flavor: &str| {
+        wait_for(what, Duration::from_secs(180), || {
+            let a = annotations();
+            let desired = a.get("regmirror.io/desired-config")?;
+            (a.get("regmirror.io/current-config") == Some(desired)
+                && a.get("regmirror.io/state").map(String::as_str) == Some("Applied")
+                && a.get("regmirror.io/flavor").map(String::as_str) == Some(flavor))
+            .then(|| format!("{a:#?}"))
+        });
+        annotations()
+    };
+    let hosts_toml = node
+        .host_root()
+        .join("var/lib/rancher/k3s/agent/etc/containerd/certs.d/registry.example/hosts.toml");
+    let registries_yaml = node.host_root().join("etc/rancher/k3s/registries.yaml");
+
+    // Plain k3s: a mirror without credentials is live, its hosts.toml written by regmirror.
+    on_node.apply(&format!(
+        "apiVersion: regmirror.io/v1alpha1\nkind: RegistryMirror\nmetadata:\n  name: example\nspec:\n  registry: registry.example\n  endpoints:\n    - url: https://{MIRROR_HOST}\n"
+    ));
+    let plain = settled("the plain k3s config Applied", "k3s");
+    assert_eq!(plain["regmirror.io/desired-activation"], "Hot");
+    assert!(hosts_toml.is_file(), "regmirror writes k3s's hosts.toml");
+    assert_eq!(node.containerd_restarts(), 0);
+
+    // k3s starts its embedded registry and labels the Node: the agent reports the flavor, and
+    // the node moves once, with a restart, to a config without regmirror's hosts.toml.
+    kubectl(&["label", "node", "node-1", "p2p.k3s.cattle.io/enabled=true"]);
+    let moved = settled(
+        "the node on a config for k3s+embedded-registry",
+        "k3s+embedded-registry",
+    );
+    assert_ne!(
+        moved["regmirror.io/current-config"],
+        plain["regmirror.io/current-config"]
+    );
+    assert_eq!(moved["regmirror.io/desired-activation"], "Restart");
+    assert_eq!(node.containerd_restarts(), 1, "one restart for the move");
+    assert!(
+        !hosts_toml.exists(),
+        "regmirror's hosts.toml removed: k3s writes its own there"
+    );
+    let written = std::fs::read_to_string(&registries_yaml).unwrap();
+    assert!(written.contains(MIRROR_HOST), "{written}");
+
+    // docker.io for the peers alone: registries.yaml changes, so k3s restarts once more.
+    on_node.apply(
+        "apiVersion: regmirror.io/v1alpha1\nkind: RegistryMirror\nmetadata:\n  name: docker-hub-p2p\nspec:\n  registry: docker.io\n  embeddedRegistry: true\n",
+    );
+    let condition = || {
+        kubectl(&[
+            "get",
+            "registrymirror",
+            "docker-hub-p2p",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"EmbeddedRegistry\")].status} {.status.conditions[?(@.type==\"EmbeddedRegistry\")].reason} {.status.conditions[?(@.type==\"Ready\")].status}",
+        ])
+    };
+    let shown = wait_for(
+        "docker-hub-p2p Ready, the embedded registry Running",
+        Duration::from_secs(180),
+        || {
+            let c = condition();
+            (c == "True Running True").then_some(c)
+        },
+    );
+    println!("docker-hub-p2p: {shown}");
+    let last = settled(
+        "the node on the config with docker.io",
+        "k3s+embedded-registry",
+    );
+    assert_eq!(last["regmirror.io/desired-activation"], "Restart");
+    assert_eq!(node.containerd_restarts(), 2, "one restart for the change");
+    let written = std::fs::read_to_string(&registries_yaml).unwrap();
+    assert!(written.contains("docker.io: {}"), "{written}");
+    let generated: Vec<_> = walkdir(
+        &node
+            .host_root()
+            .join("var/lib/rancher/k3s/agent/etc/containerd/certs.d"),
+    );
+    assert!(
+        generated.is_empty(),
+        "regmirror wrote no hosts.toml: {generated:?}"
+    );
+
+    let problems = on_node.node.stop();
+    assert!(problems.is_empty(), "left behind: {problems:#?}");
+}
+
+/// Every file under `dir` (none if it does not exist).
+fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
