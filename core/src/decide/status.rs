@@ -248,8 +248,8 @@ impl EmbeddedRegistryNodes {
     }
 
     /// `EmbeddedRegistry`: True when every k3s/RKE2 node of the mirror runs it; False, naming
-    /// the nodes that do not and the fix, otherwise; Unknown while there is none. It does not touch Ready: those nodes run
-    /// the configuration, they only do not share images.
+    /// the nodes that do not and the fix, otherwise; Unknown while there is none. It does not
+    /// touch Ready: those nodes run the configuration, they only do not share images.
     fn condition(&self, registry: &str) -> ConditionRow {
         if self.k3s_like == 0 {
             return (
