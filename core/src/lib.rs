@@ -8,6 +8,7 @@
 pub mod activation;
 pub mod api;
 pub mod assemble;
+pub mod cache;
 pub mod contract;
 pub mod decide;
 pub mod docker_config;

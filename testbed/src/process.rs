@@ -13,6 +13,25 @@ pub fn require_tool(tool: &str) {
     assert!(found, "{tool} is not installed: run `bash scripts/test` (it installs containerd, docker-registry, skopeo, apache2-utils)");
 }
 
+/// A Go tool the tests run (actionlint, distribution's `registry`), built from the module proxy
+/// at the version testbed/tools/go.mod pins by testbed/tools/build (a no-op once built).
+pub fn go_tool(name: &str) -> std::path::PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/build");
+    let output = Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
+    assert!(
+        output.status.success(),
+        "{} could not build the Go tools ({}); its log is above",
+        script.display(),
+        output.status
+    );
+    let bin = std::path::PathBuf::from(String::from_utf8(output.stdout).unwrap().trim());
+    bin.join(name)
+}
+
 /// A port on 127.0.0.1 that was free a moment ago, and never handed out before by this
 /// process (in a fresh network namespace the kernel readily gives the same port twice in a
 /// row, while the first taker has not bound it yet).

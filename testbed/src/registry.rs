@@ -62,21 +62,10 @@ impl Registry {
                 file.display()
             ));
         }
-        let config_file = dir.join("config.yml");
-        std::fs::write(&config_file, config).unwrap();
-        let log = dir.join("registry.log");
-        let mut process = Process::spawn(
-            "docker-registry",
-            Command::new("docker-registry")
-                .arg("serve")
-                .arg(&config_file),
-            &log,
-        );
-        process.wait_for_port(port, &log);
         Registry {
             port,
             options,
-            _process: process,
+            _process: serve_registry(Path::new("docker-registry"), dir, &config, port, &[]),
         }
     }
 
@@ -90,4 +79,40 @@ impl Registry {
         let scheme = if self.options.tls { "https" } else { "http" };
         format!("{scheme}://{}", self.host())
     }
+}
+
+/// Runs the registry `program` (`docker-registry`, or distribution v3 from [`crate::go_tool`])
+/// with `config` (written to `dir/config.yml`; it may hold a password: 0600) and `env`, and
+/// waits until it listens on `port`.
+pub fn serve_registry(
+    program: &Path,
+    dir: &Path,
+    config: &str,
+    port: u16,
+    env: &[(&str, &Path)],
+) -> Process {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir).unwrap();
+    let config_file = dir.join("config.yml");
+    std::io::Write::write_all(
+        &mut std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&config_file)
+            .unwrap(),
+        config.as_bytes(),
+    )
+    .unwrap();
+    let log = dir.join("registry.log");
+    let mut command = Command::new(program);
+    command.arg("serve").arg(&config_file);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let name = program.file_name().unwrap_or_default().to_string_lossy();
+    let mut process = Process::spawn(&name, &mut command, &log);
+    process.wait_for_port(port, &log);
+    process
 }

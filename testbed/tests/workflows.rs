@@ -13,20 +13,7 @@ fn repo() -> PathBuf {
 }
 
 fn actionlint() -> PathBuf {
-    let script = repo().join("testbed/tools/build");
-    let output = Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
-    assert!(
-        output.status.success(),
-        "{} could not build actionlint ({}); its log is above",
-        script.display(),
-        output.status
-    );
-    let bin = PathBuf::from(String::from_utf8(output.stdout).unwrap().trim());
-    bin.join("actionlint")
+    regmirror_testbed::go_tool("actionlint")
 }
 
 fn text(output: &Output) -> String {

@@ -4,5 +4,6 @@
 package tools
 
 import (
+	_ "github.com/distribution/distribution/v3/cmd/registry"
 	_ "github.com/rhysd/actionlint/cmd/actionlint"
 )

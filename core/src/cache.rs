@@ -1,0 +1,226 @@
+//! The in-cluster pull-through cache in front of a mirror's endpoint: the CNCF distribution
+//! registry (Debian's `docker-registry` is the same program) in proxy mode, configured here.
+//!
+//! Pure: from the upstream it proxies (an endpoint of the mirror, with that endpoint's
+//! credentials), where it serves and where it stores, the registry's `config.yml`. The file
+//! holds the upstream's password, so it travels in a Secret and is mounted 0600.
+//!
+//! distribution proxies exactly one upstream per registry process, so a cache serves one
+//! endpoint. Nodes list the cache first and the mirror's endpoints after it: containerd falls
+//! through to them when the cache does not answer, and the cache serves what it holds (tags
+//! included) when the upstream does not.
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::model::Credentials;
+
+/// The upstream a cache proxies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `https://host[:port]`, the endpoint's API root without `/v2`.
+    pub url: String,
+    pub credentials: Option<Credentials>,
+}
+
+/// Where a cache serves, with its TLS key pair (paths inside the cache's container).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Serving {
+    /// `host:port` to listen on (`:5000` in a pod).
+    pub addr: String,
+    pub certificate: String,
+    pub key: String,
+}
+
+/// Why a cache cannot proxy an endpoint.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum CacheError {
+    #[error("the cache's upstream {url} takes a bearer or identity token; distribution's proxy mode logs in with a username and password only")]
+    TokenCredentials { url: String },
+    #[error("the cache's upstream {url} has a path; distribution's proxy mode reaches a registry at the root of its host (/v2/)")]
+    UpstreamPath { url: String },
+}
+
+/// distribution's configuration, as much of it as a cache sets.
+#[derive(Serialize)]
+struct Config<'a> {
+    version: &'static str,
+    log: Log,
+    storage: Storage<'a>,
+    http: Http<'a>,
+    proxy: Proxy<'a>,
+}
+
+#[derive(Serialize)]
+struct Log {
+    level: &'static str,
+}
+
+#[derive(Serialize)]
+struct Storage<'a> {
+    filesystem: Filesystem<'a>,
+    /// Expired blobs are deleted by the proxy's scheduler.
+    delete: Enabled,
+}
+
+#[derive(Serialize)]
+struct Filesystem<'a> {
+    rootdirectory: &'a str,
+}
+
+#[derive(Serialize)]
+struct Enabled {
+    enabled: bool,
+}
+
+#[derive(Serialize)]
+struct Http<'a> {
+    addr: &'a str,
+    tls: Tls<'a>,
+}
+
+#[derive(Serialize)]
+struct Tls<'a> {
+    certificate: &'a str,
+    key: &'a str,
+}
+
+#[derive(Serialize)]
+struct Proxy<'a> {
+    remoteurl: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    username: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    password: Option<&'a str>,
+    /// How long content stays after its last pull: a week, as distribution's default.
+    ttl: &'static str,
+}
+
+/// The `config.yml` of a cache proxying `upstream`, serving as `serving` says, storing under
+/// `storage_dir`.
+pub fn registry_config(
+    upstream: &Upstream,
+    serving: &Serving,
+    storage_dir: &str,
+) -> Result<String, CacheError> {
+    let path = upstream
+        .url
+        .split_once("://")
+        .map_or(upstream.url.as_str(), |(_, rest)| rest)
+        .split_once('/')
+        .map_or("", |(_, path)| path);
+    if !path.trim_matches('/').is_empty() && path.trim_matches('/') != "v2" {
+        return Err(CacheError::UpstreamPath {
+            url: upstream.url.clone(),
+        });
+    }
+    let remoteurl = upstream
+        .url
+        .trim_end_matches('/')
+        .trim_end_matches("/v2")
+        .trim_end_matches('/');
+    let (username, password) = match &upstream.credentials {
+        None => (None, None),
+        Some(Credentials::Basic { username, password }) => {
+            (Some(username.as_str()), Some(password.as_str()))
+        }
+        Some(Credentials::IdentityToken(_) | Credentials::BearerToken(_)) => {
+            return Err(CacheError::TokenCredentials {
+                url: upstream.url.clone(),
+            })
+        }
+    };
+    let config = Config {
+        version: "0.1",
+        log: Log { level: "info" },
+        storage: Storage {
+            filesystem: Filesystem {
+                rootdirectory: storage_dir,
+            },
+            delete: Enabled { enabled: true },
+        },
+        http: Http {
+            addr: &serving.addr,
+            tls: Tls {
+                certificate: &serving.certificate,
+                key: &serving.key,
+            },
+        },
+        proxy: Proxy {
+            remoteurl,
+            username,
+            password,
+            ttl: "168h",
+        },
+    };
+    Ok(serde_yaml::to_string(&config).expect("a cache config serializes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serving() -> Serving {
+        Serving {
+            addr: ":5000".into(),
+            certificate: "/tls/tls.crt".into(),
+            key: "/tls/tls.key".into(),
+        }
+    }
+
+    #[test]
+    fn a_cache_proxies_the_root_of_its_upstream_with_its_password() {
+        let upstream = Upstream {
+            url: "https://mirror.example.com:5000/v2".into(),
+            credentials: Some(Credentials::Basic {
+                username: "puller".into(),
+                password: "p: 'quoted\"".into(),
+            }),
+        };
+        let text = registry_config(&upstream, &serving(), "/var/lib/registry").unwrap();
+        let yaml: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        assert_eq!(
+            yaml["proxy"]["remoteurl"],
+            "https://mirror.example.com:5000"
+        );
+        assert_eq!(yaml["proxy"]["username"], "puller");
+        assert_eq!(yaml["proxy"]["password"], "p: 'quoted\"", "{text}");
+        assert_eq!(yaml["http"]["addr"], ":5000");
+        assert_eq!(yaml["http"]["tls"]["certificate"], "/tls/tls.crt");
+        assert_eq!(
+            yaml["storage"]["filesystem"]["rootdirectory"],
+            "/var/lib/registry"
+        );
+        assert_eq!(yaml["version"], "0.1");
+    }
+
+    #[test]
+    fn an_anonymous_upstream_has_no_credentials_and_tokens_or_paths_are_refused() {
+        let anonymous = Upstream {
+            url: "https://registry-1.docker.io".into(),
+            credentials: None,
+        };
+        let text = registry_config(&anonymous, &serving(), "/data").unwrap();
+        assert!(
+            !text.contains("username") && !text.contains("password"),
+            "{text}"
+        );
+
+        let token = Upstream {
+            url: "https://mirror.example.com".into(),
+            credentials: Some(Credentials::BearerToken("t".into())),
+        };
+        assert!(matches!(
+            registry_config(&token, &serving(), "/data"),
+            Err(CacheError::TokenCredentials { .. })
+        ));
+        let path = Upstream {
+            url: "https://harbor.example.com/v2/dockerhub".into(),
+            credentials: None,
+        };
+        assert!(matches!(
+            registry_config(&path, &serving(), "/data"),
+            Err(CacheError::UpstreamPath { .. })
+        ));
+    }
+}
