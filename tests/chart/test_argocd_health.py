@@ -55,6 +55,9 @@ CASES = [
      "Degraded", "NodesFailed: edge-7"),
     ("ready=false without other conditions", mirror(conditions=[cond("Ready", "False", "Paused", "rollout paused")]),
      "Progressing", "Paused: rollout paused"),
+    ("ready, some nodes without k3s's embedded registry",
+     mirror(conditions=READY + [cond("EmbeddedRegistry", "False", "NotRunning", "1 of 3 k3s/RKE2 node(s) run without it")]),
+     "Healthy", "3/3 nodes applied"),
     ("conditions without observedGeneration", mirror(conditions=[{"type": "Ready", "status": "True", "reason": "Applied"}]),
      "Healthy", "Applied"),
 ]

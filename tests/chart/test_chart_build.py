@@ -50,6 +50,15 @@ def test_values_schema_is_enforced():
     assert run.returncode != 0, "helm lint accepted agent.flavor=docker: values.schema.json is not enforced"
 
 
+@pytest.mark.parametrize("flavor,accepted", [("k3s+embedded-registry", True), ("rke2+embedded-registry", True),
+                                             ("containerd:/opt/certs.d", True),
+                                             ("containerd+embedded-registry", False), ("k3s+spegel", False)])
+def test_agent_flavors_the_agent_takes(flavor, accepted):
+    run = helm("lint", "--strict", inputs.CHART, "--set", f"agent.flavor={flavor}")
+    assert (run.returncode == 0) == accepted, \
+        f"agent.flavor={flavor}: helm lint {'refused' if accepted else 'accepted'} it:\n{output_of(run)}"
+
+
 @pytest.mark.parametrize("name", [name for name, _ in inputs.value_sets()])
 def test_helm_template_renders(name):
     try:
