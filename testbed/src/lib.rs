@@ -12,6 +12,7 @@
 //! test on a request not in its scenario or an expected one never made.
 
 pub mod api;
+pub mod cache;
 pub mod cluster;
 pub mod control_plane;
 pub mod fake_api;

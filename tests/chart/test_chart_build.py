@@ -50,6 +50,13 @@ def test_values_schema_is_enforced():
     assert run.returncode != 0, "helm lint accepted agent.flavor=docker: values.schema.json is not enforced"
 
 
+def test_events_go_to_default_only():
+    # The code records Events about cluster-scoped objects in default, the one namespace the API
+    # server takes them in: a value granting them elsewhere would leave every Event forbidden.
+    run = helm("lint", "--strict", inputs.CHART, "--set", "events.namespace=kube-system")
+    assert run.returncode != 0, f"helm lint accepted events.namespace=kube-system:\n{output_of(run)}"
+
+
 @pytest.mark.parametrize("flavor,accepted", [("k3s+embedded-registry", True), ("rke2+embedded-registry", True),
                                              ("containerd:/opt/certs.d", True),
                                              ("containerd+embedded-registry", False), ("k3s+spegel", False)])
