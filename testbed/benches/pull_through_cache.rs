@@ -3,6 +3,7 @@
 //! - straight from the upstream (a docker-registry with TLS and basic auth), and
 //! - from the pull-through cache (distribution v3 in proxy mode, as `regmirror_core::cache`
 //!   configures it) in front of that upstream, once it holds the image.
+//!
 //! The first pull through the cache (a miss: the cache fetches from the upstream as it serves)
 //! is timed once and printed. Each pull starts from an empty containerd content store.
 //!
