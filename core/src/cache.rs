@@ -1,5 +1,10 @@
 //! The in-cluster pull-through cache in front of a mirror's endpoint: the CNCF distribution
-//! registry (Debian's `docker-registry` is the same program) in proxy mode, configured here.
+//! registry v3 in proxy mode, configured here. (Version 2.8, Debian's `docker-registry`, logs in
+//! to token-auth upstreams only: a basic-auth upstream answers it "unauthorized",
+//! distribution#3153.)
+//!
+//! The cache serves what it fetched with the upstream's credentials to whoever reaches it: the
+//! operator side must keep it to the nodes (a NetworkPolicy, or credentials of its own).
 //!
 //! Pure: from the upstream it proxies (an endpoint of the mirror, with that endpoint's
 //! credentials), where it serves and where it stores, the registry's `config.yml`. The file
@@ -18,7 +23,8 @@ use crate::model::Credentials;
 /// The upstream a cache proxies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
-    /// `https://host[:port]`, the endpoint's API root without `/v2`.
+    /// The endpoint as resolved (`https://host[:port]`, scheme always written; a `/v2` path is
+    /// taken off).
     pub url: String,
     pub credentials: Option<Credentials>,
 }

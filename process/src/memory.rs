@@ -40,7 +40,7 @@ const ARENAS: libc::c_int = 2;
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const MMAP_THRESHOLD: libc::c_int = 128 * 1024;
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux", target_env = "gnu"))]
 mod tests {
     use super::*;
 
@@ -58,7 +58,6 @@ mod tests {
             .expect("a number")
     }
 
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[test]
     fn freed_small_allocations_go_back_to_the_system() {
         bound_allocator();

@@ -64,8 +64,10 @@ impl Cache {
         self.process = None;
     }
 
-    /// Starts it again on its port, with what it stored before.
+    /// Starts it again on its port, with what it stored before (stopping it first if it runs:
+    /// a second process could not bind the port, and the wait would see the first).
     pub fn resume(&mut self) {
+        self.stop();
         self.process = Some(serve_registry(
             &self.program,
             &self.dir,

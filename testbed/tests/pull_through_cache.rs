@@ -76,4 +76,6 @@ fn containerd_pulls_through_the_cache_and_falls_back_both_ways() {
     drop(upstream);
     let again = pull(&image);
     assert!(again.ok, "the restarted cache serves: {}", again.output);
+    // The cache runs in the world's directory: stopped before that goes.
+    drop(cache);
 }

@@ -51,8 +51,8 @@ def test_values_schema_is_enforced():
 
 
 def test_events_go_to_default_only():
-    # The code records Events about cluster-scoped objects in default, the one namespace the API
-    # server takes them in: a value granting them elsewhere would leave every Event forbidden.
+    # The code records Events about cluster-scoped objects in default: a value granting them
+    # elsewhere would leave every Event forbidden.
     run = helm("lint", "--strict", inputs.CHART, "--set", "events.namespace=kube-system")
     assert run.returncode != 0, f"helm lint accepted events.namespace=kube-system:\n{output_of(run)}"
 
