@@ -18,8 +18,17 @@ use regmirror_testbed::Node;
 
 const MIRROR_HOST: &str = "mirror.example:5000";
 
+/// One node at a time in this test binary: a node's kubelet manages the cgroups under a root
+/// named after the process, so two nodes of one process would fight over each other's pods.
+static ONE_NODE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_node() -> std::sync::MutexGuard<'static, ()> {
+    ONE_NODE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn the_agent_restarts_the_nodes_runtime_through_its_restart_command() {
+    let _one = one_node();
     let on_node = OnNode::start();
     let node = &on_node.node;
     let kubectl = |args: &[&str]| on_node.kubectl(args);
@@ -209,6 +218,7 @@ fn the_agent_restarts_the_nodes_runtime_through_its_restart_command() {
 /// `EmbeddedRegistry` condition says the node runs it.
 #[test]
 fn a_node_that_runs_k3s_embedded_registry_leaves_hosts_toml_to_k3s() {
+    let _one = one_node();
     let on_node = OnNode::start();
     let node = &on_node.node;
     let kubectl = |args: &[&str]| on_node.kubectl(args);
@@ -234,12 +244,13 @@ fn a_node_that_runs_k3s_embedded_registry_leaves_hosts_toml_to_k3s() {
         ]);
         serde_json::from_str(&json).unwrap_or_default()
     };
-    // Applied, running what it was told, reporting `flavor`.
-    let settled = |what: &str, flavor: &str| {
+    // Applied, running what it was told (a config other than `left`), reporting `flavor`.
+    let settled = |what: &str, flavor: &str, left: Option<&str>| {
         wait_for(what, Duration::from_secs(180), || {
             let a = annotations();
             let desired = a.get("regmirror.io/desired-config")?;
             (a.get("regmirror.io/current-config") == Some(desired)
+                && Some(desired.as_str()) != left
                 && a.get("regmirror.io/state").map(String::as_str) == Some("Applied")
                 && a.get("regmirror.io/flavor").map(String::as_str) == Some(flavor))
             .then(|| format!("{a:#?}"))
@@ -252,10 +263,15 @@ fn a_node_that_runs_k3s_embedded_registry_leaves_hosts_toml_to_k3s() {
     let registries_yaml = node.host_root().join("etc/rancher/k3s/registries.yaml");
 
     // Plain k3s: a mirror without credentials is live, its hosts.toml written by regmirror.
+    wait_for("the agent reporting k3s", Duration::from_secs(60), || {
+        let a = annotations();
+        (a.get("regmirror.io/flavor").map(String::as_str) == Some("k3s")).then(String::new)
+    });
+    let before = annotations().get("regmirror.io/current-config").cloned();
     on_node.apply(&format!(
         "apiVersion: regmirror.io/v1alpha1\nkind: RegistryMirror\nmetadata:\n  name: example\nspec:\n  registry: registry.example\n  endpoints:\n    - url: https://{MIRROR_HOST}\n"
     ));
-    let plain = settled("the plain k3s config Applied", "k3s");
+    let plain = settled("the plain k3s config Applied", "k3s", before.as_deref());
     assert_eq!(plain["regmirror.io/desired-activation"], "Hot");
     assert!(hosts_toml.is_file(), "regmirror writes k3s's hosts.toml");
     assert_eq!(node.containerd_restarts(), 0);
@@ -266,6 +282,7 @@ fn a_node_that_runs_k3s_embedded_registry_leaves_hosts_toml_to_k3s() {
     let moved = settled(
         "the node on a config for k3s+embedded-registry",
         "k3s+embedded-registry",
+        Some(&plain["regmirror.io/current-config"]),
     );
     assert_ne!(
         moved["regmirror.io/current-config"],
@@ -305,6 +322,7 @@ fn a_node_that_runs_k3s_embedded_registry_leaves_hosts_toml_to_k3s() {
     let last = settled(
         "the node on the config with docker.io",
         "k3s+embedded-registry",
+        Some(&moved["regmirror.io/current-config"]),
     );
     assert_eq!(last["regmirror.io/desired-activation"], "Restart");
     assert_eq!(node.containerd_restarts(), 2, "one restart for the change");
