@@ -42,7 +42,7 @@ use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
-use crate::process::{free_port, require_tool, run_ok};
+use crate::process::{free_port, require_tool, run_build_script, run_ok};
 
 /// The ClusterIP range the API server allocates Service addresses from (only configuration:
 /// nothing routes it).
@@ -176,25 +176,7 @@ impl ControlPlane {
         if let Some(dir) = std::env::var_os("REGMIRROR_KUBE_BIN") {
             return PathBuf::from(dir);
         }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kube/build");
-        let output = Command::new("bash")
-            .arg(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
-        assert!(
-            output.status.success(),
-            "{} failed ({}); its output is above",
-            script.display(),
-            output.status
-        );
-        let stdout = String::from_utf8(output.stdout).unwrap();
-        PathBuf::from(
-            stdout
-                .lines()
-                .last()
-                .expect("the build prints its bin directory"),
-        )
+        run_build_script(&Path::new(env!("CARGO_MANIFEST_DIR")).join("kube/build"))
     }
 
     fn start_with(dir: Dir, options: &ControlPlaneOptions) -> ControlPlane {

@@ -30,6 +30,6 @@ pub use control_plane::{ControlPlane, ControlPlaneOptions, TokenOptions};
 pub use image::{oci_layout, push};
 pub use node::{enter_private_network, BuiltImages, Node, NodeOptions};
 pub use pki::Pki;
-pub use process::{dead_port, free_port, go_tool, require_tool, Process};
+pub use process::{dead_port, free_port, go_tool, require_tool, run_build_script, Process};
 pub use registry::{serve_registry, Registry, RegistryOptions};
 pub use runtime::{Containerd, Pull, Skopeo};

@@ -44,7 +44,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::control_plane::ControlPlane;
-use crate::process::{free_port, require_tool, run, run_ok};
+use crate::process::{free_port, require_tool, run, run_build_script, run_ok};
 
 /// The node's InternalIP: on the loopback device of the private network namespace.
 pub const NODE_IP: &str = "10.240.0.1";
@@ -140,20 +140,8 @@ impl BuiltImages {
         if let Some(dir) = std::env::var_os("REGMIRROR_IMAGES_DIR") {
             return Self::read(PathBuf::from(dir));
         }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/build");
-        let output = Command::new("bash")
-            .arg(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
-        assert!(
-            output.status.success(),
-            "{} failed ({}); its log is above",
-            script.display(),
-            output.status
-        );
-        Self::read(PathBuf::from(
-            String::from_utf8(output.stdout).unwrap().trim(),
+        Self::read(run_build_script(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("images/build"),
         ))
     }
 

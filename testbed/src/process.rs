@@ -13,23 +13,34 @@ pub fn require_tool(tool: &str) {
     assert!(found, "{tool} is not installed: run `bash scripts/test` (it installs containerd, docker-registry, skopeo, apache2-utils)");
 }
 
-/// A Go tool the tests run (actionlint, distribution's `registry`), built from the module proxy
-/// at the version testbed/tools/go.mod pins by testbed/tools/build (a no-op once built).
-pub fn go_tool(name: &str) -> std::path::PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/build");
+/// Runs one of testbed's build scripts (`kube/build`, `images/build`, `tools/build`: each a
+/// no-op when nothing changed), its log on stderr, and returns the directory it prints last.
+pub fn run_build_script(script: &Path) -> std::path::PathBuf {
     let output = Command::new("bash")
-        .arg(&script)
+        .arg(script)
         .stderr(std::process::Stdio::inherit())
         .output()
         .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
     assert!(
         output.status.success(),
-        "{} could not build the Go tools ({}); its log is above",
+        "{} failed ({}); its log is above",
         script.display(),
         output.status
     );
-    let bin = std::path::PathBuf::from(String::from_utf8(output.stdout).unwrap().trim());
-    bin.join(name)
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    std::path::PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("the build prints its output directory")
+            .trim(),
+    )
+}
+
+/// A Go tool the tests run (actionlint, distribution's `registry`), built from the module proxy
+/// at the version testbed/tools/go.mod pins by testbed/tools/build (a no-op once built).
+pub fn go_tool(name: &str) -> std::path::PathBuf {
+    run_build_script(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/build")).join(name)
 }
 
 /// A port on 127.0.0.1 that was free a moment ago, and never handed out before by this

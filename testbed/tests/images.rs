@@ -120,19 +120,7 @@ fn repo() -> PathBuf {
 fn images() -> &'static Images {
     static IMAGES: OnceLock<Images> = OnceLock::new();
     IMAGES.get_or_init(|| {
-        let script = repo().join("testbed/images/build");
-        let output = Command::new("bash")
-            .arg(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
-        assert!(
-            output.status.success(),
-            "{} failed ({}); its log is above",
-            script.display(),
-            output.status
-        );
-        let dir = PathBuf::from(String::from_utf8(output.stdout).unwrap().trim());
+        let dir = regmirror_testbed::run_build_script(&repo().join("testbed/images/build"));
         let listing = std::fs::read_to_string(dir.join("images.txt")).unwrap();
         let images = listing
             .lines()

@@ -26,22 +26,47 @@ fn one_node() -> std::sync::MutexGuard<'static, ()> {
     ONE_NODE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-#[test]
-fn the_agent_restarts_the_nodes_runtime_through_its_restart_command() {
-    let _one = one_node();
+/// A node with the chart installed as on k3s: `agent.flavor=k3s`, restarts through the node's
+/// containerd supervisor; returns once the agent is ready and reports the flavor k3s.
+fn start_as_k3s() -> OnNode {
     let on_node = OnNode::start();
-    let node = &on_node.node;
-    let kubectl = |args: &[&str]| on_node.kubectl(args);
-    let restart_command = Node::restart_command_in_agent_pod();
     on_node.helm_install(&[
         "--set",
         "agent.flavor=k3s",
         "--set",
-        &format!("agent.restartCommand={restart_command}"),
+        &format!(
+            "agent.restartCommand={}",
+            Node::restart_command_in_agent_pod()
+        ),
         "--set",
         "agent.readyTimeoutSeconds=90",
     ]);
     on_node.agent_ready();
+    wait_for("the agent reporting k3s", Duration::from_secs(60), || {
+        let a = annotations(&on_node);
+        (a.get("regmirror.io/flavor").map(String::as_str) == Some("k3s")).then(String::new)
+    });
+    on_node
+}
+
+/// The annotations of Node `node-1`.
+fn annotations(on_node: &OnNode) -> BTreeMap<String, String> {
+    let json = on_node.kubectl(&[
+        "get",
+        "node",
+        "node-1",
+        "-o",
+        "jsonpath={.metadata.annotations}",
+    ]);
+    serde_json::from_str(&json).unwrap_or_default()
+}
+
+#[test]
+fn the_agent_restarts_the_nodes_runtime_through_its_restart_command() {
+    let _one = one_node();
+    let on_node = start_as_k3s();
+    let node = &on_node.node;
+    let kubectl = |args: &[&str]| on_node.kubectl(args);
     let agent_pod = || {
         kubectl(&[
             "get",
@@ -59,20 +84,7 @@ fn the_agent_restarts_the_nodes_runtime_through_its_restart_command() {
         agent_before.trim().ends_with("Running restarts=0"),
         "{agent_before}"
     );
-    let annotations = || -> BTreeMap<String, String> {
-        let json = kubectl(&[
-            "get",
-            "node",
-            "node-1",
-            "-o",
-            "jsonpath={.metadata.annotations}",
-        ]);
-        serde_json::from_str(&json).unwrap_or_default()
-    };
-    wait_for("the agent reporting k3s", Duration::from_secs(60), || {
-        let a = annotations();
-        (a.get("regmirror.io/flavor").map(String::as_str) == Some("k3s")).then(String::new)
-    });
+    let annotations = || annotations(&on_node);
     let node_ready = || {
         kubectl(&[
             "get",
@@ -219,31 +231,10 @@ fn the_agent_restarts_the_nodes_runtime_through_its_restart_command() {
 #[test]
 fn a_node_that_runs_k3s_embedded_registry_leaves_hosts_toml_to_k3s() {
     let _one = one_node();
-    let on_node = OnNode::start();
+    let on_node = start_as_k3s();
     let node = &on_node.node;
     let kubectl = |args: &[&str]| on_node.kubectl(args);
-    on_node.helm_install(&[
-        "--set",
-        "agent.flavor=k3s",
-        "--set",
-        &format!(
-            "agent.restartCommand={}",
-            Node::restart_command_in_agent_pod()
-        ),
-        "--set",
-        "agent.readyTimeoutSeconds=90",
-    ]);
-    on_node.agent_ready();
-    let annotations = || -> BTreeMap<String, String> {
-        let json = kubectl(&[
-            "get",
-            "node",
-            "node-1",
-            "-o",
-            "jsonpath={.metadata.annotations}",
-        ]);
-        serde_json::from_str(&json).unwrap_or_default()
-    };
+    let annotations = || annotations(&on_node);
     // Applied, running what it was told (a config other than `left`), reporting `flavor`.
     let settled = |what: &str, flavor: &str, left: Option<&str>| {
         wait_for(what, Duration::from_secs(180), || {
@@ -263,10 +254,6 @@ fn a_node_that_runs_k3s_embedded_registry_leaves_hosts_toml_to_k3s() {
     let registries_yaml = node.host_root().join("etc/rancher/k3s/registries.yaml");
 
     // Plain k3s: a mirror without credentials is live, its hosts.toml written by regmirror.
-    wait_for("the agent reporting k3s", Duration::from_secs(60), || {
-        let a = annotations();
-        (a.get("regmirror.io/flavor").map(String::as_str) == Some("k3s")).then(String::new)
-    });
     let before = annotations().get("regmirror.io/current-config").cloned();
     on_node.apply(&format!(
         "apiVersion: regmirror.io/v1alpha1\nkind: RegistryMirror\nmetadata:\n  name: example\nspec:\n  registry: registry.example\n  endpoints:\n    - url: https://{MIRROR_HOST}\n"
