@@ -50,6 +50,7 @@ fn cluster() -> (Vec<RegistryMirror>, Sources) {
                 tls: None,
             };
             let spec = RegistryMirrorSpec {
+                cache: None,
                 embedded_registry: false,
                 registry: format!("registry-{i}.example.org"),
                 endpoints: vec![endpoint, fallback],

@@ -67,6 +67,15 @@ pub struct RegistryMirrorSpec {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub embedded_registry: bool,
 
+    /// Run a pull-through cache in the cluster in front of the first endpoint: the operator
+    /// runs a registry in proxy mode (a Deployment and a Service in its namespace, TLS from a
+    /// CA it creates and gives the nodes, credentials of its own), and the nodes try the cache
+    /// first and the endpoints after it, so that pulls go on when the cache is down and the
+    /// cache serves what it holds when the upstream is down. The first endpoint's Secret (basic
+    /// credentials only) and CA are the cache's for its upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSpec>,
+
     /// Image-name rewrites applied when pulling from an endpoint (k3s and RKE2 only; never
     /// applied to the registry itself).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -83,6 +92,57 @@ pub struct RegistryMirrorSpec {
     )]
     #[schemars(schema_with = "node_selector_schema")]
     pub node_selector: Option<LabelSelector>,
+}
+
+/// A mirror's pull-through cache.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CacheSpec {
+    /// Where the cache keeps what it pulled; an emptyDir without a size limit when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<CacheStorage>,
+}
+
+/// A cache's storage: exactly one of an emptyDir (lost when the pod moves) or an existing
+/// PersistentVolumeClaim in the operator's namespace.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default)]
+#[x_kube(
+    validation = Rule::new("has(self.emptyDir) != has(self.persistentVolumeClaim)")
+        .message("storage needs exactly one of emptyDir or persistentVolumeClaim")
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CacheStorage {
+    /// A volume that lives as long as the cache's pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub empty_dir: Option<EmptyDirStorage>,
+    /// A PersistentVolumeClaim in the operator's namespace, created beforehand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume_claim: Option<ClaimStorage>,
+}
+
+/// An emptyDir for a cache.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EmptyDirStorage {
+    /// The most the cache may store (a quantity: `20Gi`); the kubelet evicts the pod beyond it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(
+        validation = Rule::new(grammar::must_match("self", grammar::QUANTITY)).message(grammar::QUANTITY_FORMAT)
+    )]
+    #[schemars(length(min = 1, max = 64))]
+    pub size_limit: Option<String>,
+}
+
+/// A PersistentVolumeClaim for a cache.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClaimStorage {
+    /// The claim's name, in the operator's namespace.
+    #[x_kube(
+        validation = Rule::new(grammar::must_match("self", grammar::DNS_SUBDOMAIN)).message(grammar::CLAIM_NAME_FORMAT)
+    )]
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: String,
 }
 
 /// Leaves a field without a schema default: the API server would store it into every object
@@ -419,8 +479,17 @@ pub mod grammar {
     /// What k3s copies into hosts.toml without escaping.
     pub const BACKSLASH_OR_QUOTE: &str = r#"["\\]"#;
 
+    /// A Kubernetes quantity: a number and an optional suffix (`20Gi`, `500M`, `1e9`).
+    pub const QUANTITY: &str = "^[0-9]+([.][0-9]+)?(([KMGTPE]i)|[kMGTPE]|[eE][0-9]+)?$";
+    /// A DNS subdomain name (RFC 1123), as object names are.
+    pub const DNS_SUBDOMAIN: &str =
+        "^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+
     pub const ENDPOINTS_RULE: &str = "(has(self.endpoints) && size(self.endpoints) >= 1) || (has(self.embeddedRegistry) && self.embeddedRegistry)";
     pub const ENDPOINTS_NONE: &str = "endpoints must list at least one endpoint, unless embeddedRegistry is true (k3s's embedded registry mirror alone)";
+    pub const QUANTITY_FORMAT: &str = "sizeLimit must be a quantity such as 20Gi, 500M or 1e9";
+    pub const CLAIM_NAME_FORMAT: &str =
+        "claimName must be a PersistentVolumeClaim name: lower-case letters, digits, '-' and '.'";
     pub const SCHEME_RULE: &str =
         "!self.contains('://') || self.startsWith('https://') || self.startsWith('http://')";
     pub const HTTP_WITHOUT_TLS_RULE: &str = "!self.url.startsWith('http://') || !has(self.tls) || (!has(self.tls.caRef) && !has(self.tls.clientCertSecretRef) && (!has(self.tls.insecureSkipVerify) || !self.tls.insecureSkipVerify))";

@@ -3,12 +3,14 @@
 //! to token-auth upstreams only: a basic-auth upstream answers it "unauthorized",
 //! distribution#3153.)
 //!
-//! The cache serves what it fetched with the upstream's credentials to whoever reaches it: the
-//! operator side must keep it to the nodes (a NetworkPolicy, or credentials of its own).
+//! The cache serves what it fetched with the upstream's credentials to whoever reaches it, so
+//! it takes credentials of its own (htpasswd), which the operator generates and gives the
+//! nodes with its address and CA: a [`CacheSite`], which `resolve` puts before the mirror's
+//! endpoints.
 //!
 //! Pure: from the upstream it proxies (an endpoint of the mirror, with that endpoint's
 //! credentials), where it serves and where it stores, the registry's `config.yml`. The file
-//! holds the upstream's password, so it travels in a Secret and is mounted 0600.
+//! holds the upstream's password, so it travels in a Secret.
 //!
 //! distribution proxies exactly one upstream per registry process, so a cache serves one
 //! endpoint. Nodes list the cache first and the mirror's endpoints after it: containerd falls
@@ -18,7 +20,54 @@
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::model::Credentials;
+use crate::model::{Credentials, ResolvedEndpoint};
+
+/// The port a cache serves on, in its pod and on its Service.
+pub const PORT: u16 = 5000;
+/// The Secret (in the operator's namespace) holding the CA that signs every cache's serving
+/// certificate; its `ca.crt` goes to the nodes.
+pub const CA_SECRET: &str = "regmirror-cache-ca";
+/// The label on a cache's objects naming the RegistryMirror they serve.
+pub const MIRROR_LABEL: &str = "regmirror.io/cache";
+/// The user name nodes log in to a cache with.
+pub const USERNAME: &str = "regmirror-node";
+
+/// The name of a mirror's cache objects (Service, Deployment, Secret): `regmirror-cache-`, the
+/// mirror's name made a DNS label (a Service name: no dots, at most 63 characters), and a
+/// digest of the name, so that two mirrors never share one and no mirror's is [`CA_SECRET`].
+pub fn object_name(mirror: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(mirror.as_bytes());
+    let suffix: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    let label: String = mirror
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | '0'..='9' => c,
+            _ => '-',
+        })
+        .take(63 - "regmirror-cache-".len() - 1 - suffix.len())
+        .collect();
+    let label = label.trim_matches('-');
+    if label.is_empty() {
+        format!("regmirror-cache-{suffix}")
+    } else {
+        format!("regmirror-cache-{label}-{suffix}")
+    }
+}
+
+/// Where the nodes find a mirror's cache: what `resolve` puts before the mirror's endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheSite {
+    /// `https://<address>:<port>`: the Service's cluster IP, since nodes reach Services through
+    /// kube-proxy but do not resolve cluster DNS names.
+    pub url: String,
+    /// The CA bundle (PEM) that signs the cache's certificate.
+    pub ca: String,
+    /// The nodes' credentials for the cache.
+    pub credentials: Credentials,
+    /// The Secret those come from (`namespace/name`), for messages.
+    pub secret: String,
+}
 
 /// The upstream a cache proxies.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,15 +76,57 @@ pub struct Upstream {
     /// taken off).
     pub url: String,
     pub credentials: Option<Credentials>,
+    /// The CA bundle (PEM) the upstream's certificate is checked against, if not the system's.
+    pub ca: Option<String>,
 }
 
-/// Where a cache serves, with its TLS key pair (paths inside the cache's container).
+impl Upstream {
+    /// The upstream of a cache in front of `endpoint`, if distribution can proxy it.
+    pub fn of(endpoint: &ResolvedEndpoint) -> Result<Upstream, CacheError> {
+        let url = endpoint.url.to_string();
+        let tls = &endpoint.settings.tls;
+        if tls.client.is_some() {
+            return Err(CacheError::ClientCertificate { url });
+        }
+        if tls.insecure_skip_verify {
+            return Err(CacheError::InsecureUpstream { url });
+        }
+        if !endpoint.url.path.trim_matches('/').is_empty() {
+            return Err(CacheError::UpstreamPath { url });
+        }
+        if let Some(Credentials::IdentityToken(_) | Credentials::BearerToken(_)) =
+            endpoint.settings.auth
+        {
+            return Err(CacheError::TokenCredentials { url });
+        }
+        Ok(Upstream {
+            url,
+            credentials: endpoint.settings.auth.clone(),
+            ca: tls.ca.clone(),
+        })
+    }
+}
+
+/// The htpasswd line distribution checks the nodes' password against: bcrypt, with `salt`
+/// (random, chosen by the caller: this stays pure).
+pub fn htpasswd_entry(username: &str, password: &str, salt: [u8; 16]) -> String {
+    let hash = bcrypt::hash_with_salt(password, bcrypt::DEFAULT_COST, salt)
+        .expect("bcrypt takes any password at the default cost");
+    format!(
+        "{username}:{}\n",
+        hash.format_for_version(bcrypt::Version::TwoY)
+    )
+}
+
+/// Where a cache serves, with its TLS key pair and the htpasswd file of the credentials it
+/// takes (paths inside the cache's container).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Serving {
     /// `host:port` to listen on (`:5000` in a pod).
     pub addr: String,
     pub certificate: String,
     pub key: String,
+    pub htpasswd: Option<String>,
 }
 
 /// Why a cache cannot proxy an endpoint.
@@ -45,6 +136,12 @@ pub enum CacheError {
     TokenCredentials { url: String },
     #[error("the cache's upstream {url} has a path; distribution's proxy mode reaches a registry at the root of its host (/v2/)")]
     UpstreamPath { url: String },
+    #[error("the cache's upstream {url} asks for a client certificate; distribution's proxy mode cannot present one")]
+    ClientCertificate { url: String },
+    #[error("the cache's upstream {url} has insecureSkipVerify; the cache verifies its upstream (give its CA in tls.caRef)")]
+    InsecureUpstream { url: String },
+    #[error("a cache needs an endpoint to proxy: list the upstream in endpoints")]
+    NoEndpoint,
 }
 
 /// distribution's configuration, as much of it as a cache sets.
@@ -53,6 +150,8 @@ struct Config<'a> {
     version: &'static str,
     log: Log,
     storage: Storage<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    auth: Option<Auth<'a>>,
     http: Http<'a>,
     proxy: Proxy<'a>,
 }
@@ -77,6 +176,17 @@ struct Filesystem<'a> {
 #[derive(Serialize)]
 struct Enabled {
     enabled: bool,
+}
+
+#[derive(Serialize)]
+struct Auth<'a> {
+    htpasswd: Htpasswd<'a>,
+}
+
+#[derive(Serialize)]
+struct Htpasswd<'a> {
+    realm: &'static str,
+    path: &'a str,
 }
 
 #[derive(Serialize)]
@@ -145,6 +255,12 @@ pub fn registry_config(
             },
             delete: Enabled { enabled: true },
         },
+        auth: serving.htpasswd.as_deref().map(|path| Auth {
+            htpasswd: Htpasswd {
+                realm: "regmirror-cache",
+                path,
+            },
+        }),
         http: Http {
             addr: &serving.addr,
             tls: Tls {
@@ -171,6 +287,7 @@ mod tests {
             addr: ":5000".into(),
             certificate: "/tls/tls.crt".into(),
             key: "/tls/tls.key".into(),
+            htpasswd: Some("/etc/cache/htpasswd".into()),
         }
     }
 
@@ -182,6 +299,7 @@ mod tests {
                 username: "puller".into(),
                 password: "p: 'quoted\"".into(),
             }),
+            ca: None,
         };
         let text = registry_config(&upstream, &serving(), "/var/lib/registry").unwrap();
         let yaml: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
@@ -205,6 +323,7 @@ mod tests {
         let anonymous = Upstream {
             url: "https://registry-1.docker.io".into(),
             credentials: None,
+            ca: None,
         };
         let text = registry_config(&anonymous, &serving(), "/data").unwrap();
         assert!(
@@ -215,6 +334,7 @@ mod tests {
         let token = Upstream {
             url: "https://mirror.example.com".into(),
             credentials: Some(Credentials::BearerToken("t".into())),
+            ca: None,
         };
         assert!(matches!(
             registry_config(&token, &serving(), "/data"),
@@ -223,6 +343,7 @@ mod tests {
         let path = Upstream {
             url: "https://harbor.example.com/v2/dockerhub".into(),
             credentials: None,
+            ca: None,
         };
         assert!(matches!(
             registry_config(&path, &serving(), "/data"),

@@ -94,6 +94,12 @@ pub enum Reason {
         /// Entries of it that are not host patterns.
         invalid: Vec<String>,
     },
+    /// The mirror's cache cannot proxy its first endpoint.
+    #[error("{0}")]
+    Cache(#[from] crate::cache::CacheError),
+    /// The mirror's cache has no address (or certificate for it) yet: its nodes wait.
+    #[error("waiting for the cache {namespace}/{name} to get its cluster IP and certificate")]
+    CacheNotReady { namespace: String, name: String },
     /// Two endpoints of one RegistryMirror name the same host with different settings.
     #[error("host {host:?} is also endpoint {other} with different credentials or TLS settings; a node can hold only one per host")]
     HostSettingsDiffer { host: String, other: usize },

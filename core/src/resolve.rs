@@ -9,6 +9,7 @@ use regex::Regex;
 use crate::api::{
     grammar, CaRef, Endpoint, EndpointAuth, EndpointTls, KeyRef, ObjectRef, RegistryMirror,
 };
+use crate::cache::{self, CacheError, Upstream};
 use crate::docker_config::{decode_auth, DockerConfig};
 use crate::model::{
     ClientCert, Credentials, EndpointUrl, HostSettings, ResolvedEndpoint, ResolvedMirror,
@@ -154,6 +155,11 @@ pub fn resolve_partially(
         }
     }
 
+    if spec.cache.is_some() {
+        let name = mirror.metadata.name.as_deref().unwrap_or_default();
+        put_cache_first(name, &mut endpoints, sources, policy, &mut errors);
+    }
+
     let mut rewrites = Vec::with_capacity(spec.rewrites.len());
     for (i, rewrite) in spec.rewrites.iter().enumerate() {
         if let Some(first) = spec.rewrites[..i]
@@ -224,6 +230,82 @@ pub fn resolve_partially(
         embedded_registry: spec.embedded_registry,
     };
     (resolved, errors)
+}
+
+/// A mirror with a cache: the cache, where `sources` says it is, before its endpoints — once
+/// the endpoints are valid and the first of them is one a cache can proxy.
+fn put_cache_first(
+    mirror: &str,
+    endpoints: &mut Vec<ResolvedEndpoint>,
+    sources: &Sources,
+    policy: &RefPolicy,
+    errors: &mut Vec<FieldError>,
+) {
+    if !errors.is_empty() {
+        return;
+    }
+    let upstream = endpoints
+        .first()
+        .ok_or(CacheError::NoEndpoint)
+        .and_then(Upstream::of);
+    if let Err(e) = upstream {
+        errors.push(FieldError::new("spec.cache", e.into()));
+        return;
+    }
+    let Some(site) = sources.cache(mirror) else {
+        errors.push(FieldError::new(
+            "spec.cache",
+            Reason::CacheNotReady {
+                namespace: policy.operator_namespace.clone(),
+                name: cache::object_name(mirror),
+            },
+        ));
+        return;
+    };
+    match parse_endpoint_url(&site.url) {
+        Ok(url) => endpoints.insert(
+            0,
+            ResolvedEndpoint {
+                url,
+                settings: HostSettings {
+                    auth: Some(site.credentials.clone()),
+                    tls: ResolvedTls {
+                        ca: Some(site.ca.clone()),
+                        ..ResolvedTls::default()
+                    },
+                },
+                credentials_from: Some(site.secret.clone()),
+            },
+        ),
+        Err(detail) => errors.push(FieldError::new(
+            "spec.cache",
+            Reason::BadUrl {
+                url: site.url.clone(),
+                detail,
+            },
+        )),
+    }
+}
+
+/// What the cache of `mirror` proxies: its first endpoint, resolved alone (the operator
+/// configures the cache with it before the cache has an address for [`resolve`]).
+pub fn cache_upstream(
+    mirror: &RegistryMirror,
+    sources: &Sources,
+    policy: &RefPolicy,
+) -> Result<Upstream, Vec<FieldError>> {
+    let Some(first) = mirror.spec.endpoints.first() else {
+        return Err(vec![FieldError::new(
+            "spec.cache",
+            CacheError::NoEndpoint.into(),
+        )]);
+    };
+    match resolve_endpoint(first, "spec.endpoints[0]", sources, policy) {
+        (Some(endpoint), errors) if errors.is_empty() => {
+            Upstream::of(&endpoint).map_err(|e| vec![FieldError::new("spec.cache", e.into())])
+        }
+        (_, errors) => Err(errors),
+    }
 }
 
 /// Runtimes keep one set of credentials and TLS files per host: two endpoints of one mirror on

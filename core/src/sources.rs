@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use crate::cache::CacheSite;
 use crate::model::{EndpointUrl, Scheme};
 
 /// The kind of a referenced object.
@@ -77,10 +78,11 @@ pub struct SourceKey {
     pub name: String,
 }
 
-/// All the objects references may resolve to.
+/// All the objects references may resolve to, and where the caches that mirrors ask for are.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Sources {
     objects: BTreeMap<SourceKey, SourceObject>,
+    caches: BTreeMap<String, CacheSite>,
 }
 
 impl Sources {
@@ -112,6 +114,16 @@ impl Sources {
     /// Every object, in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&SourceKey, &SourceObject)> {
         self.objects.iter()
+    }
+
+    /// Records where the cache of the RegistryMirror `mirror` is.
+    pub fn insert_cache(&mut self, mirror: &str, site: CacheSite) {
+        self.caches.insert(mirror.to_owned(), site);
+    }
+
+    /// Where the cache of the RegistryMirror `mirror` is, once it runs.
+    pub fn cache(&self, mirror: &str) -> Option<&CacheSite> {
+        self.caches.get(mirror)
     }
 }
 

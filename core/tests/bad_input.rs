@@ -16,6 +16,7 @@ fn mirror(registry: &str, urls: &[&str]) -> RegistryMirror {
     RegistryMirror::new(
         "m",
         RegistryMirrorSpec {
+            cache: None,
             embedded_registry: false,
             registry: registry.into(),
             endpoints: urls

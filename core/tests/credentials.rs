@@ -82,6 +82,7 @@ fn mirror(registry: &str, endpoints: Vec<Endpoint>) -> RegistryMirror {
     RegistryMirror::new(
         "m",
         RegistryMirrorSpec {
+            cache: None,
             embedded_registry: false,
             registry: registry.into(),
             endpoints,

@@ -16,6 +16,7 @@ fn mirror(name: &str, registry: &str, urls: &[&str], embedded_registry: bool) ->
     RegistryMirror::new(
         name,
         RegistryMirrorSpec {
+            cache: None,
             embedded_registry,
             registry: registry.into(),
             endpoints: urls

@@ -164,6 +164,7 @@ fn with(registry: &str, url: &str) -> RegistryMirror {
     RegistryMirror::new(
         "table",
         RegistryMirrorSpec {
+            cache: None,
             embedded_registry: false,
             registry: registry.into(),
             endpoints: vec![Endpoint {

@@ -42,6 +42,7 @@ fn mirror(name: &str, registry: &str, urls: &[&str], auth: Option<&str>) -> Regi
     RegistryMirror::new(
         name,
         RegistryMirrorSpec {
+            cache: None,
             embedded_registry: false,
             registry: registry.into(),
             endpoints,

@@ -30,6 +30,7 @@ fn config(n: usize, flavor: &Flavor, password: &str) -> RenderedConfig {
     let mirrors: Vec<ResolvedMirror> = (0..n)
         .map(|i| {
             let spec = RegistryMirrorSpec {
+                cache: None,
                 embedded_registry: false,
                 registry: format!("registry-{i}.example.com"),
                 endpoints: vec![Endpoint {

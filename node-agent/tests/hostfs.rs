@@ -726,6 +726,7 @@ mod with_real_containerd {
                 tls: Some(EndpointTls::with_ca(CaRef::from_config_map("ca"))),
             };
             let spec = RegistryMirrorSpec {
+                cache: None,
                 embedded_registry: false,
                 registry: upstream.clone(),
                 endpoints: vec![endpoint],

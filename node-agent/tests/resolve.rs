@@ -45,6 +45,7 @@ fn the_agent_shows_the_route_of_the_configuration_it_applied() {
     );
 
     let spec = RegistryMirrorSpec {
+        cache: None,
         embedded_registry: false,
         registry: "docker.io".into(),
         endpoints: vec![

@@ -5,6 +5,7 @@
 //! `manifests` reads the YAML those take; `sync` copies images into a mirror
 //! (`regmirror sync-images`).
 
+pub mod cache;
 pub mod cli;
 pub mod controller;
 pub mod manifests;

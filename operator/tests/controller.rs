@@ -49,6 +49,7 @@ fn settings() -> Settings {
         lease_name: "regmirror-controller".into(),
         identity: "regmirror-0".into(),
         listen: "127.0.0.1:0".parse().unwrap(),
+        cache_image: "registry:3".into(),
     }
 }
 
@@ -57,6 +58,7 @@ fn cluster() -> Cluster {
     let mut mirror = RegistryMirror::new(
         "docker-hub",
         RegistryMirrorSpec {
+            cache: None,
             embedded_registry: false,
             registry: "docker.io".into(),
             endpoints: vec![Endpoint {

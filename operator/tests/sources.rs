@@ -44,6 +44,7 @@ fn resolves_for(secret: &Secret, url: &str) -> bool {
     let mirror = RegistryMirror::new(
         "m",
         RegistryMirrorSpec {
+            cache: None,
             embedded_registry: false,
             registry: "docker.io".into(),
             endpoints: vec![Endpoint {

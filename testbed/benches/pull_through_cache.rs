@@ -48,16 +48,17 @@ fn pulls(c: &mut Criterion) {
     let image = world.image.replace("library/hello", "library/big");
     let cache = Cache::start(&world);
     let flavor: Flavor = "containerd".parse().unwrap();
-    let hosts = |name: &str, endpoints| {
+    let hosts = |name: &str, mirror| {
         let root = world.dir.path().join(name);
-        let config = render(&[&world.resolved(endpoints)], &flavor).unwrap();
+        let config = render(&[&mirror], &flavor).unwrap();
         write_under(&root, &config);
         root.join("etc/containerd/certs.d")
     };
-    let direct = hosts("direct", vec![world.endpoint(true, Some("mirror-pull"))]);
+    let upstream = || vec![world.endpoint(true, Some("mirror-pull"))];
+    let direct = hosts("direct", world.resolved(upstream()));
     let cached = hosts(
         "cached",
-        vec![cache.endpoint(), world.endpoint(true, Some("mirror-pull"))],
+        world.resolved_with_cache(upstream(), cache.site()),
     );
     let containerd = Containerd::start(&world.dir.path().join("containerd"));
 

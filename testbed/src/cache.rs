@@ -1,17 +1,21 @@
 //! The pull-through cache as the operator runs it (the distribution registry v3 in proxy mode,
 //! configured by `regmirror_core::cache`), on a loopback port in front of a test [`World`]'s
-//! TLS + basic-auth registry.
+//! TLS + basic-auth registry, taking credentials of its own (htpasswd) as the operator's do.
 
 use std::path::{Path, PathBuf};
 
-use regmirror_core::api::{CaRef, Endpoint, EndpointTls};
-use regmirror_core::cache::{registry_config, Serving, Upstream};
+use regmirror_core::cache::{
+    htpasswd_entry, registry_config, CacheSite, Serving, Upstream, USERNAME,
+};
 use regmirror_core::model::Credentials;
 use regmirror_core::render::RenderedConfig;
 
 use crate::process::{free_port, go_tool, Process};
 use crate::registry::serve_registry;
 use crate::world::{World, PASSWORD, USER};
+
+/// The nodes' password for the test cache.
+pub const CACHE_PASSWORD: &str = "cache-pass: for nodes only";
 
 /// A cache of a world's registry; stopped and started again at will, its storage kept.
 pub struct Cache {
@@ -23,6 +27,9 @@ pub struct Cache {
     process: Option<Process>,
 }
 
+/// Files the cache reads, beside its storage.
+const HTPASSWD: &str = "htpasswd";
+
 impl Cache {
     /// Starts a cache of `world`'s registry, with the world's credentials, trusting its CA and
     /// serving with its server certificate (127.0.0.1).
@@ -30,6 +37,12 @@ impl Cache {
         let pki = world.dir.path().join("pki");
         let dir = world.dir.path().join("cache");
         let port = free_port();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join(HTPASSWD),
+            htpasswd_entry(USERNAME, CACHE_PASSWORD, [7; 16]),
+        )
+        .unwrap();
         let config = registry_config(
             &Upstream {
                 url: world.registry.url(),
@@ -37,11 +50,13 @@ impl Cache {
                     username: USER.into(),
                     password: PASSWORD.into(),
                 }),
+                ca: None,
             },
             &Serving {
                 addr: format!("127.0.0.1:{port}"),
                 certificate: pki.join("server.crt").display().to_string(),
                 key: pki.join("server.key").display().to_string(),
+                htpasswd: Some(dir.join(HTPASSWD).display().to_string()),
             },
             &dir.join("storage").display().to_string(),
         )
@@ -77,12 +92,17 @@ impl Cache {
         ));
     }
 
-    /// The cache as a mirror endpoint, with the world's CA (ConfigMap `registry-ca`).
-    pub fn endpoint(&self) -> Endpoint {
-        Endpoint {
+    /// Where nodes find the cache, as the operator would tell `resolve`: its address, the
+    /// world's CA (which signed its certificate) and the nodes' credentials.
+    pub fn site(&self) -> CacheSite {
+        CacheSite {
             url: format!("https://127.0.0.1:{}", self.port),
-            auth: None,
-            tls: Some(EndpointTls::with_ca(CaRef::from_config_map("registry-ca"))),
+            ca: std::fs::read_to_string(&self.ca).unwrap(),
+            credentials: Credentials::Basic {
+                username: USERNAME.into(),
+                password: CACHE_PASSWORD.into(),
+            },
+            secret: "regmirror-system/test-cache".into(),
         }
     }
 

@@ -90,6 +90,7 @@ impl Cluster {
             let mut mirror = RegistryMirror::new(
                 &format!("mirror-{m:03}"),
                 RegistryMirrorSpec {
+                    cache: None,
                     embedded_registry: false,
                     registry: format!("registry-{m:03}.example.com"),
                     endpoints: vec![Endpoint {

@@ -3,8 +3,9 @@
 //! is named on an upstream that does not answer, so a pull can only succeed through a mirror.
 
 use regmirror_core::api::{
-    CaRef, Endpoint, EndpointAuth, EndpointTls, RegistryMirror, RegistryMirrorSpec,
+    CaRef, CacheSpec, Endpoint, EndpointAuth, EndpointTls, RegistryMirror, RegistryMirrorSpec,
 };
+use regmirror_core::cache::CacheSite;
 use regmirror_core::model::ResolvedMirror;
 use regmirror_core::resolve::resolve;
 use regmirror_core::sources::{RefPolicy, SourceKind, SourceObject, Sources};
@@ -107,7 +108,22 @@ impl World {
     }
 
     pub fn resolved(&self, endpoints: Vec<Endpoint>) -> ResolvedMirror {
+        self.resolve(endpoints, None)
+    }
+
+    /// A mirror of these endpoints asking for a cache, which runs at `site`: resolved as the
+    /// operator resolves it once the cache has its address.
+    pub fn resolved_with_cache(&self, endpoints: Vec<Endpoint>, site: CacheSite) -> ResolvedMirror {
+        self.resolve(endpoints, Some(site))
+    }
+
+    fn resolve(&self, endpoints: Vec<Endpoint>, cache: Option<CacheSite>) -> ResolvedMirror {
+        let mut sources = self.sources.clone();
+        if let Some(site) = &cache {
+            sources.insert_cache("test-mirror", site.clone());
+        }
         let spec = RegistryMirrorSpec {
+            cache: cache.map(|_| CacheSpec::default()),
             embedded_registry: false,
             registry: self.upstream().into(),
             endpoints,
@@ -116,7 +132,7 @@ impl World {
         };
         resolve(
             &RegistryMirror::new("test-mirror", spec),
-            &self.sources,
+            &sources,
             &RefPolicy::new(NS),
         )
         .expect("valid mirror")

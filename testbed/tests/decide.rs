@@ -68,6 +68,7 @@ fn mirror(name: &str, registry: &str, url: &str, auth: Option<ObjectRef>) -> Reg
     let mut m = RegistryMirror::new(
         name,
         RegistryMirrorSpec {
+            cache: None,
             embedded_registry: false,
             registry: registry.into(),
             endpoints: vec![Endpoint {

@@ -22,10 +22,13 @@ fn containerd_pulls_through_the_cache_and_falls_back_both_ways() {
     let mut cache = Cache::start(&world);
 
     // The node's configuration: the cache first, the upstream (its credentials, its CA) after.
-    let mirror = world.resolved(vec![
-        cache.endpoint(),
-        world.endpoint(true, Some("mirror-pull")),
-    ]);
+    // That is what `resolve` makes of a mirror asking for a cache, given where it runs.
+    let mirror = world.resolved_with_cache(
+        vec![world.endpoint(true, Some("mirror-pull"))],
+        cache.site(),
+    );
+    assert_eq!(mirror.endpoints[0].url.to_string(), cache.site().url);
+    assert_eq!(mirror.endpoints.len(), 2);
     let node_config = render(&[&mirror], &"containerd".parse::<Flavor>().unwrap()).unwrap();
     let root = tempfile::tempdir().unwrap();
     write_under(root.path(), &node_config);

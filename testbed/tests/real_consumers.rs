@@ -191,6 +191,7 @@ fn skopeo_presents_the_client_certificate_from_certs_d() {
 fn containerd_uses_a_wildcard_mirror_for_every_registry() {
     let world = World::new(secure());
     let spec = RegistryMirrorSpec {
+        cache: None,
         embedded_registry: false,
         registry: "*".into(),
         endpoints: vec![world.endpoint(true, Some("mirror-pull"))],

@@ -171,6 +171,9 @@ pub(crate) enum Problem {
     Conflict(String),
     /// A configuration holding it is too large to store.
     TooLarge(String),
+    /// Its cache has no address yet: its nodes wait for it (a step of the rollout, not a
+    /// fault).
+    CacheStarting(String),
     /// Not a problem: it won a conflict, which its status mentions (the loser is Degraded).
     Won(String),
 }

@@ -15,6 +15,7 @@ use crate::assemble::{assemble, Conflict};
 use crate::contract::{config_secret_name, PAUSED};
 use crate::model::ResolvedMirror;
 use crate::node::{Flavor, NodeInfo};
+use crate::problem::Reason;
 use crate::render::{render, RenderedConfig};
 use crate::resolve::resolve;
 use crate::sources::{RefPolicy, Sources};
@@ -173,8 +174,20 @@ fn resolve_all(
         match resolve(mirror, sources, policy) {
             Ok(r) => resolved.push(r),
             Err(errors) => {
-                let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
-                problems.insert(mirror_name(mirror), Problem::Invalid(text.join("; ")));
+                let text = errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let starting = errors
+                    .iter()
+                    .all(|e| matches!(e.reason, Reason::CacheNotReady { .. }));
+                let problem = if starting {
+                    Problem::CacheStarting(text)
+                } else {
+                    Problem::Invalid(text)
+                };
+                problems.insert(mirror_name(mirror), problem);
             }
         }
     }

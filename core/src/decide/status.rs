@@ -168,6 +168,12 @@ fn conditions(
         progress.push_str(&format!("; {note}"));
     }
     type Row = (&'static str, &'static str, String);
+    let starting = match problem {
+        Some(Problem::CacheStarting(m)) => {
+            Some(format!("{m}; nodes keep their current configuration"))
+        }
+        _ => None,
+    };
     let problem = problem.and_then(|p| match p {
         Problem::Invalid(m) => Some((
             "InvalidSpec",
@@ -175,9 +181,15 @@ fn conditions(
         )),
         Problem::Conflict(m) => Some(("Conflict", m.clone())),
         Problem::TooLarge(m) => Some(("ConfigTooLarge", m.clone())),
-        Problem::Won(_) => None,
+        Problem::Won(_) | Problem::CacheStarting(_) => None,
     });
-    let (ready, progressing, degraded): (Row, Row, Row) = if let Some((reason, message)) = problem {
+    let (ready, progressing, degraded): (Row, Row, Row) = if let Some(message) = starting {
+        (
+            ("False", "CacheStarting", message.clone()),
+            ("True", "CacheStarting", message),
+            ("False", "CacheStarting", String::new()),
+        )
+    } else if let Some((reason, message)) = problem {
         (
             ("False", reason, message.clone()),
             ("False", reason, progress),

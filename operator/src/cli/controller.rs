@@ -49,7 +49,14 @@ pub struct ControllerArgs {
     /// Where /metrics, /healthz and /readyz are served.
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
+    /// The image RegistryMirrors' pull-through caches run: the distribution registry, version
+    /// 3 (2.8 cannot log in to a basic-auth upstream).
+    #[arg(long, env = "REGMIRROR_CACHE_IMAGE", default_value = DEFAULT_CACHE_IMAGE)]
+    pub cache_image: String,
 }
+
+/// The distribution registry's official image.
+pub const DEFAULT_CACHE_IMAGE: &str = "docker.io/library/registry:3";
 
 /// Runs the operator until SIGTERM.
 pub fn run(args: ControllerArgs) -> Result<(), RunError> {
@@ -67,6 +74,7 @@ pub fn run(args: ControllerArgs) -> Result<(), RunError> {
         lease_name: args.lease_name,
         identity: args.identity,
         listen: args.listen,
+        cache_image: args.cache_image,
     };
     tracing::info!(
         namespace = %settings.namespace,

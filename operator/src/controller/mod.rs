@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{stream, Stream, StreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference, Secret};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference, Secret, Service};
 use k8s_openapi::api::rbac::v1::Role;
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
@@ -34,6 +35,8 @@ use regmirror_process::shutdown;
 use thiserror::Error;
 use tokio::time::Instant;
 
+use crate::cache;
+
 pub use metrics::Metrics;
 pub use writer::{WriteError, WriteErrors, WriteFailure, WriteKind, Writer, FIELD_MANAGER};
 
@@ -51,6 +54,8 @@ pub struct Settings {
     /// This replica's name in the Lease (its pod name).
     pub identity: String,
     pub listen: SocketAddr,
+    /// The distribution registry image that mirrors' caches run.
+    pub cache_image: String,
 }
 
 impl Settings {
@@ -385,6 +390,22 @@ pub async fn reconcile_placed(
             snapshot.reference(subject)
         })
         .await;
+    // The caches the mirrors ask for: after the nodes' writes, which they do not hold back.
+    let cached = cache::ensure(
+        &cache::Context {
+            client: &writer.client,
+            namespace: &settings.namespace,
+            image: &settings.cache_image,
+            sources: &snapshot.sources,
+            policy: &settings.policy(),
+            field_manager: FIELD_MANAGER,
+            timeout: writer::WRITE_TIMEOUT,
+        },
+        &snapshot.mirrors,
+        &snapshot.caches,
+    )
+    .await;
+    let written = merge_cache_errors(written, cached, metrics);
     metrics.duration.observe(started.elapsed().as_secs_f64());
     match written {
         Ok(()) => {
@@ -408,6 +429,28 @@ pub async fn reconcile_placed(
     }
 }
 
+/// The pass's write errors, with those of the caches (counted in the metrics as they join).
+fn merge_cache_errors(
+    written: Result<(), WriteErrors>,
+    cached: Vec<cache::CacheWriteError>,
+    metrics: &Metrics,
+) -> Result<(), WriteErrors> {
+    if cached.is_empty() {
+        return written;
+    }
+    let mut errors = written.err().unwrap_or_default();
+    for failure in cached {
+        let failure = WriteFailure::Cache(failure);
+        metrics.written(WriteKind::Cache, Some(&failure));
+        errors.0.push(WriteError {
+            action: "bring a cache to what its RegistryMirror asks".to_owned(),
+            kind: WriteKind::Cache,
+            failure,
+        });
+    }
+    Err(errors)
+}
+
 /// Everything a pass reads, copied out of the caches.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -428,6 +471,8 @@ pub struct Snapshot {
     /// The resourceVersion of each stored config's Secret, so that the next snapshot reuses
     /// configs it opened already.
     pub stored_versions: HashMap<String, String>,
+    /// The mirrors' caches as they run (their sites are in `sources`).
+    pub caches: cache::Live,
 }
 
 /// What a snapshot remembers of a Node besides its view.
@@ -508,6 +553,9 @@ impl Snapshot {
             if ns == namespace && name == regmirror_core::contract::SEALING_KEY_SECRET {
                 // Never a source: no mirror may reference the sealing key.
                 own.push(secret);
+            } else if ns == namespace && cache::is_cache_secret(secret) {
+                // Nor the caches' keys and passwords.
+                snapshot.caches.add_secret(secret);
             } else if snapshot::is_config(secret) && ns == namespace {
                 configs.push(secret);
             } else {
@@ -567,6 +615,26 @@ impl Snapshot {
             .mirrors
             .sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         snapshot
+    }
+
+    /// Takes in the caches' Services and Deployments, and tells `resolve` where the caches that
+    /// are ready for nodes are.
+    pub fn with_cache_objects<'a>(
+        mut self,
+        services: impl IntoIterator<Item = &'a Service>,
+        deployments: impl IntoIterator<Item = &'a Deployment>,
+        namespace: &str,
+    ) -> Self {
+        for service in services {
+            self.caches.add_service(service);
+        }
+        for deployment in deployments {
+            self.caches.add_deployment(deployment);
+        }
+        for (mirror, site) in self.caches.sites(&self.mirrors, namespace) {
+            self.sources.insert_cache(&mirror, site);
+        }
+        self
     }
 
     /// The decision on this snapshot (pure); `now` stamps conditions that change.
@@ -672,6 +740,8 @@ pub struct Caches {
     secrets: Vec<Store<Secret>>,
     config_maps: Vec<Store<ConfigMap>>,
     roles: Store<Role>,
+    services: Store<Service>,
+    deployments: Store<Deployment>,
     namespace: String,
     agent_role: String,
 }
@@ -742,12 +812,36 @@ impl Caches {
             everything_on_change,
         ));
 
+        // The mirrors' caches: only the objects the operator made.
+        let caches_only = || watcher::Config::default().labels(regmirror_core::cache::MIRROR_LABEL);
+        let (services, w) = reflector::store();
+        changes.push(reflect(
+            Api::namespaced(client.clone(), &settings.namespace),
+            caches_only(),
+            w,
+            |s: &mut Service| s.metadata.managed_fields = None,
+            everything_on_change,
+        ));
+        let (deployments, w) = reflector::store();
+        changes.push(reflect(
+            Api::namespaced(client.clone(), &settings.namespace),
+            caches_only(),
+            w,
+            |d: &mut Deployment| {
+                d.metadata.managed_fields = None;
+                d.status = None;
+            },
+            everything_on_change,
+        ));
+
         let caches = Caches {
             mirrors,
             nodes,
             secrets,
             config_maps,
             roles,
+            services,
+            deployments,
             namespace: settings.namespace.clone(),
             agent_role: settings.agent_role.clone(),
         };
@@ -759,6 +853,8 @@ impl Caches {
         self.mirrors.wait_until_ready().await.map_err(never)?;
         self.nodes.wait_until_ready().await.map_err(never)?;
         self.roles.wait_until_ready().await.map_err(never)?;
+        self.services.wait_until_ready().await.map_err(never)?;
+        self.deployments.wait_until_ready().await.map_err(never)?;
         for s in &self.secrets {
             s.wait_until_ready().await.map_err(never)?;
         }
@@ -796,6 +892,11 @@ impl Caches {
             secrets.iter().map(|s| &**s),
             config_maps.iter().map(|c| &**c),
             role.as_deref(),
+            &self.namespace,
+        )
+        .with_cache_objects(
+            self.services.state().iter().map(|s| &**s),
+            self.deployments.state().iter().map(|d| &**d),
             &self.namespace,
         )
     }

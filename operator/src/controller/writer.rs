@@ -49,6 +49,7 @@ pub enum WriteKind {
     NodeAnnotate,
     Status,
     SealingKey,
+    Cache,
 }
 
 impl WriteKind {
@@ -60,6 +61,7 @@ impl WriteKind {
             WriteKind::NodeAnnotate => "node_annotate",
             WriteKind::Status => "status",
             WriteKind::SealingKey => "sealing_key",
+            WriteKind::Cache => "cache",
         }
     }
 }
@@ -75,6 +77,8 @@ pub enum WriteFailure {
     BadPublicKey { node: String, detail: String },
     #[error("Secret {0} has a config's name but not the content its name says; it was replaced")]
     Forged(String),
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheWriteError),
 }
 
 impl WriteFailure {
@@ -94,6 +98,11 @@ impl WriteFailure {
             WriteFailure::Timeout => "timeout",
             WriteFailure::BadPublicKey { .. } => "bad_public_key",
             WriteFailure::Forged(_) => "forged",
+            WriteFailure::Cache(crate::cache::CacheWriteError::Api {
+                source: kube::Error::Api(e),
+                ..
+            }) if e.code == 403 => "forbidden",
+            WriteFailure::Cache(_) => "cache",
         }
     }
 

@@ -1,0 +1,148 @@
+//! The key material of the caches: the CA that signs their serving certificates (one for all,
+//! created once), a serving certificate per cache for its cluster IP and Service names, and the
+//! nodes' password for it. Random, so made here, in the writer's path, never in a decision.
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use thiserror::Error;
+
+/// How long the CA is valid: it is not renewed by regmirror (delete its Secret to make a new
+/// one; the caches and nodes follow).
+const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// How long a serving certificate is valid ...
+const SERVING_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// ... and how long before its end a new one is issued.
+pub const RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Why key material could not be made.
+#[derive(Debug, Error)]
+pub enum KeyError {
+    #[error("the cache CA's key in Secret {secret} does not load: {source}")]
+    BadCaKey {
+        secret: String,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("could not make a certificate: {0}")]
+    Certificate(#[from] rcgen::Error),
+}
+
+/// A CA certificate and its key, both PEM.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CaKeys {
+    pub cert: String,
+    pub key: String,
+}
+
+impl std::fmt::Debug for CaKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaKeys")
+            .field("cert", &self.cert)
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A serving certificate, its key (PEM), and when it ends (seconds since the epoch).
+pub struct Serving {
+    pub cert: String,
+    pub key: String,
+    pub not_after: u64,
+}
+
+/// The CA's fixed parameters: the same each time, so that a CA loaded from its Secret issues
+/// certificates naming the issuer its certificate names.
+fn ca_params() -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, "regmirror cache CA");
+    name.push(DnType::OrganizationName, "regmirror");
+    params.distinguished_name = name;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params
+}
+
+/// A new CA.
+pub fn new_ca() -> Result<CaKeys, KeyError> {
+    let key = KeyPair::generate()?;
+    let mut params = ca_params();
+    let now = SystemTime::now();
+    params.not_before = (now - Duration::from_secs(3600)).into();
+    params.not_after = (now + CA_VALIDITY).into();
+    let cert = params.self_signed(&key)?;
+    Ok(CaKeys {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    })
+}
+
+/// A serving certificate for a cache at `ip`, named `dns_names` too, signed by `ca` (whose
+/// key comes from the Secret `ca_secret`, for messages).
+pub fn issue_serving(
+    ca: &CaKeys,
+    ca_secret: &str,
+    ip: IpAddr,
+    dns_names: &[String],
+) -> Result<Serving, KeyError> {
+    let ca_key = KeyPair::from_pem(&ca.key).map_err(|source| KeyError::BadCaKey {
+        secret: ca_secret.to_owned(),
+        source,
+    })?;
+    let issuer = Issuer::new(ca_params(), ca_key);
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, dns_names.first().map_or("cache", |n| n));
+    params.distinguished_name = name;
+    params.subject_alt_names = std::iter::once(Ok(SanType::IpAddress(ip)))
+        .chain(
+            dns_names
+                .iter()
+                .map(|n| n.clone().try_into().map(SanType::DnsName)),
+        )
+        .collect::<Result<_, _>>()?;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let now = SystemTime::now();
+    let not_after = now + SERVING_VALIDITY;
+    params.not_before = (now - Duration::from_secs(3600)).into();
+    params.not_after = not_after.into();
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok(Serving {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+        not_after: not_after
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs(),
+    })
+}
+
+/// A new password for the nodes: 32 random bytes, base64url.
+pub fn new_password() -> String {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).expect("the operating system provides randomness");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A new bcrypt salt.
+pub fn new_salt() -> [u8; 16] {
+    let mut salt = [0u8; 16];
+    getrandom::fill(&mut salt).expect("the operating system provides randomness");
+    salt
+}
+
+/// Seconds since the epoch, now.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}

@@ -1,0 +1,523 @@
+//! The pull-through caches RegistryMirrors ask for (`spec.cache`): what the operator knows of
+//! the ones running (from its watches), where the nodes find them (a [`CacheSite`] per mirror,
+//! which `resolve` puts before the mirror's endpoints), and bringing their objects to what the
+//! mirrors ask ([`ensure`]).
+//!
+//! A cache is a Deployment of the distribution registry in proxy mode, a ClusterIP Service and
+//! a Secret, in the operator's namespace, owned by the mirror. Its TLS certificate is issued
+//! for the Service's cluster IP by a CA the operator creates once (Secret
+//! [`CA_SECRET`]); the nodes get that CA and a password of their own for the cache with their
+//! config, like any endpoint's.
+//!
+//! The order of a first start: the Service (which gives the cluster IP), then the Secret (the
+//! certificate for that IP), then the Deployment. Until the Secret holds a certificate for the
+//! Service's address, the mirror's nodes keep the configuration they have (`CacheStarting`).
+
+pub mod keys;
+pub mod objects;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use regmirror_core::api::RegistryMirror;
+use regmirror_core::cache::{
+    htpasswd_entry, object_name, registry_config, CacheSite, Serving, CA_SECRET, MIRROR_LABEL,
+    PORT, USERNAME,
+};
+use regmirror_core::model::Credentials;
+use regmirror_core::resolve::cache_upstream;
+use regmirror_core::sources::{RefPolicy, Sources};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use self::keys::CaKeys;
+use self::objects::{
+    Owner, APPLIED_DIGEST, CERT_ADDRESS, CERT_CA, CERT_KEY, CERT_NOT_AFTER, CONFIG_DIR, CONFIG_KEY,
+    HTPASSWD_KEY, KEY_KEY, PASSWORD_KEY, STORAGE_DIR, UPSTREAM_CA_KEY,
+};
+
+/// A cache Secret's data and annotations, as read back. Debug shows keys only.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct LiveSecret {
+    pub data: BTreeMap<String, Vec<u8>>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for LiveSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveSecret")
+            .field("keys", &self.data.keys().collect::<Vec<_>>())
+            .field("annotations", &self.annotations)
+            .finish()
+    }
+}
+
+impl LiveSecret {
+    fn text(&self, key: &str) -> Option<&str> {
+        self.data.get(key).and_then(|v| std::str::from_utf8(v).ok())
+    }
+}
+
+/// One cache's objects as the watches see them (by the objects' name).
+#[derive(Debug, Clone, Default)]
+pub struct LiveCache {
+    /// The Service's cluster IP (once it has one) and applied digest.
+    pub service: Option<(Option<String>, Option<String>)>,
+    pub secret: Option<LiveSecret>,
+    /// The Deployment's applied digest.
+    pub deployment: Option<Option<String>>,
+}
+
+/// Every cache's objects, and the CA.
+#[derive(Debug, Clone, Default)]
+pub struct Live {
+    pub ca: Option<CaKeys>,
+    pub caches: BTreeMap<String, LiveCache>,
+}
+
+fn applied_digest(meta: &kube::api::ObjectMeta) -> Option<String> {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(APPLIED_DIGEST))
+        .cloned()
+}
+
+fn cache_label(meta: &kube::api::ObjectMeta) -> Option<&str> {
+    meta.labels
+        .as_ref()
+        .and_then(|l| l.get(MIRROR_LABEL))
+        .map(String::as_str)
+}
+
+/// Whether a Secret of the operator's namespace is the caches' (the CA, or a cache's own):
+/// never a source a mirror may reference.
+pub fn is_cache_secret(secret: &Secret) -> bool {
+    secret.metadata.name.as_deref() == Some(CA_SECRET) || cache_label(&secret.metadata).is_some()
+}
+
+/// The name of a cache object, if its label names it (a cache's objects all carry their own
+/// name in [`MIRROR_LABEL`]).
+fn own(meta: &kube::api::ObjectMeta) -> Option<String> {
+    let name = meta.name.as_deref()?;
+    (cache_label(meta) == Some(name)).then(|| name.to_owned())
+}
+
+impl Live {
+    /// Takes in a Service of a cache.
+    pub fn add_service(&mut self, service: &Service) {
+        if let Some(name) = own(&service.metadata) {
+            let ip = service
+                .spec
+                .as_ref()
+                .and_then(|s| s.cluster_ip.clone())
+                .filter(|ip| ip.parse::<IpAddr>().is_ok());
+            self.caches.entry(name).or_default().service =
+                Some((ip, applied_digest(&service.metadata)));
+        }
+    }
+
+    /// Takes in a Deployment of a cache.
+    pub fn add_deployment(&mut self, deployment: &Deployment) {
+        if let Some(name) = own(&deployment.metadata) {
+            self.caches.entry(name).or_default().deployment =
+                Some(applied_digest(&deployment.metadata));
+        }
+    }
+
+    /// Takes in a Secret that [`is_cache_secret`]: the CA, or a cache's.
+    pub fn add_secret(&mut self, secret: &Secret) {
+        let data: BTreeMap<String, Vec<u8>> = secret
+            .data
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.0.clone()))
+            .collect();
+        if secret.metadata.name.as_deref() == Some(CA_SECRET) {
+            let text = |k: &str| data.get(k).and_then(|v| String::from_utf8(v.clone()).ok());
+            if let (Some(cert), Some(key)) = (text("tls.crt"), text("tls.key")) {
+                self.ca = Some(CaKeys { cert, key });
+            }
+        } else if let Some(name) = own(&secret.metadata) {
+            self.caches.entry(name).or_default().secret = Some(LiveSecret {
+                data,
+                annotations: secret.metadata.annotations.clone().unwrap_or_default(),
+            });
+        }
+    }
+
+    /// Where the nodes find each mirror's cache that is ready for them: a Service with a
+    /// cluster IP, and a Secret with a certificate for that IP from the current CA and the
+    /// nodes' password.
+    pub fn sites(&self, mirrors: &[RegistryMirror], namespace: &str) -> Vec<(String, CacheSite)> {
+        let Some(ca) = &self.ca else {
+            return Vec::new();
+        };
+        let ca_digest = digest(ca.cert.as_bytes());
+        mirrors
+            .iter()
+            .filter(|m| m.spec.cache.is_some())
+            .filter_map(|mirror| {
+                let mirror = mirror.metadata.name.clone()?;
+                let name = object_name(&mirror);
+                let cache = self.caches.get(&name)?;
+                let ip = cache.service.as_ref()?.0.as_deref()?;
+                let secret = cache.secret.as_ref()?;
+                let issued_for = |key, value: &str| {
+                    secret.annotations.get(key).map(String::as_str) == Some(value)
+                };
+                if !issued_for(CERT_ADDRESS, ip) || !issued_for(CERT_CA, &ca_digest) {
+                    return None;
+                }
+                let password = secret.text(PASSWORD_KEY)?;
+                Some((
+                    mirror,
+                    CacheSite {
+                        url: format!("https://{}", socket(ip)),
+                        ca: ca.cert.clone(),
+                        credentials: Credentials::Basic {
+                            username: USERNAME.to_owned(),
+                            password: password.to_owned(),
+                        },
+                        secret: format!("{namespace}/{name}"),
+                    },
+                ))
+            })
+            .collect()
+    }
+}
+
+/// `ip:port`, with brackets for IPv6.
+fn socket(ip: &str) -> String {
+    match ip.parse::<IpAddr>() {
+        Ok(IpAddr::V6(v6)) => format!("[{v6}]:{PORT}"),
+        _ => format!("{ip}:{PORT}"),
+    }
+}
+
+/// Hex SHA-256.
+fn digest(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Why a cache's objects could not be brought to what its mirror asks.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheWriteError {
+    #[error("{action}: {source}")]
+    Api {
+        action: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{action}: no answer in time")]
+    Timeout { action: String },
+    #[error(transparent)]
+    Keys(#[from] keys::KeyError),
+}
+
+/// What [`ensure`] needs besides the caches' state.
+pub struct Context<'a> {
+    pub client: &'a kube::Client,
+    pub namespace: &'a str,
+    /// The distribution registry image the caches run.
+    pub image: &'a str,
+    pub sources: &'a Sources,
+    pub policy: &'a RefPolicy,
+    pub field_manager: &'a str,
+    pub timeout: std::time::Duration,
+}
+
+impl Context<'_> {
+    async fn call<T>(
+        &self,
+        action: impl FnOnce() -> String,
+        call: impl std::future::Future<Output = Result<T, kube::Error>>,
+    ) -> Result<T, CacheWriteError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(source)) => Err(CacheWriteError::Api {
+                action: action(),
+                source,
+            }),
+            Err(_) => Err(CacheWriteError::Timeout { action: action() }),
+        }
+    }
+
+    async fn apply<K>(&self, object: &K) -> Result<K, CacheWriteError>
+    where
+        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + serde::Serialize
+            + serde::de::DeserializeOwned
+            + Clone
+            + std::fmt::Debug,
+    {
+        let name = object.meta().name.clone().unwrap_or_default();
+        let mut body = serde_json::to_value(object).expect("objects serialize");
+        body["apiVersion"] = json!(K::api_version(&()));
+        body["kind"] = json!(K::kind(&()));
+        let api: Api<K> = Api::namespaced(self.client.clone(), self.namespace);
+        tracing::info!(kind = %K::kind(&()), name = %name, "applying cache object");
+        let params = PatchParams::apply(self.field_manager).force();
+        self.call(
+            || format!("apply {} {}/{name}", K::kind(&()), self.namespace),
+            api.patch(&name, &params, &Patch::Apply(&body)),
+        )
+        .await
+    }
+
+    async fn delete<K>(&self, name: &str) -> Result<(), CacheWriteError>
+    where
+        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + serde::de::DeserializeOwned
+            + Clone
+            + std::fmt::Debug,
+    {
+        let api: Api<K> = Api::namespaced(self.client.clone(), self.namespace);
+        tracing::info!(kind = %K::kind(&()), name = %name, "deleting cache object");
+        match self
+            .call(
+                || format!("delete {} {}/{name}", K::kind(&()), self.namespace),
+                api.delete(name, &DeleteParams::background()),
+            )
+            .await
+        {
+            Err(CacheWriteError::Api {
+                source: kube::Error::Api(e),
+                ..
+            }) if e.code == 404 => Ok(()),
+            other => other.map(drop),
+        }
+    }
+}
+
+/// Brings every cache to what the mirrors ask: creates the CA first if there is none, applies
+/// what differs of each cache's objects, and deletes the objects of caches no mirror asks for
+/// any more (a mirror deleted takes its own through the garbage collector). Every cache is
+/// tried; the failures come back.
+pub async fn ensure(
+    cx: &Context<'_>,
+    mirrors: &[RegistryMirror],
+    live: &Live,
+) -> Vec<CacheWriteError> {
+    let wanted: Vec<(&RegistryMirror, String)> = mirrors
+        .iter()
+        .filter(|m| m.spec.cache.is_some())
+        .filter_map(|m| Some((m, object_name(m.metadata.name.as_deref()?))))
+        .collect();
+    let mut errors = Vec::new();
+    let ca = match &live.ca {
+        Some(ca) => Some(ca),
+        None if !wanted.is_empty() => {
+            // The watch brings it back; the caches follow in the next pass.
+            if let Err(e) = create_ca(cx).await {
+                errors.push(e);
+            }
+            None
+        }
+        None => None,
+    };
+    if let Some(ca) = ca {
+        for (mirror, name) in &wanted {
+            let cache = live.caches.get(name).cloned().unwrap_or_default();
+            if let Err(e) = ensure_one(cx, mirror, name, &cache, ca).await {
+                errors.push(e);
+            }
+        }
+    }
+    let wanted: BTreeSet<&String> = wanted.iter().map(|(_, name)| name).collect();
+    for (name, cache) in &live.caches {
+        if wanted.contains(name) {
+            continue;
+        }
+        let result = async {
+            if cache.deployment.is_some() {
+                cx.delete::<Deployment>(name).await?;
+            }
+            if cache.service.is_some() {
+                cx.delete::<Service>(name).await?;
+            }
+            if cache.secret.is_some() {
+                cx.delete::<Secret>(name).await?;
+            }
+            Ok::<(), CacheWriteError>(())
+        };
+        if let Err(e) = result.await {
+            errors.push(e);
+        }
+    }
+    errors
+}
+
+async fn create_ca(cx: &Context<'_>) -> Result<(), CacheWriteError> {
+    let ca = keys::new_ca()?;
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(CA_SECRET.to_owned()),
+            namespace: Some(cx.namespace.to_owned()),
+            labels: Some(
+                [(
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    "regmirror".to_owned(),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".to_owned()),
+        string_data: Some(
+            [
+                ("tls.crt".to_owned(), ca.cert.clone()),
+                ("tls.key".to_owned(), ca.key),
+                ("ca.crt".to_owned(), ca.cert),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    tracing::info!(secret = CA_SECRET, "creating the caches' CA");
+    let api: Api<Secret> = Api::namespaced(cx.client.clone(), cx.namespace);
+    match cx
+        .call(
+            || format!("create Secret {}/{CA_SECRET}", cx.namespace),
+            api.create(&PostParams::default(), &secret),
+        )
+        .await
+    {
+        Err(CacheWriteError::Api {
+            source: kube::Error::Api(e),
+            ..
+        }) if e.code == 409 => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+/// One cache: Service, then (once it has an address) Secret, then Deployment — each applied
+/// only when it differs from what was applied before.
+async fn ensure_one(
+    cx: &Context<'_>,
+    mirror: &RegistryMirror,
+    name: &str,
+    live: &LiveCache,
+    ca: &CaKeys,
+) -> Result<(), CacheWriteError> {
+    let Ok(upstream) = cache_upstream(mirror, cx.sources, cx.policy) else {
+        // The mirror's status says why; nothing to run until it is fixed.
+        return Ok(());
+    };
+    let owner = Owner {
+        mirror,
+        name,
+        namespace: cx.namespace,
+    };
+    let service = objects::service(&owner);
+    let mut ip = live.service.as_ref().and_then(|(ip, _)| ip.clone());
+    if live.service.as_ref().map(|(_, d)| d) != Some(&applied_digest(&service.metadata)) {
+        let applied = cx.apply(&service).await?;
+        ip = applied
+            .spec
+            .and_then(|s| s.cluster_ip)
+            .filter(|ip| ip.parse::<IpAddr>().is_ok());
+    }
+    let Some(ip) = ip else {
+        return Ok(());
+    };
+
+    let before = live.secret.clone().unwrap_or_default();
+    let (password, htpasswd) = match (before.text(PASSWORD_KEY), before.text(HTPASSWD_KEY)) {
+        (Some(p), Some(h)) => (p.to_owned(), h.to_owned()),
+        _ => {
+            let password = keys::new_password();
+            let htpasswd = htpasswd_entry(USERNAME, &password, keys::new_salt());
+            (password, htpasswd)
+        }
+    };
+    let ca_digest = digest(ca.cert.as_bytes());
+    let still_valid = before
+        .annotations
+        .get(CERT_NOT_AFTER)
+        .and_then(|t| t.parse::<u64>().ok())
+        .is_some_and(|end| end > keys::now_secs() + keys::RENEW_BEFORE.as_secs());
+    let reusable = before.annotations.get(CERT_ADDRESS) == Some(&ip)
+        && before.annotations.get(CERT_CA) == Some(&ca_digest)
+        && still_valid;
+    let (cert, key, not_after) = match (reusable, before.text(CERT_KEY), before.text(KEY_KEY)) {
+        (true, Some(cert), Some(key)) => (
+            cert.to_owned(),
+            key.to_owned(),
+            before.annotations[CERT_NOT_AFTER].clone(),
+        ),
+        _ => {
+            let dns = vec![
+                name.to_owned(),
+                format!("{name}.{}.svc", cx.namespace),
+                format!("{name}.{}.svc.cluster.local", cx.namespace),
+            ];
+            let serving = keys::issue_serving(
+                ca,
+                &format!("{}/{CA_SECRET}", cx.namespace),
+                ip.parse().expect("checked to be an IP address"),
+                &dns,
+            )?;
+            (serving.cert, serving.key, serving.not_after.to_string())
+        }
+    };
+    let config = registry_config(
+        &upstream,
+        &Serving {
+            addr: format!(":{PORT}"),
+            certificate: format!("{CONFIG_DIR}/{CERT_KEY}"),
+            key: format!("{CONFIG_DIR}/{KEY_KEY}"),
+            htpasswd: Some(format!("{CONFIG_DIR}/{HTPASSWD_KEY}")),
+        },
+        STORAGE_DIR,
+    )
+    .expect("cache_upstream checked the upstream");
+    let mut data: BTreeMap<String, Vec<u8>> = [
+        (CONFIG_KEY, config.into_bytes()),
+        (HTPASSWD_KEY, htpasswd.into_bytes()),
+        (PASSWORD_KEY, password.into_bytes()),
+        (CERT_KEY, cert.into_bytes()),
+        (KEY_KEY, key.into_bytes()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    if let Some(upstream_ca) = &upstream.ca {
+        data.insert(UPSTREAM_CA_KEY.to_owned(), upstream_ca.clone().into_bytes());
+    }
+    let annotations: BTreeMap<String, String> = [
+        (CERT_ADDRESS, ip.clone()),
+        (CERT_CA, ca_digest),
+        (CERT_NOT_AFTER, not_after),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let config_digest = objects::digest_of(&data);
+    let unchanged = before.data == data
+        && annotations
+            .iter()
+            .all(|(k, v)| before.annotations.get(k) == Some(v));
+    if !unchanged {
+        cx.apply(&objects::secret(&owner, data, annotations))
+            .await?;
+    }
+
+    let spec = mirror.spec.cache.clone().unwrap_or_default();
+    let deployment = objects::deployment(
+        &owner,
+        &spec,
+        cx.image,
+        &config_digest,
+        upstream.ca.is_some(),
+    );
+    if live.deployment.as_ref() != Some(&applied_digest(&deployment.metadata)) {
+        cx.apply(&deployment).await?;
+    }
+    Ok(())
+}
