@@ -89,6 +89,9 @@ fn scenario(stored: &Stored) -> Scenario {
             "RoleList",
             vec![],
         ))
+        // The caches' objects, by their label.
+        .any_order(list("/api/v1/namespaces/regmirror-system/services?&labelSelector=regmirror.io%2Fcache", "v1", "ServiceList", vec![]))
+        .any_order(list("/apis/apps/v1/namespaces/regmirror-system/deployments?&labelSelector=regmirror.io%2Fcache", "apps/v1", "DeploymentList", vec![]))
         .background(Expect::path_where("GET", "a watch", |p| p.contains("watch=true")).answer(200, Value::Null))
         .background(on_lease(Expect::get(LEASE)))
         .then(on_lease(Expect::post(format!("{LEASES}?"))))
@@ -170,6 +173,8 @@ async fn the_controller_fills_its_caches_leads_and_reconciles() {
         "GET /api/v1/namespaces/regmirror-system/configmaps?",
         "GET /api/v1/namespaces/team-a/configmaps?",
         "GET /apis/rbac.authorization.k8s.io/v1/namespaces/regmirror-system/roles?&fieldSelector=metadata.name%3Dregmirror-agent-configs",
+        "GET /api/v1/namespaces/regmirror-system/services?&labelSelector=regmirror.io%2Fcache",
+        "GET /apis/apps/v1/namespaces/regmirror-system/deployments?&labelSelector=regmirror.io%2Fcache",
     ] {
         assert!(lines.iter().any(|l| l.starts_with(list)), "no {list} in {lines:#?}");
     }

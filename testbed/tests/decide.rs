@@ -1009,3 +1009,107 @@ fn the_embedded_registry_condition_is_unknown_until_a_k3s_node_reports() {
         "{message}"
     );
 }
+
+#[test]
+fn a_mirror_with_a_cache_waits_for_it_then_puts_it_before_its_endpoints() {
+    use regmirror_core::api::CacheSpec;
+    use regmirror_core::cache::CacheSite;
+    use regmirror_core::model::Credentials;
+
+    let mut c = cluster(vec![node("a", containerd(), &[])]);
+    c.mirrors = vec![mirror(
+        "hub",
+        "docker.io",
+        "https://mirror.example:5000",
+        Some(ObjectRef::named("pull")),
+    )];
+    converge(&mut c);
+    let before = c.nodes[0].desired.clone();
+
+    // The cache asked for, before it has an address: the node keeps what it has, and the
+    // mirror says it is on its way, not broken.
+    c.mirrors[0].spec.cache = Some(CacheSpec::default());
+    c.mirrors[0].metadata.generation = Some(2);
+    let d = c.decide();
+    assert!(d.advance.is_empty() && d.create.is_empty(), "{d:#?}");
+    c.apply(&d);
+    let (status, reason, message) = c.condition("hub", "Progressing");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "CacheStarting")
+    );
+    assert!(
+        message.contains("waiting for the cache regmirror-system/regmirror-cache-hub-"),
+        "{message}"
+    );
+    assert_eq!(c.condition("hub", "Degraded").0, "False");
+    assert_eq!(c.condition("hub", "Ready").0, "False");
+    assert!(
+        !d.notices.iter().any(|n| n.warning),
+        "a cache starting is no warning: {:?}",
+        d.notices
+    );
+    assert_eq!(c.nodes[0].desired, before);
+
+    // The operator found its address: the cache first, with the operator's CA and the nodes'
+    // own credentials; the endpoint after it.
+    c.sources.insert_cache(
+        "hub",
+        CacheSite {
+            url: "https://10.43.0.17:5000".into(),
+            ca: "-----BEGIN CERTIFICATE-----\ncache CA\n-----END CERTIFICATE-----\n".into(),
+            credentials: Credentials::Basic {
+                username: "regmirror-node".into(),
+                password: "node-pass".into(),
+            },
+            secret: "regmirror-system/regmirror-cache-hub".into(),
+        },
+    );
+    converge(&mut c);
+    assert_eq!(c.condition("hub", "Ready").0, "True");
+    let config = &c.stored[c.nodes[0].current.as_ref().unwrap()];
+    let hosts = &config.files["/etc/containerd/certs.d/docker.io/hosts.toml"].content;
+    let cache = hosts.find("https://10.43.0.17:5000").expect(hosts);
+    let upstream = hosts.find("https://mirror.example:5000").expect(hosts);
+    assert!(cache < upstream, "the cache is tried first:\n{hosts}");
+    assert!(
+        config
+            .files
+            .values()
+            .any(|f| f.content.contains("cache CA")),
+        "the nodes get the cache's CA"
+    );
+    let basic = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        "regmirror-node:node-pass",
+    );
+    assert!(
+        hosts.contains(&basic),
+        "the nodes' credentials for the cache:\n{hosts}"
+    );
+}
+
+#[test]
+fn a_cache_that_cannot_proxy_its_upstream_is_an_invalid_spec() {
+    use regmirror_core::api::CacheSpec;
+
+    let mut c = cluster(vec![node("a", containerd(), &[])]);
+    let mut m = mirror(
+        "hub",
+        "docker.io",
+        "https://mirror.example:5000/v2/hub",
+        None,
+    );
+    m.spec.cache = Some(CacheSpec::default());
+    c.mirrors = vec![m];
+    let d = c.decide();
+    c.apply(&d);
+    let (status, reason, message) = c.condition("hub", "Degraded");
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "InvalidSpec"));
+    assert!(
+        message.starts_with(
+            "spec.cache: the cache's upstream https://mirror.example:5000/v2/hub has a path"
+        ),
+        "{message}"
+    );
+}

@@ -24,8 +24,7 @@ use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use regmirror_core::api::RegistryMirror;
 use regmirror_core::cache::{
-    htpasswd_entry, object_name, registry_config, CacheSite, Serving, CA_SECRET, MIRROR_LABEL,
-    PORT, USERNAME,
+    htpasswd_entry, object_name, CacheSite, CA_SECRET, MIRROR_LABEL, PORT, USERNAME,
 };
 use regmirror_core::model::Credentials;
 use regmirror_core::resolve::cache_upstream;
@@ -35,8 +34,8 @@ use sha2::{Digest, Sha256};
 
 use self::keys::CaKeys;
 use self::objects::{
-    Owner, APPLIED_DIGEST, CERT_ADDRESS, CERT_CA, CERT_KEY, CERT_NOT_AFTER, CONFIG_DIR, CONFIG_KEY,
-    HTPASSWD_KEY, KEY_KEY, PASSWORD_KEY, STORAGE_DIR, UPSTREAM_CA_KEY,
+    Owner, APPLIED_DIGEST, CERT_ADDRESS, CERT_CA, CERT_KEY, CERT_NOT_AFTER, HTPASSWD_KEY, KEY_KEY,
+    PASSWORD_KEY,
 };
 
 /// A cache Secret's data and annotations, as read back. Debug shows keys only.
@@ -466,30 +465,14 @@ async fn ensure_one(
             (serving.cert, serving.key, serving.not_after.to_string())
         }
     };
-    let config = registry_config(
-        &upstream,
-        &Serving {
-            addr: format!(":{PORT}"),
-            certificate: format!("{CONFIG_DIR}/{CERT_KEY}"),
-            key: format!("{CONFIG_DIR}/{KEY_KEY}"),
-            htpasswd: Some(format!("{CONFIG_DIR}/{HTPASSWD_KEY}")),
-        },
-        STORAGE_DIR,
-    )
-    .expect("cache_upstream checked the upstream");
-    let mut data: BTreeMap<String, Vec<u8>> = [
-        (CONFIG_KEY, config.into_bytes()),
-        (HTPASSWD_KEY, htpasswd.into_bytes()),
-        (PASSWORD_KEY, password.into_bytes()),
-        (CERT_KEY, cert.into_bytes()),
-        (KEY_KEY, key.into_bytes()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    if let Some(upstream_ca) = &upstream.ca {
-        data.insert(UPSTREAM_CA_KEY.to_owned(), upstream_ca.clone().into_bytes());
-    }
+    let material = objects::Material {
+        password,
+        htpasswd,
+        cert,
+        key,
+    };
+    let data = objects::secret_data(&upstream, &material, &objects::Layout::in_pod())
+        .expect("cache_upstream checked the upstream");
     let annotations: BTreeMap<String, String> = [
         (CERT_ADDRESS, ip.clone()),
         (CERT_CA, ca_digest),

@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::ByteString;
 use regmirror_core::api::{CacheSpec, RegistryMirror};
-use regmirror_core::cache::{MIRROR_LABEL, PORT};
+use regmirror_core::cache::{registry_config, CacheError, Serving, Upstream, MIRROR_LABEL, PORT};
 use sha2::{Digest, Sha256};
 
 /// Where the cache's Secret is mounted in its container.
@@ -155,6 +155,69 @@ pub fn secret(
         data: Some(data.into_iter().map(|(k, v)| (k, ByteString(v))).collect()),
         ..Secret::default()
     }
+}
+
+/// What a cache's Secret holds besides what its upstream gives: the nodes' password (and its
+/// htpasswd line) and the serving certificate and key (PEM).
+pub struct Material {
+    pub password: String,
+    pub htpasswd: String,
+    pub cert: String,
+    pub key: String,
+}
+
+/// Where a cache reads its files from, stores, and serves.
+pub struct Layout {
+    pub config_dir: String,
+    pub storage_dir: String,
+    /// `host:port` to listen on.
+    pub addr: String,
+}
+
+impl Layout {
+    /// In the cache's pod, as [`deployment`] mounts it.
+    pub fn in_pod() -> Layout {
+        Layout {
+            config_dir: CONFIG_DIR.to_owned(),
+            storage_dir: STORAGE_DIR.to_owned(),
+            addr: format!(":{PORT}"),
+        }
+    }
+}
+
+/// A cache's Secret data: its `config.yml` (proxying `upstream`, with its credentials), the
+/// htpasswd file of the nodes' credentials, the nodes' password, the serving key pair, and
+/// the upstream's CA when it has its own.
+pub fn secret_data(
+    upstream: &Upstream,
+    material: &Material,
+    layout: &Layout,
+) -> Result<BTreeMap<String, Vec<u8>>, CacheError> {
+    let dir = &layout.config_dir;
+    let config = registry_config(
+        upstream,
+        &Serving {
+            addr: layout.addr.clone(),
+            certificate: format!("{dir}/{CERT_KEY}"),
+            key: format!("{dir}/{KEY_KEY}"),
+            htpasswd: Some(format!("{dir}/{HTPASSWD_KEY}")),
+        },
+        &layout.storage_dir,
+    )?;
+    let mut data: BTreeMap<String, Vec<u8>> = [
+        (CONFIG_KEY, config),
+        (HTPASSWD_KEY, material.htpasswd.clone()),
+        (PASSWORD_KEY, material.password.clone()),
+        (CERT_KEY, material.cert.clone()),
+        (KEY_KEY, material.key.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.into_bytes()))
+    .collect();
+    if let Some(ca) = &upstream.ca {
+        data.insert(UPSTREAM_CA_KEY.to_owned(), ca.clone().into_bytes());
+    }
+    Ok(data)
 }
 
 /// The Deployment running the cache: one replica of `image` reading the Secret (all of it but
