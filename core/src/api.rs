@@ -35,7 +35,8 @@ pub const VERSION: &str = "v1alpha1";
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(
-    validation = Rule::new(grammar::ENDPOINTS_RULE).message(grammar::ENDPOINTS_NONE)
+    validation = Rule::new(grammar::ENDPOINTS_RULE).message(grammar::ENDPOINTS_NONE),
+    validation = Rule::new(grammar::CACHE_RULE).message(grammar::CACHE_WITHOUT_ENDPOINT)
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RegistryMirrorSpec {
@@ -490,6 +491,10 @@ pub mod grammar {
     pub const QUANTITY_FORMAT: &str = "sizeLimit must be a quantity such as 20Gi, 500M or 1e9";
     pub const CLAIM_NAME_FORMAT: &str =
         "claimName must be a PersistentVolumeClaim name: lower-case letters, digits, '-' and '.'";
+    pub const CACHE_RULE: &str =
+        "!has(self.cache) || (has(self.endpoints) && size(self.endpoints) >= 1)";
+    pub const CACHE_WITHOUT_ENDPOINT: &str =
+        "cache needs an endpoint to proxy: list the upstream first in endpoints";
     pub const SCHEME_RULE: &str =
         "!self.contains('://') || self.startsWith('https://') || self.startsWith('http://')";
     pub const HTTP_WITHOUT_TLS_RULE: &str = "!self.url.startsWith('http://') || !has(self.tls) || (!has(self.tls.caRef) && !has(self.tls.clientCertSecretRef) && (!has(self.tls.insecureSkipVerify) || !self.tls.insecureSkipVerify))";

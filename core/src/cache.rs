@@ -55,6 +55,14 @@ pub fn object_name(mirror: &str) -> String {
     }
 }
 
+/// The URL nodes reach a cache at `address` (its Service's cluster IP) by.
+pub fn site_url(address: &str) -> String {
+    match address.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(v6)) => format!("https://[{v6}]:{PORT}"),
+        _ => format!("https://{address}:{PORT}"),
+    }
+}
+
 /// Where the nodes find a mirror's cache: what `resolve` puts before the mirror's endpoints.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheSite {
@@ -140,7 +148,7 @@ pub enum CacheError {
     ClientCertificate { url: String },
     #[error("the cache's upstream {url} has insecureSkipVerify; the cache verifies its upstream (give its CA in tls.caRef)")]
     InsecureUpstream { url: String },
-    #[error("a cache needs an endpoint to proxy: list the upstream in endpoints")]
+    #[error("{}", crate::api::grammar::CACHE_WITHOUT_ENDPOINT)]
     NoEndpoint,
 }
 

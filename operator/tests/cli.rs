@@ -69,7 +69,10 @@ fn crd_carries_the_cel_rules_the_api_server_enforces() {
 
 #[test]
 fn every_example_validates() {
-    let mut dirs = vec!["examples".to_owned()];
+    let mut dirs = vec![
+        "examples".to_owned(),
+        "examples/pull-through-cache".to_owned(),
+    ];
     for entry in std::fs::read_dir(repo().join("examples/k3s-docs")).unwrap() {
         dirs.push(entry.unwrap().path().display().to_string());
     }
@@ -425,4 +428,86 @@ fn validate_refuses_credentials_for_a_host_their_secret_does_not_allow() {
     let (code, stdout, stderr) = validate_yaml(&allowed, &[]);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains("1 RegistryMirror(s) valid"));
+}
+
+#[test]
+fn render_shows_a_mirrors_cache_first_offline_with_what_it_cannot_know_said() {
+    // Without the cluster's answers: the Service's name, placeholders, and notes saying so.
+    let out = regmirror(&[
+        "render",
+        "examples/pull-through-cache",
+        "--flavor",
+        "containerd",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let hosts = stdout
+        .split("==> ")
+        .find(|f| f.starts_with("/etc/containerd/certs.d/docker.io/hosts.toml"))
+        .expect(&stdout);
+    let cache = hosts
+        .find("[host.\"https://regmirror-cache-docker-hub-cache-")
+        .expect(hosts);
+    assert!(
+        hosts[cache..].contains(".regmirror-system.svc:5000/v2"),
+        "{hosts}"
+    );
+    assert!(
+        hosts.contains("server = \"https://registry-1.docker.io/v2\""),
+        "Docker Hub stays the last resort: {hosts}"
+    );
+    let stderr = text(&out.stderr);
+    for note in [
+        "its cache is shown at its Service's name",
+        "the cache's CA file holds a placeholder (pass --cache-ca)",
+        "the nodes' password for the cache is the operator's",
+    ] {
+        assert!(stderr.contains(note), "{note:?} in {stderr}");
+    }
+
+    // With the address and the CA: exactly what a node at that cluster IP gets.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.crt");
+    let pem = "-----BEGIN CERTIFICATE-----\nY2FjaGUgQ0E=\n-----END CERTIFICATE-----\n";
+    std::fs::write(&ca, pem).unwrap();
+    let out = regmirror(&[
+        "render",
+        "examples/pull-through-cache",
+        "--flavor",
+        "k3s",
+        "--cache-address",
+        "docker-hub-cache=10.43.0.50",
+        "--cache-ca",
+        ca.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(
+            "    endpoint:\n    - https://10.43.0.50:5000\n    - https://registry-1.docker.io\n"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains(pem), "{stdout}");
+    let stderr = text(&out.stderr);
+    assert!(
+        !stderr.contains("Service's name") && !stderr.contains("--cache-ca"),
+        "{stderr}"
+    );
+
+    // An address for a mirror without a cache is a mistake, said as one.
+    let out = regmirror(&[
+        "render",
+        "examples/pull-through-cache",
+        "--cache-address",
+        "docker-hub=10.43.0.50",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains(
+            "--cache-address docker-hub=…: no RegistryMirror \"docker-hub\" with spec.cache"
+        ),
+        "{}",
+        text(&out.stderr)
+    );
 }

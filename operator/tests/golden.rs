@@ -43,6 +43,8 @@ fn rendered(dir: &Path, flavor: &str) -> String {
         paths: vec![dir.to_owned()],
         namespace: DEFAULT_NAMESPACE.into(),
         allowed_namespaces: vec![],
+        cache_addresses: vec![],
+        cache_ca: None,
     });
     assert!(
         checked.problems.is_empty(),

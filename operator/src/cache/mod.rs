@@ -24,7 +24,7 @@ use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use regmirror_core::api::RegistryMirror;
 use regmirror_core::cache::{
-    htpasswd_entry, object_name, CacheSite, CA_SECRET, MIRROR_LABEL, PORT, USERNAME,
+    htpasswd_entry, object_name, site_url, CacheSite, CA_SECRET, MIRROR_LABEL, USERNAME,
 };
 use regmirror_core::model::Credentials;
 use regmirror_core::resolve::cache_upstream;
@@ -174,7 +174,7 @@ impl Live {
                 Some((
                     mirror,
                     CacheSite {
-                        url: format!("https://{}", socket(ip)),
+                        url: site_url(ip),
                         ca: ca.cert.clone(),
                         credentials: Credentials::Basic {
                             username: USERNAME.to_owned(),
@@ -185,14 +185,6 @@ impl Live {
                 ))
             })
             .collect()
-    }
-}
-
-/// `ip:port`, with brackets for IPv6.
-fn socket(ip: &str) -> String {
-    match ip.parse::<IpAddr>() {
-        Ok(IpAddr::V6(v6)) => format!("[{v6}]:{PORT}"),
-        _ => format!("{ip}:{PORT}"),
     }
 }
 

@@ -4,9 +4,11 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use regmirror_core::cache::{object_name, site_url, CacheSite, CA_SECRET, USERNAME};
+use regmirror_core::model::Credentials;
 use regmirror_core::model::ResolvedMirror;
 use regmirror_core::resolve::resolve_partially;
-use regmirror_core::sources::RefPolicy;
+use regmirror_core::sources::{RefPolicy, SourceKind, Sources};
 
 use super::InputArgs;
 use crate::manifests::{self, Origin};
@@ -45,6 +47,8 @@ pub struct Checked {
     /// express of them too, so that one problem does not hide another. Never rendered.
     pub partial: Vec<ResolvedMirror>,
     pub problems: Vec<Problem>,
+    /// What a person should know of what was rendered (caches shown with placeholders).
+    pub notes: Vec<String>,
 }
 
 /// Reads and checks the manifests named by `args`.
@@ -66,6 +70,16 @@ pub fn check(args: &InputArgs) -> Checked {
             .collect(),
         ..Checked::default()
     };
+
+    let mut sources = loaded.sources.clone();
+    match offline_caches(args, &loaded, &mut sources) {
+        Ok(notes) => checked.notes = notes,
+        Err(message) => checked.problems.push(Problem {
+            origin: None,
+            object: None,
+            message,
+        }),
+    }
 
     for manifests::LoadedMirror { origin, mirror } in &loaded.mirrors {
         let name = mirror.metadata.name.clone().unwrap_or_default();
@@ -95,7 +109,7 @@ pub fn check(args: &InputArgs) -> Checked {
                 problem(format!("{}: {}", e.field_path, e.message));
             }
         }
-        let (resolved, errors) = resolve_partially(mirror, &loaded.sources, &policy);
+        let (resolved, errors) = resolve_partially(mirror, &sources, &policy);
         // The same field may fail both the CEL rule and resolution: say it once.
         for e in errors.iter().filter(|e| !schema_fields.contains(&e.field)) {
             problem(e.to_string());
@@ -108,4 +122,91 @@ pub fn check(args: &InputArgs) -> Checked {
         }
     }
     checked
+}
+
+/// Where the caches the mirrors ask for are, as far as is known offline: the addresses and CA
+/// given, or else the Service's name and placeholders (said in the notes). The nodes' password
+/// is the operator's own, never known offline.
+fn offline_caches(
+    args: &InputArgs,
+    loaded: &manifests::Manifests,
+    sources: &mut Sources,
+) -> Result<Vec<String>, String> {
+    let mut everyone = None;
+    let mut each = BTreeMap::new();
+    for entry in &args.cache_addresses {
+        match entry.split_once('=') {
+            Some((mirror, address)) => {
+                each.insert(mirror.trim().to_owned(), address.trim().to_owned());
+            }
+            None => everyone = Some(entry.trim().to_owned()),
+        }
+    }
+    let ca_secret = || {
+        sources
+            .get(SourceKind::Secret, &args.namespace, CA_SECRET)
+            .and_then(|s| s.data.get("ca.crt"))
+            .and_then(|pem| String::from_utf8(pem.clone()).ok())
+    };
+    let (ca, ca_known) = match &args.cache_ca {
+        Some(path) => (
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("--cache-ca {}: {e}", path.display()))?,
+            true,
+        ),
+        None => match ca_secret() {
+            Some(pem) => (pem, true),
+            None => (
+                format!("# The caches' CA: key ca.crt of Secret {}/{CA_SECRET}, made by the operator (pass --cache-ca to show it).\n", args.namespace),
+                false,
+            ),
+        },
+    };
+    let mut notes = Vec::new();
+    for loaded in &loaded.mirrors {
+        let mirror = &loaded.mirror;
+        let Some(name) = mirror.metadata.name.as_deref() else {
+            continue;
+        };
+        if mirror.spec.cache.is_none() {
+            continue;
+        }
+        let service = object_name(name);
+        let address = each.get(name).or(everyone.as_ref()).cloned();
+        if address.is_none() {
+            notes.push(format!("RegistryMirror/{name}: its cache is shown at its Service's name; nodes reach it at the Service's cluster IP (pass --cache-address {name}=<kubectl get service -n {} {service} -o jsonpath='{{.spec.clusterIP}}'>)", args.namespace));
+        }
+        if !ca_known {
+            notes.push(format!(
+                "RegistryMirror/{name}: the cache's CA file holds a placeholder (pass --cache-ca)"
+            ));
+        }
+        notes.push(format!("RegistryMirror/{name}: the nodes' password for the cache is the operator's (key password of Secret {}/{service}), shown as a placeholder", args.namespace));
+        let address = address.unwrap_or_else(|| format!("{service}.{}.svc", args.namespace));
+        sources.insert_cache(
+            name,
+            CacheSite {
+                url: site_url(&address),
+                ca: ca.clone(),
+                credentials: Credentials::Basic {
+                    username: USERNAME.to_owned(),
+                    password: format!(
+                        "<the operator's: key password of Secret {}/{service}>",
+                        args.namespace
+                    ),
+                },
+                secret: format!("{}/{service}", args.namespace),
+            },
+        );
+    }
+    for mirror in each.keys() {
+        let cached = loaded.mirrors.iter().any(|l| {
+            l.mirror.metadata.name.as_deref() == Some(mirror.as_str())
+                && l.mirror.spec.cache.is_some()
+        });
+        if !cached {
+            return Err(format!("--cache-address {mirror}=…: no RegistryMirror {mirror:?} with spec.cache among the manifests"));
+        }
+    }
+    Ok(notes)
 }

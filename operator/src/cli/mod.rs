@@ -62,6 +62,16 @@ pub struct InputArgs {
     /// Further namespaces references may point into.
     #[arg(long = "allow-namespace", value_name = "NAMESPACE")]
     pub allowed_namespaces: Vec<String>,
+    /// Where mirrors' pull-through caches are: their Service's cluster IP, for every cached
+    /// mirror or (`MIRROR=ADDRESS`, repeated) per mirror. Offline, a cache is otherwise shown
+    /// at its Service's name.
+    #[arg(long = "cache-address", value_name = "[MIRROR=]ADDRESS")]
+    pub cache_addresses: Vec<String>,
+    /// The caches' CA (PEM), as `kubectl get secret -n <namespace> regmirror-cache-ca -o
+    /// jsonpath='{.data.ca\.crt}' | base64 -d` prints it; also read from that Secret when it is
+    /// among the manifests.
+    #[arg(long = "cache-ca", value_name = "FILE")]
+    pub cache_ca: Option<PathBuf>,
 }
 
 /// Runs one command; returns the process exit code.

@@ -92,6 +92,9 @@ pub fn node_config(
         )?;
         return Ok(None);
     }
+    for note in &checked.notes {
+        writeln!(stderr, "note: {note}")?;
+    }
     let assembly = assemble(&checked.resolved, node);
     for conflict in &assembly.conflicts {
         writeln!(stderr, "warning: node {}: {conflict}", node.name)?;
