@@ -121,8 +121,11 @@ def test_agent_clusterrole_is_least_privilege(rendering):
 def test_operator_role_is_least_privilege(rendering):
     got = rules(find(rendering, "Role", "regmirror-operator", NAMESPACE))
     assert got == sorted([
-        r([""], ["secrets"], ["get", "list", "watch", "create", "delete"]),
+        r([""], ["secrets"], ["get", "list", "watch", "create", "patch", "delete"]),
         r([""], ["configmaps"], ["get", "list", "watch"]),
+        # The pull-through caches: in the release's namespace only.
+        r([""], ["services"], ["get", "list", "watch", "create", "patch", "delete"]),
+        r(["apps"], ["deployments"], ["get", "list", "watch", "create", "patch", "delete"]),
         r(["coordination.k8s.io"], ["leases"], ["create"]),
         r(["coordination.k8s.io"], ["leases"], ["get", "patch"], ["regmirror-controller"]),
         r(["rbac.authorization.k8s.io"], ["roles"], ["create"]),
@@ -163,6 +166,9 @@ def test_operator_defaults():
     dep, _, c = operator(inputs.DEFAULT)
     assert dep["spec"]["replicas"] == 2, f"operator replicas {dep['spec']['replicas']} != 2"
     assert c["image"] == "ghcr.io/regmirror/regmirror:0.1.0", f"operator image {c['image']}"
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["REGMIRROR_CACHE_IMAGE"] == "docker.io/library/registry:3", \
+        f"the caches' image defaults to distribution v3, fully qualified (CRI-O has no short names): {env}"
 
 
 @pytest.mark.parametrize("rendering", RENDERINGS)
@@ -172,7 +178,7 @@ def test_operator_container(rendering):
     assert pod["serviceAccountName"] == "regmirror-operator", f"operator ServiceAccount {pod['serviceAccountName']}"
     env = {e["name"]: e for e in c["env"]}
     for name in ("POD_NAMESPACE", "POD_NAME", "REGMIRROR_ALLOWED_NAMESPACES", "REGMIRROR_MAX_UNAVAILABLE",
-                 "REGMIRROR_AGENT_ROLE", "RUST_LOG"):
+                 "REGMIRROR_AGENT_ROLE", "REGMIRROR_CACHE_IMAGE", "RUST_LOG"):
         assert name in env, f"operator env {name} missing"
     assert env.get("REGMIRROR_AGENT_ROLE", {}).get("value") == AGENT_ROLE, \
         f"operator env REGMIRROR_AGENT_ROLE != {AGENT_ROLE}"

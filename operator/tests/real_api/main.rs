@@ -16,6 +16,7 @@
 //! The chart's objects have fixed names (one installation per cluster), so the tests that
 //! install it take [`support::chart_lock`] and leave the cluster as they found it.
 
+mod cache;
 mod chart;
 mod crd;
 mod plan;
