@@ -115,11 +115,17 @@ impl Upstream {
     }
 }
 
+/// bcrypt's cost for the nodes' password. distribution checks the password on every request
+/// of every pull; at the default cost (10) that is tens of milliseconds of CPU each. The cost
+/// is there to slow down guessing a person's password; the operator's are 256 random bits,
+/// which no cost makes weaker or stronger. So the lowest.
+const BCRYPT_COST: u32 = 4;
+
 /// The htpasswd line distribution checks the nodes' password against: bcrypt, with `salt`
 /// (random, chosen by the caller: this stays pure).
 pub fn htpasswd_entry(username: &str, password: &str, salt: [u8; 16]) -> String {
-    let hash = bcrypt::hash_with_salt(password, bcrypt::DEFAULT_COST, salt)
-        .expect("bcrypt takes any password at the default cost");
+    let hash = bcrypt::hash_with_salt(password, BCRYPT_COST, salt)
+        .expect("bcrypt takes any password at cost 4");
     format!(
         "{username}:{}\n",
         hash.format_for_version(bcrypt::Version::TwoY)
@@ -357,5 +363,41 @@ mod tests {
             registry_config(&path, &serving(), "/data"),
             Err(CacheError::UpstreamPath { .. })
         ));
+    }
+
+    #[test]
+    fn an_htpasswd_line_checks_the_password_it_was_made_from() {
+        let line = htpasswd_entry(USERNAME, "node-pass", [3; 16]);
+        let (user, hash) = line.trim_end().split_once(':').unwrap();
+        assert_eq!(user, USERNAME);
+        assert!(hash.starts_with("$2y$04$"), "{hash}");
+        assert!(bcrypt::verify("node-pass", hash).unwrap());
+        assert!(!bcrypt::verify("other", hash).unwrap());
+    }
+
+    #[test]
+    fn a_cache_site_url_brackets_ipv6() {
+        assert_eq!(site_url("10.43.0.5"), "https://10.43.0.5:5000");
+        assert_eq!(site_url("fd00::10"), "https://[fd00::10]:5000");
+    }
+
+    proptest::proptest! {
+        /// Object names are Service names (DNS-1035 labels), one per mirror, never the CA's.
+        #[test]
+        fn object_names_are_service_names_of_their_own(
+            a in "[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?",
+            b in "[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?",
+        ) {
+            let label = regex::Regex::new("^[a-z]([-a-z0-9]*[a-z0-9])?$").unwrap();
+            for name in [&a, &b] {
+                let object = object_name(name);
+                proptest::prop_assert!(object.len() <= 63, "{object}");
+                proptest::prop_assert!(label.is_match(&object), "{object}");
+                proptest::prop_assert_ne!(&object, CA_SECRET);
+            }
+            if a != b {
+                proptest::prop_assert_ne!(object_name(&a), object_name(&b));
+            }
+        }
     }
 }

@@ -7,7 +7,8 @@ use std::sync::LazyLock;
 use regex::Regex;
 
 use crate::api::{
-    grammar, CaRef, Endpoint, EndpointAuth, EndpointTls, KeyRef, ObjectRef, RegistryMirror,
+    grammar, CaRef, CacheSpec, Endpoint, EndpointAuth, EndpointTls, KeyRef, ObjectRef,
+    RegistryMirror,
 };
 use crate::cache::{self, CacheError, Upstream};
 use crate::docker_config::{decode_auth, DockerConfig};
@@ -124,6 +125,9 @@ pub fn resolve_partially(
             ));
         }
     }
+    if let Some(cache) = &spec.cache {
+        check_cache_storage(cache, &mut errors);
+    }
     if spec.endpoints.is_empty() && !spec.embedded_registry {
         errors.push(FieldError::new(
             "spec.endpoints",
@@ -230,6 +234,40 @@ pub fn resolve_partially(
         embedded_registry: spec.embedded_registry,
     };
     (resolved, errors)
+}
+
+/// The schema's bounds on a cache's storage, for input that did not come through the API
+/// server (its CEL rules run in `validate` through kube's evaluator, its length bounds do not).
+fn check_cache_storage(cache: &CacheSpec, errors: &mut Vec<FieldError>) {
+    let Some(storage) = &cache.storage else {
+        return;
+    };
+    let field = "spec.cache.storage";
+    let mut bounded = |field: String, value: &str, max: usize| {
+        if value.is_empty() || value.len() > max {
+            errors.push(FieldError::new(
+                field,
+                Reason::Schema(format!(
+                    "must have 1 to {max} characters, not {}",
+                    value.len()
+                )),
+            ));
+        }
+    };
+    if let Some(size) = storage
+        .empty_dir
+        .as_ref()
+        .and_then(|e| e.size_limit.as_ref())
+    {
+        bounded(format!("{field}.emptyDir.sizeLimit"), size, 64);
+    }
+    if let Some(claim) = &storage.persistent_volume_claim {
+        bounded(
+            format!("{field}.persistentVolumeClaim.claimName"),
+            &claim.claim_name,
+            253,
+        );
+    }
 }
 
 /// A mirror with a cache: the cache, where `sources` says it is, before its endpoints — once

@@ -496,3 +496,145 @@ async fn ensure_one(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use regmirror_core::api::{CacheSpec, Endpoint, RegistryMirrorSpec};
+
+    fn mirror(name: &str, cache: bool) -> RegistryMirror {
+        RegistryMirror::new(
+            name,
+            RegistryMirrorSpec {
+                registry: "docker.io".into(),
+                endpoints: vec![Endpoint {
+                    url: "https://registry-1.docker.io".into(),
+                    auth: None,
+                    tls: None,
+                }],
+                cache: cache.then(CacheSpec::default),
+                embedded_registry: false,
+                rewrites: vec![],
+                node_selector: None,
+            },
+        )
+    }
+
+    fn ca() -> CaKeys {
+        CaKeys {
+            cert: "CA CERT".into(),
+            key: "CA KEY".into(),
+        }
+    }
+
+    /// The live objects of `mirror`'s cache: a Service at `ip`, a Secret whose certificate is
+    /// for `issued_for` from `issuer`.
+    fn live(mirror: &str, ip: &str, issued_for: &str, issuer: &CaKeys) -> Live {
+        let name = object_name(mirror);
+        let owner = Owner {
+            mirror: &self::tests::mirror(mirror, true),
+            name: &name,
+            namespace: "ns",
+        };
+        let mut service = objects::service(&owner);
+        service.spec.as_mut().unwrap().cluster_ip = Some(ip.into());
+        let secret = objects::secret(
+            &owner,
+            [(PASSWORD_KEY.to_owned(), b"node-pass".to_vec())].into(),
+            [
+                (CERT_ADDRESS.to_owned(), issued_for.to_owned()),
+                (CERT_CA.to_owned(), digest(issuer.cert.as_bytes())),
+            ]
+            .into(),
+        );
+        let mut live = Live {
+            ca: Some(ca()),
+            ..Live::default()
+        };
+        live.add_service(&service);
+        live.add_secret(&secret);
+        live
+    }
+
+    #[test]
+    fn a_cache_is_a_site_once_its_certificate_is_for_its_address_from_the_current_ca() {
+        let mirrors = [mirror("hub", true), mirror("plain", false)];
+        let sites = live("hub", "10.43.0.9", "10.43.0.9", &ca()).sites(&mirrors, "ns");
+        assert_eq!(sites.len(), 1, "{sites:?}");
+        let (name, site) = &sites[0];
+        assert_eq!(name, "hub");
+        assert_eq!(site.url, "https://10.43.0.9:5000");
+        assert_eq!(site.ca, "CA CERT");
+        assert_eq!(site.secret, format!("ns/{}", object_name("hub")));
+        assert_eq!(
+            site.credentials,
+            Credentials::Basic {
+                username: USERNAME.into(),
+                password: "node-pass".into()
+            }
+        );
+
+        // A certificate for the Service's previous address, or from another CA: not yet.
+        let moved = live("hub", "10.43.0.10", "10.43.0.9", &ca());
+        assert!(moved.sites(&mirrors, "ns").is_empty());
+        let other_ca = CaKeys {
+            cert: "OLD CA".into(),
+            key: "k".into(),
+        };
+        assert!(live("hub", "10.43.0.9", "10.43.0.9", &other_ca)
+            .sites(&mirrors, "ns")
+            .is_empty());
+        // No CA at all, or the mirror no longer asking: none.
+        let mut no_ca = live("hub", "10.43.0.9", "10.43.0.9", &ca());
+        no_ca.ca = None;
+        assert!(no_ca.sites(&mirrors, "ns").is_empty());
+        assert!(live("hub", "10.43.0.9", "10.43.0.9", &ca())
+            .sites(&[mirror("hub", false)], "ns")
+            .is_empty());
+        // IPv6 cluster IPs in brackets.
+        let v6 = live("hub", "fd00::9", "fd00::9", &ca()).sites(&mirrors, "ns");
+        assert_eq!(v6[0].1.url, "https://[fd00::9]:5000");
+    }
+
+    #[test]
+    fn objects_not_labelled_with_their_own_name_are_not_a_cache() {
+        let name = object_name("hub");
+        let owner = Owner {
+            mirror: &mirror("hub", true),
+            name: &name,
+            namespace: "ns",
+        };
+        let mut service = objects::service(&owner);
+        service
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(MIRROR_LABEL.into(), "someone-else".into());
+        let mut live = Live::default();
+        live.add_service(&service);
+        assert!(live.caches.is_empty());
+        assert!(is_cache_secret(&objects::secret(
+            &owner,
+            BTreeMap::new(),
+            BTreeMap::new()
+        )));
+    }
+
+    #[test]
+    fn a_cache_secret_never_shows_its_values_in_debug() {
+        let secret = LiveSecret {
+            data: [(PASSWORD_KEY.to_owned(), b"node-pass".to_vec())].into(),
+            annotations: BTreeMap::new(),
+        };
+        let keys = CaKeys {
+            cert: "CERT".into(),
+            key: "PRIVATE".into(),
+        };
+        let shown = format!("{secret:?} {keys:?}");
+        assert!(
+            !shown.contains("node-pass") && !shown.contains("PRIVATE"),
+            "{shown}"
+        );
+    }
+}

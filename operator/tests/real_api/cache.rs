@@ -232,7 +232,7 @@ data:
     );
     assert_eq!(config["http"]["addr"], json!(":5000"));
     assert_eq!(data(&secret, "upstream-ca.crt"), upstream_ca);
-    assert!(data(&secret, "htpasswd").starts_with("regmirror-node:$2y$"));
+    assert!(data(&secret, "htpasswd").starts_with("regmirror-node:$2y$04$"));
     let password = data(&secret, "password");
     let ca_secret = get_json(&["secret", "-n", NS, "regmirror-cache-ca"]).expect("the CA");
     let ca = data(&ca_secret, "ca.crt");

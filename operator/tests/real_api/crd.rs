@@ -684,7 +684,100 @@ fn table() -> Vec<Row> {
             "spec.rewrites[0].replacement",
             Cel("replacement must not contain a backslash or a double quote"),
         ),
+        // ---------------------------------------------------------------- pull-through cache
+        accepts("cache-with-defaults", cache(json!({}))),
+        accepts(
+            "cache-in-an-empty-dir",
+            cache(json!({"storage": {"emptyDir": {"sizeLimit": "20Gi"}}})),
+        ),
+        accepts(
+            "cache-on-a-claim",
+            cache(json!({"storage": {"persistentVolumeClaim": {"claimName": "docker-hub-cache"}}})),
+        ),
+        accepts(
+            "cache-of-an-upstream-with-a-path",
+            with(
+                url_spec("https://mirror.internal.example.com:5000/v2/hub"),
+                "cache",
+                json!({}),
+            ),
+        )
+        .validate_refuses(
+            "the cache's upstream https://mirror.internal.example.com:5000/v2/hub has a path",
+            "the schema cannot tell a path the cache can proxy from one it cannot; resolve can",
+            None,
+        ),
+        refuses(
+            "cache-without-an-endpoint",
+            json!({"registry": "docker.io", "embeddedRegistry": true, "cache": {}}),
+            "spec",
+            Cel("cache needs an endpoint to proxy"),
+        ),
+        refuses(
+            "cache-on-two-storages",
+            cache(json!({"storage": {"emptyDir": {}, "persistentVolumeClaim": {"claimName": "c"}}})),
+            "spec.cache.storage",
+            Cel("storage needs exactly one of emptyDir or persistentVolumeClaim"),
+        ),
+        refuses(
+            "cache-on-no-storage",
+            cache(json!({"storage": {}})),
+            "spec.cache.storage",
+            Cel("storage needs exactly one of emptyDir or persistentVolumeClaim"),
+        ),
+        refuses(
+            "cache-size-not-a-quantity",
+            cache(json!({"storage": {"emptyDir": {"sizeLimit": "20 GB"}}})),
+            "spec.cache.storage.emptyDir.sizeLimit",
+            Cel("sizeLimit must be a quantity"),
+        ),
+        refuses(
+            "cache-size-empty",
+            cache(json!({"storage": {"emptyDir": {"sizeLimit": ""}}})),
+            "spec.cache.storage.emptyDir.sizeLimit",
+            Schema("should be at least 1 chars long"),
+        )
+        .breaking("spec.cache.storage.emptyDir.sizeLimit minLength"),
+        refuses(
+            "cache-size-too-long",
+            cache(json!({"storage": {"emptyDir": {"sizeLimit": "9".repeat(65)}}})),
+            "spec.cache.storage.emptyDir.sizeLimit",
+            Schema("Too long: may not be more than 64 bytes"),
+        )
+        .breaking("spec.cache.storage.emptyDir.sizeLimit maxLength"),
+        refuses(
+            "cache-claim-without-a-name",
+            cache(json!({"storage": {"persistentVolumeClaim": {}}})),
+            "spec.cache.storage.persistentVolumeClaim.claimName",
+            Schema("Required value"),
+        )
+        .breaking("spec.cache.storage.persistentVolumeClaim required claimName"),
+        refuses(
+            "cache-claim-name-empty",
+            cache(json!({"storage": {"persistentVolumeClaim": {"claimName": ""}}})),
+            "spec.cache.storage.persistentVolumeClaim.claimName",
+            Schema("should be at least 1 chars long"),
+        )
+        .breaking("spec.cache.storage.persistentVolumeClaim.claimName minLength"),
+        refuses(
+            "cache-claim-name-too-long",
+            cache(json!({"storage": {"persistentVolumeClaim": {"claimName": "c".repeat(254)}}})),
+            "spec.cache.storage.persistentVolumeClaim.claimName",
+            Schema("Too long: may not be more than 253 bytes"),
+        )
+        .breaking("spec.cache.storage.persistentVolumeClaim.claimName maxLength"),
+        refuses(
+            "cache-claim-name-upper-case",
+            cache(json!({"storage": {"persistentVolumeClaim": {"claimName": "Cache"}}})),
+            "spec.cache.storage.persistentVolumeClaim.claimName",
+            Cel("claimName must be a PersistentVolumeClaim name"),
+        ),
     ]
+}
+
+/// The minimal mirror with `cache`.
+fn cache(cache: Value) -> Value {
+    with(minimal(), "cache", cache)
 }
 
 /// The CRD of crds/ as JSON.
