@@ -287,6 +287,87 @@ fn the_chart_runs_on_a_real_node() {
         "the hand-written hosts.toml is backed up"
     );
 
+    // A pull-through cache (issue 12 item 1): the operator, in its pod with the chart's RBAC,
+    // runs the cache's Deployment; its pod runs the test-built distribution v3 as the operator
+    // configures it (non-root, read-only root filesystem, the Secret's files) and serves TLS
+    // for the Service's cluster IP from the operator's CA to the nodes' password only; the node
+    // gets the cache first. (The node has no kube-proxy: the cache is reached at its pod's
+    // address, under the cluster IP's name.)
+    apply(format!(
+        "apiVersion: regmirror.io/v1alpha1\nkind: RegistryMirror\nmetadata:\n  name: cached\nspec:\n  registry: cached.example\n  endpoints:\n    - url: https://{host}\n      auth:\n        secretRef: {{name: mirror-pull}}\n      tls:\n        caRef:\n          configMapRef: {{name: registry-ca}}\n  cache: {{}}\n"
+    ));
+    let cache_label = ["-n", NAMESPACE, "-l", "regmirror.io/cache"];
+    let cache_field = |kind: &str, path: &str| {
+        let mut args = vec!["get", kind];
+        args.extend(cache_label);
+        let path = format!("jsonpath={{.items[*]{path}}}");
+        args.extend(["-o", &path]);
+        kubectl(&args)
+    };
+    wait_for("the cache's pod Ready", Duration::from_secs(120), || {
+        let ready = cache_field("pods", ".status.conditions[?(@.type==\"Ready\")].status");
+        (ready == "True").then_some(ready)
+    });
+    let pod_ip = cache_field("pods", ".status.podIP");
+    let cluster_ip = cache_field("services", ".spec.clusterIP");
+    let decode = |b64: &str| {
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .unwrap_or_else(|e| panic!("base64 {b64:?}: {e}"));
+        String::from_utf8(bytes).unwrap()
+    };
+    let password = decode(&cache_field("secrets", ".data.password"));
+    let cache_ca = work.join("cache-ca.crt");
+    std::fs::write(
+        &cache_ca,
+        decode(&kubectl(&[
+            "get",
+            "secret",
+            "-n",
+            NAMESPACE,
+            "regmirror-cache-ca",
+            "-o",
+            "jsonpath={.data.ca\\.crt}",
+        ])),
+    )
+    .unwrap();
+    let cache_get = |credentials: Option<&str>| {
+        let mut curl = Command::new("curl");
+        curl.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "5", "--cacert"])
+            .arg(&cache_ca)
+            .arg("--connect-to")
+            .arg(format!("{cluster_ip}:5000:{pod_ip}:5000"));
+        if let Some(credentials) = credentials {
+            curl.args(["-u", credentials]);
+        }
+        output(curl.arg(format!("https://{cluster_ip}:5000/v2/")))
+    };
+    assert_eq!(cache_get(None), "401", "anonymous: refused");
+    assert_eq!(cache_get(Some("regmirror-node:wrong")), "401", "a wrong password: refused");
+    assert_eq!(
+        cache_get(Some(&format!("regmirror-node:{password}"))),
+        "200",
+        "the nodes' password, over TLS verified for the cluster IP"
+    );
+    let cached_toml = host_root.join("etc/containerd/certs.d/cached.example/hosts.toml");
+    let cached = wait_for("the node's hosts.toml with the cache", Duration::from_secs(120), || {
+        let now = std::fs::read_to_string(&cached_toml).ok()?;
+        now.contains(&cluster_ip).then_some(now)
+    });
+    assert!(
+        cached.find(&format!("https://{cluster_ip}:5000")) < cached.find(&format!("https://{host}/v2\"]")),
+        "the cache before its upstream:\n{cached}"
+    );
+    kubectl(&["delete", "registrymirror", "cached"]);
+    wait_for("the cache's objects gone with the mirror", Duration::from_secs(120), || {
+        let left = kubectl(&["get", "deployments,services,secrets,pods", "-n", NAMESPACE, "-l", "regmirror.io/cache", "-o", "name"]);
+        left.trim().is_empty().then_some(left)
+    });
+    wait_for("the node without the cache's files", Duration::from_secs(120), || {
+        (!cached_toml.exists()).then_some(String::new())
+    });
+
     // helm uninstall: the pre-delete hook cleans the node up, then the chart's pods go.
     let started = Instant::now();
     let uninstall = output(on_node.helm().args([

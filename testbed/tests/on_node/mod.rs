@@ -68,7 +68,7 @@ impl OnNode {
             ..ControlPlaneOptions::default()
         });
         let node = Node::start(&plane, &images, &NodeOptions::default());
-        for tag in ["regmirror", "regmirror-agent"] {
+        for tag in ["regmirror", "regmirror-agent", "registry"] {
             node.import(&images.get(tag).archive);
         }
         let on_node = OnNode {
@@ -153,6 +153,8 @@ impl OnNode {
                     // does not reach.
                     "--set",
                     "agent.verifyEndpoints=false",
+                    "--set",
+                    &format!("cache.image={}", self.images.get("registry").reference),
                     "--set-json",
                     &format!("operator.extraEnv={port_env}"),
                     "--set-json",
