@@ -227,3 +227,25 @@ fn the_readme_plan_example_prints_what_the_readme_shows() {
     );
     assert_eq!(String::from_utf8(out.stdout).unwrap(), shown);
 }
+
+#[test]
+fn a_mirror_asking_for_a_cache_is_planned_with_the_cache_where_render_shows_it() {
+    // The cache's credentials are the nodes' own: a k3s node restarts for them, a containerd
+    // node takes them live.
+    let preview = plan_json(&[
+        "examples/pull-through-cache",
+        "--node",
+        "k3s-1:k3s",
+        "--node",
+        "ctrd-1:containerd",
+        "--cache-address",
+        "10.43.0.50",
+    ]);
+    assert_eq!(
+        moves(&preview),
+        [
+            ("k3s".to_owned(), Some("restart".to_owned()), 1),
+            ("containerd".to_owned(), Some("hot".to_owned()), 1),
+        ]
+    );
+}

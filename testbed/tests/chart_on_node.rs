@@ -292,9 +292,32 @@ fn the_chart_runs_on_a_real_node() {
     // configures it (non-root, read-only root filesystem, the Secret's files) and serves TLS
     // for the Service's cluster IP from the operator's CA to the nodes' password only; the node
     // gets the cache first. (The node has no kube-proxy: the cache is reached at its pod's
-    // address, under the cluster IP's name.)
+    // address, under the cluster IP's name.) distribution v3 will not start while its upstream
+    // does not answer, and the registries here are on the node's loopback, out of a pod's
+    // reach: the cache's upstream is the API server at its ClusterIP, with the cluster's CA,
+    // which answers /v2/ (with a refusal) and so lets it start.
+    let plane_ca: String = on_node
+        .plane
+        .ca_pem()
+        .lines()
+        .map(|l| format!("    {l}\n"))
+        .collect();
     apply(format!(
-        "apiVersion: regmirror.io/v1alpha1\nkind: RegistryMirror\nmetadata:\n  name: cached\nspec:\n  registry: cached.example\n  endpoints:\n    - url: https://{host}\n      auth:\n        secretRef: {{name: mirror-pull}}\n      tls:\n        caRef:\n          configMapRef: {{name: registry-ca}}\n  cache: {{}}\n"
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cluster-ca\n  namespace: {NAMESPACE}\ndata:\n  ca.crt: |\n{plane_ca}"
+    ));
+    let api_port = on_node
+        .plane
+        .server()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let upstream = format!(
+        "{}:{api_port}",
+        regmirror_testbed::node::KUBERNETES_SERVICE_IP
+    );
+    apply(format!(
+        "apiVersion: regmirror.io/v1alpha1\nkind: RegistryMirror\nmetadata:\n  name: cached\nspec:\n  registry: cached.example\n  endpoints:\n    - url: https://{upstream}\n      tls:\n        caRef:\n          configMapRef: {{name: cluster-ca}}\n  cache: {{}}\n"
     ));
     let cache_label = ["-n", NAMESPACE, "-l", "regmirror.io/cache"];
     let cache_field = |kind: &str, path: &str| {
@@ -334,39 +357,72 @@ fn the_chart_runs_on_a_real_node() {
     .unwrap();
     let cache_get = |credentials: Option<&str>| {
         let mut curl = Command::new("curl");
-        curl.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "5", "--cacert"])
-            .arg(&cache_ca)
-            .arg("--connect-to")
-            .arg(format!("{cluster_ip}:5000:{pod_ip}:5000"));
+        curl.args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-m",
+            "5",
+            "--cacert",
+        ])
+        .arg(&cache_ca)
+        .arg("--connect-to")
+        .arg(format!("{cluster_ip}:5000:{pod_ip}:5000"));
         if let Some(credentials) = credentials {
             curl.args(["-u", credentials]);
         }
         output(curl.arg(format!("https://{cluster_ip}:5000/v2/")))
     };
     assert_eq!(cache_get(None), "401", "anonymous: refused");
-    assert_eq!(cache_get(Some("regmirror-node:wrong")), "401", "a wrong password: refused");
+    assert_eq!(
+        cache_get(Some("regmirror-node:wrong")),
+        "401",
+        "a wrong password: refused"
+    );
     assert_eq!(
         cache_get(Some(&format!("regmirror-node:{password}"))),
         "200",
         "the nodes' password, over TLS verified for the cluster IP"
     );
     let cached_toml = host_root.join("etc/containerd/certs.d/cached.example/hosts.toml");
-    let cached = wait_for("the node's hosts.toml with the cache", Duration::from_secs(120), || {
-        let now = std::fs::read_to_string(&cached_toml).ok()?;
-        now.contains(&cluster_ip).then_some(now)
-    });
+    let cached = wait_for(
+        "the node's hosts.toml with the cache",
+        Duration::from_secs(120),
+        || {
+            let now = std::fs::read_to_string(&cached_toml).ok()?;
+            now.contains(&cluster_ip).then_some(now)
+        },
+    );
     assert!(
-        cached.find(&format!("https://{cluster_ip}:5000")) < cached.find(&format!("https://{host}/v2\"]")),
+        cached.find(&format!("https://{cluster_ip}:5000"))
+            < cached.find(&format!("https://{upstream}/v2\"]")),
         "the cache before its upstream:\n{cached}"
     );
     kubectl(&["delete", "registrymirror", "cached"]);
-    wait_for("the cache's objects gone with the mirror", Duration::from_secs(120), || {
-        let left = kubectl(&["get", "deployments,services,secrets,pods", "-n", NAMESPACE, "-l", "regmirror.io/cache", "-o", "name"]);
-        left.trim().is_empty().then_some(left)
-    });
-    wait_for("the node without the cache's files", Duration::from_secs(120), || {
-        (!cached_toml.exists()).then_some(String::new())
-    });
+    wait_for(
+        "the cache's objects gone with the mirror",
+        Duration::from_secs(120),
+        || {
+            let left = kubectl(&[
+                "get",
+                "deployments,services,secrets,pods",
+                "-n",
+                NAMESPACE,
+                "-l",
+                "regmirror.io/cache",
+                "-o",
+                "name",
+            ]);
+            left.trim().is_empty().then_some(left)
+        },
+    );
+    wait_for(
+        "the node without the cache's files",
+        Duration::from_secs(120),
+        || (!cached_toml.exists()).then_some(String::new()),
+    );
 
     // helm uninstall: the pre-delete hook cleans the node up, then the chart's pods go.
     let started = Instant::now();

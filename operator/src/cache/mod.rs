@@ -97,11 +97,16 @@ pub fn is_cache_secret(secret: &Secret) -> bool {
     secret.metadata.name.as_deref() == Some(CA_SECRET) || cache_label(&secret.metadata).is_some()
 }
 
-/// The name of a cache object, if its label names it (a cache's objects all carry their own
-/// name in [`MIRROR_LABEL`]).
+/// The name of a cache object the operator made: labelled managed by regmirror, and with its
+/// own name in [`MIRROR_LABEL`]. Nothing else is taken for a cache, nor ever deleted as one.
 fn own(meta: &kube::api::ObjectMeta) -> Option<String> {
     let name = meta.name.as_deref()?;
-    (cache_label(meta) == Some(name)).then(|| name.to_owned())
+    let managed = meta
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("app.kubernetes.io/managed-by"))
+        .is_some_and(|v| v == "regmirror");
+    (managed && cache_label(meta) == Some(name)).then(|| name.to_owned())
 }
 
 impl Live {

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use regmirror_core::api::RegistryMirror;
 use regmirror_core::cache::{object_name, site_url, CacheSite, CA_SECRET, USERNAME};
 use regmirror_core::model::Credentials;
 use regmirror_core::model::ResolvedMirror;
@@ -72,7 +73,8 @@ pub fn check(args: &InputArgs) -> Checked {
     };
 
     let mut sources = loaded.sources.clone();
-    match offline_caches(args, &loaded, &mut sources) {
+    let mirrors: Vec<&RegistryMirror> = loaded.mirrors.iter().map(|l| &l.mirror).collect();
+    match offline_caches(args, &mirrors, &mut sources) {
         Ok(notes) => checked.notes = notes,
         Err(message) => checked.problems.push(Problem {
             origin: None,
@@ -124,12 +126,12 @@ pub fn check(args: &InputArgs) -> Checked {
     checked
 }
 
-/// Where the caches the mirrors ask for are, as far as is known offline: the addresses and CA
-/// given, or else the Service's name and placeholders (said in the notes). The nodes' password
-/// is the operator's own, never known offline.
-fn offline_caches(
+/// Where the caches the mirrors ask for are, for those `sources` does not know yet, as far as
+/// is known offline: the addresses and CA given, or else the Service's name and placeholders
+/// (said in the notes). The nodes' password is the operator's own, never known offline.
+pub fn offline_caches(
     args: &InputArgs,
-    loaded: &manifests::Manifests,
+    mirrors: &[&RegistryMirror],
     sources: &mut Sources,
 ) -> Result<Vec<String>, String> {
     let mut everyone = None;
@@ -163,12 +165,11 @@ fn offline_caches(
         },
     };
     let mut notes = Vec::new();
-    for loaded in &loaded.mirrors {
-        let mirror = &loaded.mirror;
+    for mirror in mirrors {
         let Some(name) = mirror.metadata.name.as_deref() else {
             continue;
         };
-        if mirror.spec.cache.is_none() {
+        if mirror.spec.cache.is_none() || sources.cache(name).is_some() {
             continue;
         }
         let service = object_name(name);
@@ -200,10 +201,9 @@ fn offline_caches(
         );
     }
     for mirror in each.keys() {
-        let cached = loaded.mirrors.iter().any(|l| {
-            l.mirror.metadata.name.as_deref() == Some(mirror.as_str())
-                && l.mirror.spec.cache.is_some()
-        });
+        let cached = mirrors
+            .iter()
+            .any(|m| m.metadata.name.as_deref() == Some(mirror.as_str()) && m.spec.cache.is_some());
         if !cached {
             return Err(format!("--cache-address {mirror}=…: no RegistryMirror {mirror:?} with spec.cache among the manifests"));
         }

@@ -11,9 +11,10 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret, Service};
 use kube::api::{Api, ListParams};
 use regmirror_core::api::RegistryMirror;
+use regmirror_core::cache::CacheSite;
 use regmirror_core::contract;
 use regmirror_core::impact::{preview, PreviewNode};
 use regmirror_core::model::ResolvedMirror;
@@ -25,6 +26,7 @@ use thiserror::Error;
 
 use super::render::parse_labels;
 use super::InputArgs;
+use crate::cache;
 use crate::controller::snapshot::{config_map_source, node_view, secret_source};
 use crate::manifests;
 
@@ -74,6 +76,8 @@ pub enum PlanError {
     Nodes { path: PathBuf, detail: String },
     #[error("no nodes to plan for: give --nodes, --node or --cluster")]
     NoNodes,
+    #[error("{0}")]
+    Cache(String),
     #[error("{0} problem(s) in the manifests (listed above); no plan")]
     Invalid(usize),
     #[error(transparent)]
@@ -144,9 +148,11 @@ pub fn run(
     // Only the manifests given must be valid: invalid objects already in the cluster are the
     // operator's to report, and are left out as it leaves them out.
     let given: Vec<String> = to_apply.mirrors.keys().cloned().collect();
+    let mut cache_sites = Vec::new();
     let (before, after) = if args.cluster {
-        let (live, live_nodes) = read_cluster(&policy, &args.flavor)?;
+        let (live, live_nodes, sites) = read_cluster(&policy, &args.flavor)?;
         nodes.extend(live_nodes);
+        cache_sites = sites;
         let after = live_copy(&live).applied(to_apply);
         (live, after)
     } else {
@@ -158,6 +164,16 @@ pub fn run(
     };
     if nodes.is_empty() {
         return Err(PlanError::NoNodes);
+    }
+    // Caches: where the cluster runs them (read above), else as `render` shows them offline.
+    let (mut before, mut after) = (before, after);
+    for state in [&mut before, &mut after] {
+        for (mirror, site) in &cache_sites {
+            state.sources.insert_cache(mirror, site.clone());
+        }
+        let mirrors: Vec<&RegistryMirror> = state.mirrors.values().collect();
+        super::check::offline_caches(&args.input, &mirrors, &mut state.sources)
+            .map_err(PlanError::Cache)?;
     }
     let before = resolved(&before, &policy, "now", stderr)?;
     let (after_mirrors, invalid) = resolved_counting(&after, &policy, "after", stderr)?;
@@ -284,10 +300,11 @@ fn live_copy(state: &State) -> State {
 
 /// The cluster's RegistryMirrors, the Secrets and ConfigMaps of the namespaces references may
 /// point into, and its Nodes.
+#[allow(clippy::type_complexity)]
 fn read_cluster(
     policy: &RefPolicy,
     default_flavor: &Flavor,
-) -> Result<(State, Vec<PreviewNode>), PlanError> {
+) -> Result<(State, Vec<PreviewNode>, Vec<(String, CacheSite)>), PlanError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -311,6 +328,15 @@ fn read_cluster(
                 state.mirrors.insert(name, mirror);
             }
         }
+        let mut caches = cache::Live::default();
+        let cache_services = ListParams::default().labels(regmirror_core::cache::MIRROR_LABEL);
+        for service in Api::<Service>::namespaced(client.clone(), &policy.operator_namespace)
+            .list(&cache_services)
+            .await
+            .map_err(list("the caches' Services"))?
+        {
+            caches.add_service(&service);
+        }
         let mut namespaces = vec![policy.operator_namespace.clone()];
         namespaces.extend(policy.allowed_namespaces.iter().cloned());
         for namespace in &namespaces {
@@ -320,6 +346,11 @@ fn read_cluster(
                 .map_err(list(&format!("Secrets in {namespace}")))?;
             for secret in secrets {
                 let name = secret.metadata.name.clone().unwrap_or_default();
+                if *namespace == policy.operator_namespace && cache::is_cache_secret(&secret) {
+                    // The caches' keys: where the caches are, never a source (as the operator).
+                    caches.add_secret(&secret);
+                    continue;
+                }
                 state
                     .sources
                     .insert(SourceKind::Secret, namespace, &name, secret_source(&secret));
@@ -345,6 +376,8 @@ fn read_cluster(
             .iter()
             .map(|n| preview_node(n, default_flavor))
             .collect();
-        Ok((state, nodes))
+        let mirrors: Vec<RegistryMirror> = state.mirrors.values().cloned().collect();
+        let sites = caches.sites(&mirrors, &policy.operator_namespace);
+        Ok((state, nodes, sites))
     })
 }
