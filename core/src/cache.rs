@@ -32,13 +32,25 @@ pub const MIRROR_LABEL: &str = "regmirror.io/cache";
 /// The user name nodes log in to a cache with.
 pub const USERNAME: &str = "regmirror-node";
 
+/// The namespace the caches run in unless told otherwise: their own, apart from the operator's,
+/// so that the operator's right to make Deployments is confined to one the chart labels for
+/// Pod Security `restricted` (no privileged pod, no host path, non-root).
+pub const DEFAULT_NAMESPACE: &str = "regmirror-cache";
+
+/// Lower-case hex SHA-256 of `bytes`.
+pub fn hex_digest(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The name of a mirror's cache objects (Service, Deployment, Secret): `regmirror-cache-`, the
 /// mirror's name made a DNS label (a Service name: no dots, at most 63 characters), and a
 /// digest of the name, so that two mirrors never share one and no mirror's is [`CA_SECRET`].
 pub fn object_name(mirror: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(mirror.as_bytes());
-    let suffix: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    let suffix = &hex_digest(mirror.as_bytes())[..8];
     let label: String = mirror
         .chars()
         .map(|c| match c {

@@ -98,8 +98,11 @@ pub enum Reason {
     #[error("{0}")]
     Cache(#[from] crate::cache::CacheError),
     /// The mirror's cache has no address (or certificate for it) yet: its nodes wait.
-    #[error("waiting for the cache {namespace}/{name} to get its cluster IP and certificate")]
-    CacheNotReady { namespace: String, name: String },
+    #[error("waiting for the cache {name} to get its cluster IP and certificate")]
+    CacheNotReady { name: String },
+    /// The operator could not set the mirror's cache up (its last attempt's error).
+    #[error("the cache {name} could not be set up: {detail}")]
+    CacheFailed { name: String, detail: String },
     /// Two endpoints of one RegistryMirror name the same host with different settings.
     #[error("host {host:?} is also endpoint {other} with different credentials or TLS settings; a node can hold only one per host")]
     HostSettingsDiffer { host: String, other: usize },

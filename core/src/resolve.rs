@@ -161,7 +161,7 @@ pub fn resolve_partially(
 
     if spec.cache.is_some() {
         let name = mirror.metadata.name.as_deref().unwrap_or_default();
-        put_cache_first(name, &mut endpoints, sources, policy, &mut errors);
+        put_cache_first(name, &mut endpoints, sources, &mut errors);
     }
 
     let mut rewrites = Vec::with_capacity(spec.rewrites.len());
@@ -276,7 +276,6 @@ fn put_cache_first(
     mirror: &str,
     endpoints: &mut Vec<ResolvedEndpoint>,
     sources: &Sources,
-    policy: &RefPolicy,
     errors: &mut Vec<FieldError>,
 ) {
     if !errors.is_empty() {
@@ -291,13 +290,15 @@ fn put_cache_first(
         return;
     }
     let Some(site) = sources.cache(mirror) else {
-        errors.push(FieldError::new(
-            "spec.cache",
-            Reason::CacheNotReady {
-                namespace: policy.operator_namespace.clone(),
-                name: cache::object_name(mirror),
+        let name = cache::object_name(mirror);
+        let reason = match sources.cache_failure(mirror) {
+            Some(detail) => Reason::CacheFailed {
+                name,
+                detail: detail.to_owned(),
             },
-        ));
+            None => Reason::CacheNotReady { name },
+        };
+        errors.push(FieldError::new("spec.cache", reason));
         return;
     };
     match parse_endpoint_url(&site.url) {

@@ -83,6 +83,8 @@ pub struct SourceKey {
 pub struct Sources {
     objects: BTreeMap<SourceKey, SourceObject>,
     caches: BTreeMap<String, CacheSite>,
+    /// Why the operator's last attempt to set a mirror's cache up failed, by mirror.
+    cache_failures: BTreeMap<String, String>,
 }
 
 impl Sources {
@@ -124,6 +126,16 @@ impl Sources {
     /// Where the cache of the RegistryMirror `mirror` is, once it runs.
     pub fn cache(&self, mirror: &str) -> Option<&CacheSite> {
         self.caches.get(mirror)
+    }
+
+    /// Records why setting up the cache of `mirror` failed (said while it has no site).
+    pub fn insert_cache_failure(&mut self, mirror: &str, detail: String) {
+        self.cache_failures.insert(mirror.to_owned(), detail);
+    }
+
+    /// Why setting up the cache of `mirror` failed last, if it did.
+    pub fn cache_failure(&self, mirror: &str) -> Option<&str> {
+        self.cache_failures.get(mirror).map(String::as_str)
     }
 }
 

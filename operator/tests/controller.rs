@@ -50,6 +50,7 @@ fn settings() -> Settings {
         identity: "regmirror-0".into(),
         listen: "127.0.0.1:0".parse().unwrap(),
         cache_image: "registry:3".into(),
+        cache_namespace: "regmirror-cache".into(),
     }
 }
 

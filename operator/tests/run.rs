@@ -143,6 +143,7 @@ async fn the_controller_fills_its_caches_leads_and_reconciles() {
         identity: "regmirror-operator-0".into(),
         listen: format!("127.0.0.1:{port}").parse().unwrap(),
         cache_image: "registry:3".into(),
+        cache_namespace: "regmirror-cache".into(),
     };
     let controller = tokio::spawn(run(client, settings));
 

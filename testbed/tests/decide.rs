@@ -1039,7 +1039,7 @@ fn a_mirror_with_a_cache_waits_for_it_then_puts_it_before_its_endpoints() {
         ("True", "CacheStarting")
     );
     assert!(
-        message.contains("waiting for the cache regmirror-system/regmirror-cache-hub-"),
+        message.contains("waiting for the cache regmirror-cache-hub-"),
         "{message}"
     );
     assert_eq!(c.condition("hub", "Degraded").0, "False");

@@ -29,7 +29,7 @@ use crate::plan::MaxUnavailable;
 use crate::render::RenderedConfig;
 use crate::sources::{RefPolicy, Sources};
 
-pub use placement::{place, place_reusing, Placement};
+pub use placement::{is_paused, place, place_reusing, Placement};
 
 /// The agents' Role must never have an empty `resourceNames`: RBAC reads that as "every
 /// Secret". This name is never a config's, so it grants nothing.

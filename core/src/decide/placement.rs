@@ -194,7 +194,8 @@ fn resolve_all(
     resolved
 }
 
-fn is_paused(mirror: &RegistryMirror) -> bool {
+/// Whether a mirror's rollout is paused (its `regmirror.io/paused` annotation).
+pub fn is_paused(mirror: &RegistryMirror) -> bool {
     mirror
         .metadata
         .annotations

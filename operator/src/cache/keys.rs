@@ -29,6 +29,12 @@ pub enum KeyError {
         #[source]
         source: rcgen::Error,
     },
+    #[error("the cache CA's certificate in Secret {secret} does not load: {source}")]
+    BadCaCert {
+        secret: String,
+        #[source]
+        source: rcgen::Error,
+    },
     #[error("could not make a certificate: {0}")]
     Certificate(#[from] rcgen::Error),
 }
@@ -56,8 +62,7 @@ pub struct Serving {
     pub not_after: u64,
 }
 
-/// The CA's fixed parameters: the same each time, so that a CA loaded from its Secret issues
-/// certificates naming the issuer its certificate names.
+/// The parameters of a CA the operator makes.
 fn ca_params() -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
@@ -95,7 +100,12 @@ pub fn issue_serving(
         secret: ca_secret.to_owned(),
         source,
     })?;
-    let issuer = Issuer::new(ca_params(), ca_key);
+    // The issuer as the CA's own certificate names it: a CA someone put in the Secret works too.
+    let issuer =
+        Issuer::from_ca_cert_pem(&ca.cert, ca_key).map_err(|source| KeyError::BadCaCert {
+            secret: ca_secret.to_owned(),
+            source,
+        })?;
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
@@ -123,6 +133,14 @@ pub fn issue_serving(
             .unwrap_or_default()
             .as_secs(),
     })
+}
+
+/// Whether `ca` is a CA certificate and key rcgen can issue with.
+pub fn usable_ca(ca: &CaKeys) -> bool {
+    KeyPair::from_pem(&ca.key)
+        .ok()
+        .and_then(|key| Issuer::from_ca_cert_pem(&ca.cert, key).ok())
+        .is_some()
 }
 
 /// A new password for the nodes: 32 random bytes, base64url.

@@ -4,14 +4,17 @@
 //! mirrors ask ([`ensure`]).
 //!
 //! A cache is a Deployment of the distribution registry in proxy mode, a ClusterIP Service and
-//! a Secret, in the operator's namespace, owned by the mirror. Its TLS certificate is issued
-//! for the Service's cluster IP by a CA the operator creates once (Secret
-//! [`CA_SECRET`]); the nodes get that CA and a password of their own for the cache with their
-//! config, like any endpoint's.
+//! a Secret, in the caches' namespace (its own, which the chart labels for Pod Security
+//! `restricted`: the operator's right to make Deployments reaches no further). Its TLS
+//! certificate is issued for the Service's cluster IP by a CA the operator creates once
+//! (Secret [`CA_SECRET`]); the nodes get that CA and a password of their own for the cache
+//! with their config, like any endpoint's.
 //!
 //! The order of a first start: the Service (which gives the cluster IP), then the Secret (the
 //! certificate for that IP), then the Deployment. Until the Secret holds a certificate for the
 //! Service's address, the mirror's nodes keep the configuration they have (`CacheStarting`).
+//! A cache no mirror asks for any more is deleted only once no node's configuration lists it,
+//! so that no node is left trying an address nothing answers.
 
 pub mod keys;
 pub mod objects;
@@ -24,13 +27,14 @@ use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use regmirror_core::api::RegistryMirror;
 use regmirror_core::cache::{
-    htpasswd_entry, object_name, site_url, CacheSite, CA_SECRET, MIRROR_LABEL, USERNAME,
+    hex_digest, htpasswd_entry, object_name, site_url, CacheSite, CA_SECRET, MIRROR_LABEL, USERNAME,
 };
+use regmirror_core::decide::is_paused;
 use regmirror_core::model::Credentials;
+use regmirror_core::render::RenderedConfig;
 use regmirror_core::resolve::cache_upstream;
 use regmirror_core::sources::{RefPolicy, Sources};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use self::keys::CaKeys;
 use self::objects::{
@@ -159,7 +163,7 @@ impl Live {
         let Some(ca) = &self.ca else {
             return Vec::new();
         };
-        let ca_digest = digest(ca.cert.as_bytes());
+        let ca_digest = hex_digest(ca.cert.as_bytes());
         mirrors
             .iter()
             .filter(|m| m.spec.cache.is_some())
@@ -169,10 +173,7 @@ impl Live {
                 let cache = self.caches.get(&name)?;
                 let ip = cache.service.as_ref()?.0.as_deref()?;
                 let secret = cache.secret.as_ref()?;
-                let issued_for = |key, value: &str| {
-                    secret.annotations.get(key).map(String::as_str) == Some(value)
-                };
-                if !issued_for(CERT_ADDRESS, ip) || !issued_for(CERT_CA, &ca_digest) {
+                if !certificate_fits(secret, ip, &ca_digest, 0) {
                     return None;
                 }
                 let password = secret.text(PASSWORD_KEY)?;
@@ -193,17 +194,46 @@ impl Live {
     }
 }
 
-/// Hex SHA-256.
-fn digest(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
+/// Whether a cache Secret's certificate is for `ip`, from the CA of digest `ca_digest`, and
+/// valid beyond `renew_after` (seconds since the epoch; 0 to skip the check).
+fn certificate_fits(secret: &LiveSecret, ip: &str, ca_digest: &str, renew_after: u64) -> bool {
+    let annotation = |key| secret.annotations.get(key).map(String::as_str);
+    let valid = annotation(CERT_NOT_AFTER)
+        .and_then(|t| t.parse::<u64>().ok())
+        .is_some_and(|end| end > renew_after);
+    annotation(CERT_ADDRESS) == Some(ip)
+        && annotation(CERT_CA) == Some(ca_digest)
+        && valid
+        && secret.text(CERT_KEY).is_some()
+        && secret.text(KEY_KEY).is_some()
+}
+
+/// The caches some node still lists: those whose address one of `configs` (every config a
+/// node runs or is told to run) names.
+pub fn in_use<'c>(
+    live: &Live,
+    configs: impl IntoIterator<Item = &'c RenderedConfig>,
+) -> BTreeSet<String> {
+    let configs: Vec<&RenderedConfig> = configs.into_iter().collect();
+    live.caches
         .iter()
-        .map(|b| format!("{b:02x}"))
+        .filter_map(|(name, cache)| {
+            let ip = cache.service.as_ref()?.0.as_deref()?;
+            let address = site_url(ip);
+            let address = address.trim_start_matches("https://");
+            configs
+                .iter()
+                .any(|c| c.files.values().any(|f| f.content.contains(address)))
+                .then(|| name.clone())
+        })
         .collect()
 }
 
 /// Why a cache's objects could not be brought to what its mirror asks.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheWriteError {
+    #[error("Secret {secret} exists but holds no CA the operator can use (tls.crt and tls.key): delete it, and the operator makes one")]
+    UnusableCa { secret: String },
     #[error("{action}: {source}")]
     Api {
         action: String,
@@ -219,6 +249,7 @@ pub enum CacheWriteError {
 /// What [`ensure`] needs besides the caches' state.
 pub struct Context<'a> {
     pub client: &'a kube::Client,
+    /// The caches' namespace.
     pub namespace: &'a str,
     /// The distribution registry image the caches run.
     pub image: &'a str,
@@ -291,43 +322,63 @@ impl Context<'_> {
     }
 }
 
+/// A failure of [`ensure`], and the mirror it concerns (every mirror with a cache, for the CA).
+pub struct Failure {
+    pub mirror: Option<String>,
+    pub error: CacheWriteError,
+}
+
 /// Brings every cache to what the mirrors ask: creates the CA first if there is none, applies
-/// what differs of each cache's objects, and deletes the objects of caches no mirror asks for
-/// any more (a mirror deleted takes its own through the garbage collector). Every cache is
-/// tried; the failures come back.
+/// what differs of each cache's objects (a paused mirror's cache is left as it is), and deletes
+/// the objects of caches no mirror asks for any more once none of `in_use` (see [`in_use`]).
+/// Every cache is tried; the failures come back.
 pub async fn ensure(
     cx: &Context<'_>,
     mirrors: &[RegistryMirror],
     live: &Live,
-) -> Vec<CacheWriteError> {
-    let wanted: Vec<(&RegistryMirror, String)> = mirrors
+    in_use: &BTreeSet<String>,
+) -> Vec<Failure> {
+    let wanted: Vec<(&RegistryMirror, String, String)> = mirrors
         .iter()
         .filter(|m| m.spec.cache.is_some())
-        .filter_map(|m| Some((m, object_name(m.metadata.name.as_deref()?))))
+        .filter_map(|m| {
+            let mirror = m.metadata.name.clone()?;
+            let name = object_name(&mirror);
+            Some((m, mirror, name))
+        })
         .collect();
-    let mut errors = Vec::new();
+    let mut failures = Vec::new();
     let ca = match &live.ca {
         Some(ca) => Some(ca),
         None if !wanted.is_empty() => {
-            // The watch brings it back; the caches follow in the next pass.
-            if let Err(e) = create_ca(cx).await {
-                errors.push(e);
+            // The watch brings it; the caches follow in the next pass.
+            if let Err(error) = create_ca(cx).await {
+                failures.push(Failure {
+                    mirror: None,
+                    error,
+                });
             }
             None
         }
         None => None,
     };
     if let Some(ca) = ca {
-        for (mirror, name) in &wanted {
+        for (mirror, mirror_name, name) in &wanted {
+            if is_paused(mirror) {
+                continue;
+            }
             let cache = live.caches.get(name).cloned().unwrap_or_default();
-            if let Err(e) = ensure_one(cx, mirror, name, &cache, ca).await {
-                errors.push(e);
+            if let Err(error) = ensure_one(cx, mirror, name, &cache, ca).await {
+                failures.push(Failure {
+                    mirror: Some(mirror_name.clone()),
+                    error,
+                });
             }
         }
     }
-    let wanted: BTreeSet<&String> = wanted.iter().map(|(_, name)| name).collect();
+    let wanted: BTreeSet<&String> = wanted.iter().map(|(_, _, name)| name).collect();
     for (name, cache) in &live.caches {
-        if wanted.contains(name) {
+        if wanted.contains(name) || in_use.contains(name) {
             continue;
         }
         let result = async {
@@ -342,11 +393,14 @@ pub async fn ensure(
             }
             Ok::<(), CacheWriteError>(())
         };
-        if let Err(e) = result.await {
-            errors.push(e);
+        if let Err(error) = result.await {
+            failures.push(Failure {
+                mirror: None,
+                error,
+            });
         }
     }
-    errors
+    failures
 }
 
 async fn create_ca(cx: &Context<'_>) -> Result<(), CacheWriteError> {
@@ -377,17 +431,31 @@ async fn create_ca(cx: &Context<'_>) -> Result<(), CacheWriteError> {
     };
     tracing::info!(secret = CA_SECRET, "creating the caches' CA");
     let api: Api<Secret> = Api::namespaced(cx.client.clone(), cx.namespace);
+    let action = || format!("create Secret {}/{CA_SECRET}", cx.namespace);
     match cx
-        .call(
-            || format!("create Secret {}/{CA_SECRET}", cx.namespace),
-            api.create(&PostParams::default(), &secret),
-        )
+        .call(action, api.create(&PostParams::default(), &secret))
         .await
     {
         Err(CacheWriteError::Api {
             source: kube::Error::Api(e),
             ..
-        }) if e.code == 409 => Ok(()),
+        }) if e.code == 409 => {
+            // One exists that the watch has not brought yet, or one that is not a CA.
+            let existing = cx
+                .call(
+                    || format!("get Secret {}/{CA_SECRET}", cx.namespace),
+                    api.get(CA_SECRET),
+                )
+                .await?;
+            let mut live = Live::default();
+            live.add_secret(&existing);
+            match live.ca {
+                Some(ca) if keys::usable_ca(&ca) => Ok(()),
+                _ => Err(CacheWriteError::UnusableCa {
+                    secret: format!("{}/{CA_SECRET}", cx.namespace),
+                }),
+            }
+        }
         other => other.map(drop),
     }
 }
@@ -423,7 +491,28 @@ async fn ensure_one(
         return Ok(());
     };
 
-    let before = live.secret.clone().unwrap_or_default();
+    // A Secret the watch has not brought yet is read, not made again: new keys would restart
+    // the cache and move every node.
+    let before = match &live.secret {
+        Some(secret) => secret.clone(),
+        None => {
+            let api: Api<Secret> = Api::namespaced(cx.client.clone(), cx.namespace);
+            let found = cx
+                .call(
+                    || format!("get Secret {}/{name}", cx.namespace),
+                    api.get_opt(name),
+                )
+                .await?;
+            let mut read = Live::default();
+            if let Some(secret) = &found {
+                read.add_secret(secret);
+            }
+            read.caches
+                .remove(name)
+                .and_then(|c| c.secret)
+                .unwrap_or_default()
+        }
+    };
     let (password, htpasswd) = match (before.text(PASSWORD_KEY), before.text(HTPASSWD_KEY)) {
         (Some(p), Some(h)) => (p.to_owned(), h.to_owned()),
         _ => {
@@ -432,16 +521,13 @@ async fn ensure_one(
             (password, htpasswd)
         }
     };
-    let ca_digest = digest(ca.cert.as_bytes());
-    let still_valid = before
-        .annotations
-        .get(CERT_NOT_AFTER)
-        .and_then(|t| t.parse::<u64>().ok())
-        .is_some_and(|end| end > keys::now_secs() + keys::RENEW_BEFORE.as_secs());
-    let reusable = before.annotations.get(CERT_ADDRESS) == Some(&ip)
-        && before.annotations.get(CERT_CA) == Some(&ca_digest)
-        && still_valid;
-    let (cert, key, not_after) = match (reusable, before.text(CERT_KEY), before.text(KEY_KEY)) {
+    let ca_digest = hex_digest(ca.cert.as_bytes());
+    let renew_after = keys::now_secs() + keys::RENEW_BEFORE.as_secs();
+    let (cert, key, not_after) = match (
+        certificate_fits(&before, &ip, &ca_digest, renew_after),
+        before.text(CERT_KEY),
+        before.text(KEY_KEY),
+    ) {
         (true, Some(cert), Some(key)) => (
             cert.to_owned(),
             key.to_owned(),
@@ -545,10 +631,16 @@ mod tests {
         service.spec.as_mut().unwrap().cluster_ip = Some(ip.into());
         let secret = objects::secret(
             &owner,
-            [(PASSWORD_KEY.to_owned(), b"node-pass".to_vec())].into(),
+            [
+                (PASSWORD_KEY.to_owned(), b"node-pass".to_vec()),
+                (CERT_KEY.to_owned(), b"CERT".to_vec()),
+                (KEY_KEY.to_owned(), b"KEY".to_vec()),
+            ]
+            .into(),
             [
                 (CERT_ADDRESS.to_owned(), issued_for.to_owned()),
-                (CERT_CA.to_owned(), digest(issuer.cert.as_bytes())),
+                (CERT_CA.to_owned(), hex_digest(issuer.cert.as_bytes())),
+                (CERT_NOT_AFTER.to_owned(), u64::MAX.to_string()),
             ]
             .into(),
         );

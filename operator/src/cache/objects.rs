@@ -1,6 +1,6 @@
 //! A cache's Kubernetes objects, as plain functions of what they serve: the Service the nodes
-//! reach it by, the Deployment that runs it, and the Secret it reads. All three are owned by
-//! their RegistryMirror, so that deleting the mirror deletes them (the garbage collector).
+//! reach it by, the Deployment that runs it, and the Secret it reads, in the caches' namespace,
+//! annotated with their RegistryMirror's name.
 
 use std::collections::BTreeMap;
 
@@ -12,12 +12,13 @@ use k8s_openapi::api::core::v1::{
     ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::ByteString;
 use regmirror_core::api::{CacheSpec, RegistryMirror};
-use regmirror_core::cache::{registry_config, CacheError, Serving, Upstream, MIRROR_LABEL, PORT};
-use sha2::{Digest, Sha256};
+use regmirror_core::cache::{
+    hex_digest, registry_config, CacheError, Serving, Upstream, MIRROR_LABEL, PORT,
+};
 
 /// Where the cache's Secret is mounted in its container.
 pub const CONFIG_DIR: &str = "/etc/regmirror-cache";
@@ -41,6 +42,9 @@ pub const CONFIG_DIGEST: &str = "regmirror.io/config-digest";
 /// The user the cache runs as (distroless's nonroot).
 const RUN_AS: i64 = 65532;
 
+/// The annotation on a cache's objects naming its RegistryMirror.
+pub const MIRROR_ANNOTATION: &str = "regmirror.io/mirror";
+
 /// Who a cache belongs to, and where its objects live.
 pub struct Owner<'a> {
     pub mirror: &'a RegistryMirror,
@@ -50,27 +54,15 @@ pub struct Owner<'a> {
 }
 
 impl Owner<'_> {
+    /// No owner reference: the garbage collector would delete a cache the moment its mirror
+    /// goes, while nodes still list it first; the operator deletes it once no node does.
     fn metadata(&self) -> ObjectMeta {
         let mirror = self.mirror.metadata.name.clone().unwrap_or_default();
         ObjectMeta {
             name: Some(self.name.to_owned()),
             namespace: Some(self.namespace.to_owned()),
             labels: Some(self.labels()),
-            annotations: Some([("regmirror.io/mirror".to_owned(), mirror.clone())].into()),
-            owner_references: Some(vec![OwnerReference {
-                api_version: format!(
-                    "{}/{}",
-                    regmirror_core::api::GROUP,
-                    regmirror_core::api::VERSION
-                ),
-                kind: "RegistryMirror".to_owned(),
-                name: mirror,
-                uid: self.mirror.metadata.uid.clone().unwrap_or_default(),
-                controller: Some(true),
-                // Setting it would need `update` on registrymirrors/finalizers; the
-                // collector deletes the objects after the mirror either way.
-                block_owner_deletion: None,
-            }]),
+            annotations: Some([(MIRROR_ANNOTATION.to_owned(), mirror)].into()),
             ..ObjectMeta::default()
         }
     }
@@ -97,11 +89,7 @@ impl Owner<'_> {
 
 /// The hex SHA-256 of an object's JSON.
 pub fn digest_of(value: &impl serde::Serialize) -> String {
-    let json = serde_json::to_vec(value).expect("objects serialize");
-    Sha256::digest(json)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex_digest(&serde_json::to_vec(value).expect("objects serialize"))
 }
 
 /// Stamps an object's digest (of everything else) on it.

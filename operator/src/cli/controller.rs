@@ -53,6 +53,10 @@ pub struct ControllerArgs {
     /// 3 (2.8 cannot log in to a basic-auth upstream).
     #[arg(long, env = "REGMIRROR_CACHE_IMAGE", default_value = DEFAULT_CACHE_IMAGE)]
     pub cache_image: String,
+    /// The namespace the caches run in: one of their own, which the chart labels for Pod
+    /// Security `restricted`.
+    #[arg(long, env = "REGMIRROR_CACHE_NAMESPACE", default_value = regmirror_core::cache::DEFAULT_NAMESPACE)]
+    pub cache_namespace: String,
 }
 
 /// The distribution registry's official image.
@@ -75,6 +79,7 @@ pub fn run(args: ControllerArgs) -> Result<(), RunError> {
         identity: args.identity,
         listen: args.listen,
         cache_image: args.cache_image,
+        cache_namespace: args.cache_namespace,
     };
     tracing::info!(
         namespace = %settings.namespace,

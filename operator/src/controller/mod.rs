@@ -56,6 +56,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// The distribution registry image that mirrors' caches run.
     pub cache_image: String,
+    /// Where the caches run (Pod Security `restricted`, apart from the operator's namespace).
+    pub cache_namespace: String,
 }
 
 impl Settings {
@@ -176,6 +178,8 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Control
     let mut failures = 0;
     // The last pass's snapshot and placement, for passes woken only by node states.
     let mut last: Option<(Snapshot, Placement)> = None;
+    // Why the last pass could not set mirrors' caches up: said in their status.
+    let mut cache_failures = BTreeMap::new();
     let result = loop {
         tokio::select! {
             _ = &mut stop => break Ok(()),
@@ -228,14 +232,15 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Control
             None => {
                 metrics.passes("full");
                 let (previous, placed) = last_parts.take().unzip();
-                let snapshot = caches.snapshot(previous.unwrap_or_default());
+                let mut snapshot = caches.snapshot(previous.unwrap_or_default());
+                snapshot.note_cache_failures(&cache_failures);
                 let placement = snapshot.place_reusing(&settings.policy(), placed.as_ref());
                 (snapshot, placement)
             }
         };
         // Losing the lease cancels the pass between two writes.
         let passed = tokio::select! {
-            passed = reconcile_placed(&snapshot, &placement, &settings, &writer, &metrics) => passed,
+            passed = reconcile_placed(&snapshot, &placement, &settings, &writer, &metrics, &mut cache_failures) => passed,
             _ = held.lost() => break Err(ControllerError::LostLease(settings.lease_name.clone())),
         };
         let mut snapshot = snapshot;
@@ -354,7 +359,16 @@ pub async fn reconcile(
     metrics: &Metrics,
 ) -> Result<Decision, PassError> {
     let placement = snapshot.place(&settings.policy());
-    reconcile_placed(snapshot, &placement, settings, writer, metrics).await
+    let mut cache_failures = BTreeMap::new();
+    reconcile_placed(
+        snapshot,
+        &placement,
+        settings,
+        writer,
+        metrics,
+        &mut cache_failures,
+    )
+    .await
 }
 
 /// One pass on a placement made earlier for this snapshot's nodes: conclude, then write. Before
@@ -367,6 +381,7 @@ pub async fn reconcile_placed(
     settings: &Settings,
     writer: &Writer,
     metrics: &Metrics,
+    cache_failures: &mut BTreeMap<String, String>,
 ) -> Result<Decision, PassError> {
     let Some(key) = &snapshot.sealing_key else {
         writer.create_sealing_key(metrics).await?;
@@ -390,11 +405,24 @@ pub async fn reconcile_placed(
             snapshot.reference(subject)
         })
         .await;
-    // The caches the mirrors ask for: after the nodes' writes, which they do not hold back.
+    // The caches the mirrors ask for: after the nodes' writes, which they do not hold back. A
+    // cache is deleted only once no node runs or is told a config that lists it.
+    let listed = snapshot
+        .nodes
+        .iter()
+        .flat_map(|n| [&n.desired, &n.current])
+        .flatten()
+        .filter_map(|name| {
+            decision
+                .create
+                .get(name)
+                .or_else(|| snapshot.stored.get(name))
+        });
+    let in_use = cache::in_use(&snapshot.caches, listed);
     let cached = cache::ensure(
         &cache::Context {
             client: &writer.client,
-            namespace: &settings.namespace,
+            namespace: &settings.cache_namespace,
             image: &settings.cache_image,
             sources: &snapshot.sources,
             policy: &settings.policy(),
@@ -403,8 +431,24 @@ pub async fn reconcile_placed(
         },
         &snapshot.mirrors,
         &snapshot.caches,
+        &in_use,
     )
     .await;
+    *cache_failures = cached
+        .iter()
+        .flat_map(|f| {
+            let mirrors: Vec<String> = match &f.mirror {
+                Some(mirror) => vec![mirror.clone()],
+                None => snapshot
+                    .mirrors
+                    .iter()
+                    .filter(|m| m.spec.cache.is_some())
+                    .filter_map(|m| m.metadata.name.clone())
+                    .collect(),
+            };
+            mirrors.into_iter().map(|m| (m, f.error.to_string()))
+        })
+        .collect();
     let written = merge_cache_errors(written, cached, metrics);
     metrics.duration.observe(started.elapsed().as_secs_f64());
     match written {
@@ -432,7 +476,7 @@ pub async fn reconcile_placed(
 /// The pass's write errors, with those of the caches (counted in the metrics as they join).
 fn merge_cache_errors(
     written: Result<(), WriteErrors>,
-    cached: Vec<cache::CacheWriteError>,
+    cached: Vec<cache::Failure>,
     metrics: &Metrics,
 ) -> Result<(), WriteErrors> {
     if cached.is_empty() {
@@ -440,7 +484,7 @@ fn merge_cache_errors(
     }
     let mut errors = written.err().unwrap_or_default();
     for failure in cached {
-        let failure = WriteFailure::Cache(failure);
+        let failure = WriteFailure::Cache(failure.error);
         metrics.written(WriteKind::Cache, Some(&failure));
         errors.0.push(WriteError {
             action: "bring a cache to what its RegistryMirror asks".to_owned(),
@@ -553,9 +597,9 @@ impl Snapshot {
             if ns == namespace && name == regmirror_core::contract::SEALING_KEY_SECRET {
                 // Never a source: no mirror may reference the sealing key.
                 own.push(secret);
-            } else if ns == namespace && cache::is_cache_secret(secret) {
-                // Nor the caches' keys and passwords.
-                snapshot.caches.add_secret(secret);
+            } else if cache::is_cache_secret(secret) {
+                // Nor the caches' keys and passwords (should their namespace be allowed too).
+                continue;
             } else if snapshot::is_config(secret) && ns == namespace {
                 configs.push(secret);
             } else {
@@ -617,12 +661,13 @@ impl Snapshot {
         snapshot
     }
 
-    /// Takes in the caches' Services and Deployments, and tells `resolve` where the caches that
-    /// are ready for nodes are.
+    /// Takes in the caches' Services, Deployments and Secrets (of the caches' namespace), and
+    /// tells `resolve` where the caches that are ready for nodes are.
     pub fn with_cache_objects<'a>(
         mut self,
         services: impl IntoIterator<Item = &'a Service>,
         deployments: impl IntoIterator<Item = &'a Deployment>,
+        secrets: impl IntoIterator<Item = &'a Secret>,
         namespace: &str,
     ) -> Self {
         for service in services {
@@ -631,10 +676,21 @@ impl Snapshot {
         for deployment in deployments {
             self.caches.add_deployment(deployment);
         }
+        for secret in secrets.into_iter().filter(|s| cache::is_cache_secret(s)) {
+            self.caches.add_secret(secret);
+        }
         for (mirror, site) in self.caches.sites(&self.mirrors, namespace) {
             self.sources.insert_cache(&mirror, site);
         }
         self
+    }
+
+    /// Tells `resolve` why the caches of these mirrors could not be set up (the last pass's
+    /// failures), for those that have no site.
+    pub fn note_cache_failures(&mut self, failures: &BTreeMap<String, String>) {
+        for (mirror, detail) in failures {
+            self.sources.insert_cache_failure(mirror, detail.clone());
+        }
     }
 
     /// The decision on this snapshot (pure); `now` stamps conditions that change.
@@ -742,7 +798,9 @@ pub struct Caches {
     roles: Store<Role>,
     services: Store<Service>,
     deployments: Store<Deployment>,
+    cache_secrets: Store<Secret>,
     namespace: String,
+    cache_namespace: String,
     agent_role: String,
 }
 
@@ -812,25 +870,37 @@ impl Caches {
             everything_on_change,
         ));
 
-        // The mirrors' caches: only the objects the operator made.
-        let caches_only = || watcher::Config::default().labels(regmirror_core::cache::MIRROR_LABEL);
+        // The mirrors' caches, in their namespace: only the objects the operator made.
+        let ours = "app.kubernetes.io/managed-by=regmirror";
+        let caches_only = || {
+            watcher::Config::default()
+                .labels(&format!("{ours},{}", regmirror_core::cache::MIRROR_LABEL))
+        };
         let (services, w) = reflector::store();
         changes.push(reflect(
-            Api::namespaced(client.clone(), &settings.namespace),
+            Api::namespaced(client.clone(), &settings.cache_namespace),
             caches_only(),
             w,
             |s: &mut Service| s.metadata.managed_fields = None,
-            everything_on_change,
+            cache_fingerprints,
         ));
         let (deployments, w) = reflector::store();
         changes.push(reflect(
-            Api::namespaced(client.clone(), &settings.namespace),
+            Api::namespaced(client.clone(), &settings.cache_namespace),
             caches_only(),
             w,
             |d: &mut Deployment| {
                 d.metadata.managed_fields = None;
                 d.status = None;
             },
+            cache_fingerprints,
+        ));
+        let (cache_secrets, w) = reflector::store();
+        changes.push(reflect(
+            Api::namespaced(client.clone(), &settings.cache_namespace),
+            watcher::Config::default().labels(ours),
+            w,
+            |s: &mut Secret| s.metadata.managed_fields = None,
             everything_on_change,
         ));
 
@@ -842,7 +912,9 @@ impl Caches {
             roles,
             services,
             deployments,
+            cache_secrets,
             namespace: settings.namespace.clone(),
+            cache_namespace: settings.cache_namespace.clone(),
             agent_role: settings.agent_role.clone(),
         };
         (caches, stream::select_all(changes))
@@ -855,6 +927,7 @@ impl Caches {
         self.roles.wait_until_ready().await.map_err(never)?;
         self.services.wait_until_ready().await.map_err(never)?;
         self.deployments.wait_until_ready().await.map_err(never)?;
+        self.cache_secrets.wait_until_ready().await.map_err(never)?;
         for s in &self.secrets {
             s.wait_until_ready().await.map_err(never)?;
         }
@@ -897,7 +970,8 @@ impl Caches {
         .with_cache_objects(
             self.services.state().iter().map(|s| &**s),
             self.deployments.state().iter().map(|d| &**d),
-            &self.namespace,
+            self.cache_secrets.state().iter().map(|s| &**s),
+            &self.cache_namespace,
         )
     }
 }
@@ -978,6 +1052,17 @@ fn api_namespace<K: Resource>(api: &Api<K>) -> String {
 }
 
 /// Any change of the object (its resourceVersion) may move nodes.
+/// A cache's Service or Deployment changes what the operator decides only by what it applied
+/// (its annotations), its spec's generation, or the address a Service got: not by the status
+/// a Deployment's pod readiness rewrites.
+fn cache_fingerprints<K: Resource + serde::Serialize>(object: &K) -> (u64, u64) {
+    let meta = object.meta();
+    let address = serde_json::to_value(object)
+        .ok()
+        .and_then(|v| v["spec"]["clusterIP"].as_str().map(str::to_owned));
+    (hash(&(meta.generation, &meta.annotations, address)), 0)
+}
+
 fn everything_on_change<K: Resource>(object: &K) -> (u64, u64) {
     (hash(&object.meta().resource_version), 0)
 }

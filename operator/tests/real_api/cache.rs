@@ -1,13 +1,15 @@
 //! The pull-through cache of a RegistryMirror (`spec.cache`), run by the operator against the
-//! real API server: the objects it applies (Service, Secret, Deployment, owned by the mirror,
-//! the Secret holding a certificate from the operator's CA for the Service's cluster IP and the
-//! cache's config), the node pointed at a config that lists the cache first with that CA and
-//! the nodes' password, nothing written again while nothing changes, the objects deleted when
-//! the mirror stops asking for a cache, and collected with the mirror.
+//! real API server: the objects it applies in the caches' namespace (Service, Secret,
+//! Deployment, named after the mirror; the Secret holding a certificate from the operator's CA
+//! for the Service's cluster IP and the cache's config), the node pointed at a config that
+//! lists the cache first with that CA and the nodes' password, nothing written again on a pass
+//! with nothing new, the storage asked for, and the objects deleted — once the node no longer
+//! lists the cache — when the mirror stops asking for one and when it is deleted.
 //!
 //! The operator runs in this process with the admin's credentials; what the chart grants it is
 //! `privilege`'s matrix. There is no kubelet here: the Deployment's pod is not run (the cache
-//! serving for real is `cache_on_loopback` and `testbed/tests/pull_through_cache.rs`).
+//! serving for real: `cache_on_loopback`, `testbed/tests/pull_through_cache.rs`, and
+//! `testbed/tests/chart_on_node.rs`).
 
 use std::process::Command;
 use std::time::Duration;
@@ -15,6 +17,7 @@ use std::time::Duration;
 use base64::Engine;
 use regmirror::cache::keys;
 use regmirror::controller::{snapshot, Settings};
+use regmirror_core::cache::object_name;
 use regmirror_core::plan::MaxUnavailable;
 use serde_json::{json, Value};
 
@@ -23,30 +26,32 @@ use crate::support::{
     runtime,
 };
 
-/// The operator's namespace in this test (not the chart's: nothing else is there).
+/// The operator's namespace in this test (not the chart's), and the caches'.
 const NS: &str = "cache-test";
+const CACHES: &str = "cache-test-caches";
 const MIRROR: &str = "cached-upstream";
 const NODE: &str = "cache-node-1";
-const UPSTREAM: &str = "https://upstream.example.com:5000";
-const IMAGE: &str = "registry.example.com/mirror/registry:3";
+const UPSTREAM: &str = "https://upstream.example:5000";
+const IMAGE: &str = "registry.example/mirror/registry:3";
 
 fn apply(yaml: &str) {
     let out = kubectl_stdin(&["apply", "-f", "-"], yaml);
     assert!(out.ok, "{}", out.text());
 }
 
-fn mirror_yaml(cache: bool) -> String {
-    let cache = if cache {
-        "  cache:\n    storage:\n      emptyDir: {sizeLimit: 1Gi}\n"
-    } else {
-        ""
+/// The test's mirror: with a cache on `storage` (`""`: the default), or none.
+fn mirror_yaml(storage: Option<&str>) -> String {
+    let cache = match storage {
+        Some("") => "  cache: {}\n".to_owned(),
+        Some(storage) => format!("  cache:\n    storage: {storage}\n"),
+        None => String::new(),
     };
     format!(
         "apiVersion: regmirror.io/v1alpha1
 kind: RegistryMirror
 metadata: {{name: {MIRROR}}}
 spec:
-  registry: cache.example.com
+  registry: cache.example
   nodeSelector: {{matchLabels: {{cache-test: \"yes\"}}}}
   endpoints:
     - url: {UPSTREAM}
@@ -56,19 +61,13 @@ spec:
     )
 }
 
-/// The cache's objects of `kind`, by the label every one of them carries.
-fn cache_objects(kind: &str) -> Vec<Value> {
-    // kubectl prints nothing for an empty list with --ignore-not-found.
-    get_json(&[kind, "-n", NS, "-l", "regmirror.io/cache"])
-        .and_then(|list| list["items"].as_array().cloned())
-        .unwrap_or_default()
+/// This test's cache object of `kind`, by the name the operator gives it.
+fn object(kind: &str) -> Option<Value> {
+    get_json(&[kind, "-n", CACHES, &object_name(MIRROR)])
 }
 
-fn one(kind: &str) -> Result<Value, String> {
-    match cache_objects(kind).as_slice() {
-        [one] => Ok(one.clone()),
-        other => Err(format!("{} {kind}: {other:#?}", other.len())),
-    }
+fn present(kind: &str) -> Result<Value, String> {
+    object(kind).ok_or_else(|| format!("no {kind} yet"))
 }
 
 fn data(secret: &Value, key: &str) -> String {
@@ -100,22 +99,64 @@ fn node_config() -> Result<(String, regmirror_core::render::RenderedConfig), Str
     Ok((name, config))
 }
 
-fn resource_versions() -> Vec<String> {
-    ["service", "secret", "deployment"]
-        .iter()
-        .map(|kind| {
-            one(kind).unwrap()["metadata"]["resourceVersion"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect()
+const HOSTS: &str = "/etc/containerd/certs.d/cache.example/hosts.toml";
+
+/// What each cache object is as written: the Service's and Secret's resourceVersion, the
+/// Deployment's generation and applied digest (its status is the controller manager's).
+fn as_written() -> Vec<String> {
+    let field = |v: &Value, path: &[&str]| path.iter().fold(v, |v, k| &v[*k]).to_string();
+    let deployment = object("deployment").unwrap();
+    vec![
+        field(
+            &object("service").unwrap(),
+            &["metadata", "resourceVersion"],
+        ),
+        field(&object("secret").unwrap(), &["metadata", "resourceVersion"]),
+        field(&deployment, &["metadata", "generation"]),
+        field(
+            &deployment,
+            &["metadata", "annotations", "regmirror.io/applied-digest"],
+        ),
+    ]
+}
+
+/// The operator's count of passes, from its /metrics.
+fn passes(port: u16) -> u64 {
+    let out = Command::new("curl")
+        .args(["-s", "-m", "5", &format!("http://127.0.0.1:{port}/metrics")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("regmirror_reconciles_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Leaves the shared control plane as it was, also when the test fails.
+struct Cleanup;
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "registrymirror", MIRROR, "--ignore-not-found"]);
+        let _ = kubectl(&["delete", "node", NODE, "--ignore-not-found"]);
+        for ns in [NS, CACHES] {
+            let _ = kubectl(&[
+                "delete",
+                "namespace",
+                ns,
+                "--ignore-not-found",
+                "--wait=false",
+            ]);
+        }
+    }
 }
 
 #[test]
 fn the_operator_runs_a_mirrors_cache_and_puts_it_first_on_its_nodes() {
     let _lock = chart_lock();
     crd_applied();
+    let _cleanup = Cleanup;
     let _ = kubectl(&[
         "delete",
         "registrymirror",
@@ -124,6 +165,10 @@ fn the_operator_runs_a_mirrors_cache_and_puts_it_first_on_its_nodes() {
         "--wait",
     ]);
     let _ = kubectl(&["create", "namespace", NS]);
+    // The caches' namespace as the chart makes it: Pod Security restricted.
+    apply(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {CACHES}\n  labels: {{pod-security.kubernetes.io/enforce: restricted}}\n"
+    ));
     let upstream_ca = keys::new_ca().unwrap().cert;
     let indented = upstream_ca.replace('\n', "\n    ");
     apply(&format!(
@@ -132,7 +177,7 @@ kind: Secret
 metadata:
   name: upstream-pull
   namespace: {NS}
-  annotations: {{regmirror.io/allowed-hosts: \"upstream.example.com:5000\"}}
+  annotations: {{regmirror.io/allowed-hosts: \"upstream.example:5000\"}}
 type: kubernetes.io/basic-auth
 stringData: {{username: puller, password: upstream-secret}}
 ---
@@ -161,13 +206,12 @@ data:
         "-p",
         &status.to_string(),
     ]);
-    apply(&mirror_yaml(true));
-    let mirror = get_json(&["registrymirror", MIRROR]).unwrap();
-    let uid = mirror["metadata"]["uid"].as_str().unwrap().to_owned();
+    apply(&mirror_yaml(Some("{emptyDir: {sizeLimit: 1Gi}}")));
 
     let rt = runtime();
     let client = rt.block_on(plane().client());
-    let operator = rt.spawn(regmirror::controller::run(
+    let metrics_port = regmirror_testbed::free_port();
+    let _operator = rt.spawn(regmirror::controller::run(
         client,
         Settings {
             namespace: NS.into(),
@@ -176,8 +220,9 @@ data:
             agent_role: "cache-test-agent-configs".into(),
             lease_name: "cache-test-controller".into(),
             identity: "cache-test-0".into(),
-            listen: "127.0.0.1:0".parse().unwrap(),
+            listen: format!("127.0.0.1:{metrics_port}").parse().unwrap(),
             cache_image: IMAGE.into(),
+            cache_namespace: CACHES.into(),
         },
     ));
 
@@ -186,12 +231,9 @@ data:
         "the cache's Service and Secret",
         Duration::from_secs(60),
         || {
-            let service = one("service")?;
-            let secret = one("secret")?;
-            let ip = service["spec"]["clusterIP"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
+            let service = present("service")?;
+            let secret = present("secret")?;
+            let ip = service["spec"]["clusterIP"].as_str().unwrap_or_default();
             if secret["metadata"]["annotations"]["regmirror.io/certificate-address"] != json!(ip) {
                 return Err(format!("certificate not for {ip}: {}", secret["metadata"]));
             }
@@ -199,23 +241,29 @@ data:
         },
     );
     let deployment = eventually("the cache's Deployment", Duration::from_secs(30), || {
-        one("deployment")
+        present("deployment")
     });
-    let name = service["metadata"]["name"].as_str().unwrap().to_owned();
+    let name = object_name(MIRROR);
     assert!(
         name.starts_with("regmirror-cache-cached-upstream-"),
         "{name}"
     );
     let ip = service["spec"]["clusterIP"].as_str().unwrap().to_owned();
     for object in [&service, &secret, &deployment] {
-        assert_eq!(object["metadata"]["name"], json!(name));
+        let meta = &object["metadata"];
         assert_eq!(
-            object["metadata"]["ownerReferences"],
-            json!([{"apiVersion": "regmirror.io/v1alpha1", "kind": "RegistryMirror",
-                    "name": MIRROR, "uid": uid, "controller": true}]),
-            "{}",
-            object["metadata"]
+            meta["annotations"]["regmirror.io/mirror"],
+            json!(MIRROR),
+            "{meta}"
         );
+        assert_eq!(meta["labels"]["regmirror.io/cache"], json!(name), "{meta}");
+        assert_eq!(
+            meta["labels"]["app.kubernetes.io/managed-by"],
+            json!("regmirror")
+        );
+        // The operator deletes its caches once no node lists them; the garbage collector
+        // would not wait.
+        assert!(meta["ownerReferences"].is_null(), "{meta}");
     }
     assert_eq!(service["spec"]["ports"][0]["port"], json!(5000));
     assert_eq!(service["spec"]["type"], json!("ClusterIP"));
@@ -234,7 +282,7 @@ data:
     assert_eq!(data(&secret, "upstream-ca.crt"), upstream_ca);
     assert!(data(&secret, "htpasswd").starts_with("regmirror-node:$2y$04$"));
     let password = data(&secret, "password");
-    let ca_secret = get_json(&["secret", "-n", NS, "regmirror-cache-ca"]).expect("the CA");
+    let ca_secret = get_json(&["secret", "-n", CACHES, "regmirror-cache-ca"]).expect("the CA");
     let ca = data(&ca_secret, "ca.crt");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ca.crt"), &ca).unwrap();
@@ -260,10 +308,11 @@ data:
     ]);
     let sans = openssl(&["x509", "-in", "tls.crt", "-noout", "-ext", "subjectAltName"]);
     assert!(sans.contains(&format!("IP Address:{ip}")), "{sans}");
-    assert!(sans.contains(&format!("DNS:{name}.{NS}.svc")), "{sans}");
+    assert!(sans.contains(&format!("DNS:{name}.{CACHES}.svc")), "{sans}");
 
     // The Deployment runs the image given, reads the Secret but the nodes' password, trusts
-    // the upstream's CA alone, and stores in the emptyDir asked for.
+    // the upstream's CA alone, and stores in the emptyDir asked for; the restricted namespace
+    // took it.
     let pod = &deployment["spec"]["template"]["spec"];
     let container = &pod["containers"][0];
     assert_eq!(container["image"], json!(IMAGE));
@@ -307,7 +356,7 @@ data:
             let (name, config) = node_config()?;
             let hosts = config
                 .files
-                .get("/etc/containerd/certs.d/cache.example.com/hosts.toml")
+                .get(HOSTS)
                 .ok_or_else(|| format!("{:?}", config.files.keys()))?;
             if !hosts.content.contains(&ip) {
                 return Err(hosts.content.clone());
@@ -315,12 +364,12 @@ data:
             Ok((name, config))
         },
     );
-    let hosts = &config.files["/etc/containerd/certs.d/cache.example.com/hosts.toml"].content;
+    let hosts = &config.files[HOSTS].content;
     let cache_at = hosts
         .find(&format!("[host.\"https://{ip}:5000/v2\"]"))
         .expect(hosts);
     let upstream_at = hosts
-        .find("[host.\"https://upstream.example.com:5000/v2\"]")
+        .find("[host.\"https://upstream.example:5000/v2\"]")
         .expect(hosts);
     assert!(cache_at < upstream_at, "the cache first:\n{hosts}");
     let basic =
@@ -329,23 +378,24 @@ data:
         hosts.contains(&basic),
         "the nodes' password for the cache:\n{hosts}"
     );
-    let ca_file = format!("/etc/containerd/certs.d/cache.example.com/{ip}:5000/ca.crt");
+    let ca_file = format!("/etc/containerd/certs.d/cache.example/{ip}:5000/ca.crt");
     assert_eq!(
         config.files[&ca_file].content, ca,
         "the operator's CA, for the cache"
     );
-    let status = get_json(&["registrymirror", MIRROR]).unwrap()["status"].clone();
-    let degraded = status["conditions"]
+    let conditions = get_json(&["registrymirror", MIRROR]).unwrap()["status"]["conditions"].clone();
+    let degraded = conditions
         .as_array()
         .unwrap()
         .iter()
         .find(|c| c["type"] == "Degraded")
         .unwrap()
         .clone();
-    assert_eq!(degraded["status"], json!("False"), "{status}");
+    assert_eq!(degraded["status"], json!("False"), "{conditions}");
 
     // A pass with nothing new for the cache writes none of its objects again.
-    let before = resource_versions();
+    let before = as_written();
+    let passes_before = passes(metrics_port);
     kubectl_ok(&[
         "annotate",
         "registrymirror",
@@ -353,69 +403,94 @@ data:
         "cache-test/poke=1",
         "--overwrite",
     ]);
-    std::thread::sleep(Duration::from_secs(5));
-    assert_eq!(resource_versions(), before, "nothing rewritten");
+    eventually("a pass after the poke", Duration::from_secs(30), || {
+        let now = passes(metrics_port);
+        (now > passes_before)
+            .then_some(())
+            .ok_or(format!("{now} passes"))
+    });
+    assert_eq!(as_written(), before, "nothing rewritten");
 
-    // The cache no longer asked for: its objects go, and the node moves to a config without it.
-    apply(&mirror_yaml(false));
+    // Storage on a claim instead: the Deployment mounts it.
+    apply(&mirror_yaml(Some(
+        "{persistentVolumeClaim: {claimName: cache-claim}}",
+    )));
     eventually(
-        "the cache's objects deleted",
+        "the Deployment on the claim",
         Duration::from_secs(60),
         || {
-            let left: Vec<Value> = ["service", "secret", "deployment"]
-                .iter()
-                .flat_map(|k| cache_objects(k))
-                .collect();
-            if left.is_empty() {
-                Ok(())
-            } else {
-                Err(format!("{left:#?}"))
-            }
+            let deployment = present("deployment")?;
+            let volumes = deployment["spec"]["template"]["spec"]["volumes"].clone();
+            volumes
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|v| v["persistentVolumeClaim"]["claimName"] == "cache-claim")
+                .then_some(())
+                .ok_or(volumes.to_string())
         },
     );
+
+    // The cache no longer asked for: the node moves to a config without it, then its objects go.
+    apply(&mirror_yaml(None));
     eventually(
         "the node told to go without the cache",
         Duration::from_secs(60),
         || {
             let (name, config) = node_config()?;
-            let hosts =
-                &config.files["/etc/containerd/certs.d/cache.example.com/hosts.toml"].content;
+            let hosts = &config.files[HOSTS].content;
             if name == config_name || hosts.contains(&ip) {
                 return Err(hosts.clone());
             }
             Ok(())
         },
     );
+    let gone = || {
+        let left: Vec<&str> = ["service", "secret", "deployment"]
+            .into_iter()
+            .filter(|k| object(k).is_some())
+            .collect();
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("left: {left:?}"))
+        }
+    };
+    eventually("the cache's objects deleted", Duration::from_secs(60), gone);
 
-    // Asked for again, then the mirror deleted: the garbage collector takes the objects.
-    apply(&mirror_yaml(true));
+    // Asked for again, then the mirror deleted: the node moves away, the objects go.
+    apply(&mirror_yaml(Some("")));
     eventually("the cache back", Duration::from_secs(60), || {
-        one("deployment")
+        present("deployment")
     });
-    operator.abort();
-    kubectl_ok(&["delete", "registrymirror", MIRROR, "--wait"]);
+    let ip = present("service").unwrap()["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     eventually(
-        "the cache's objects collected with the mirror",
+        "the node on the cache again",
         Duration::from_secs(60),
         || {
-            let left: Vec<Value> = ["service", "secret", "deployment"]
-                .iter()
-                .flat_map(|k| cache_objects(k))
-                .collect();
-            if left.is_empty() {
-                Ok(())
-            } else {
-                Err(format!("{left:#?}"))
-            }
+            let (_, config) = node_config()?;
+            let hosts = config.files.get(HOSTS).ok_or("no hosts.toml")?;
+            hosts
+                .content
+                .contains(&format!("https://{ip}:5000/v2"))
+                .then_some(())
+                .ok_or(hosts.content.clone())
         },
     );
+    kubectl_ok(&["delete", "registrymirror", MIRROR, "--wait"]);
+    eventually(
+        "the cache's objects deleted with the mirror",
+        Duration::from_secs(60),
+        gone,
+    );
+    let (_, config) = node_config().unwrap();
+    assert!(
+        !config.files.contains_key(HOSTS),
+        "{:?}",
+        config.files.keys()
+    );
     drop(rt);
-    let _ = kubectl(&["delete", "node", NODE, "--ignore-not-found"]);
-    let _ = kubectl(&[
-        "delete",
-        "namespace",
-        NS,
-        "--ignore-not-found",
-        "--wait=false",
-    ]);
 }
