@@ -45,6 +45,7 @@ fn rendered(dir: &Path, flavor: &str) -> String {
         allowed_namespaces: vec![],
         cache_addresses: vec![],
         cache_ca: None,
+        cache_namespace: regmirror_core::cache::DEFAULT_NAMESPACE.into(),
     });
     assert!(
         checked.problems.is_empty(),

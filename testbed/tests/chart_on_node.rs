@@ -319,7 +319,9 @@ fn the_chart_runs_on_a_real_node() {
     apply(format!(
         "apiVersion: regmirror.io/v1alpha1\nkind: RegistryMirror\nmetadata:\n  name: cached\nspec:\n  registry: cached.example\n  endpoints:\n    - url: https://{upstream}\n      tls:\n        caRef:\n          configMapRef: {{name: cluster-ca}}\n  cache: {{}}\n"
     ));
-    let cache_label = ["-n", NAMESPACE, "-l", "regmirror.io/cache"];
+    // In the caches' namespace, which the chart makes Pod Security restricted.
+    let caches = "regmirror-cache";
+    let cache_label = ["-n", caches, "-l", "regmirror.io/cache"];
     let cache_field = |kind: &str, path: &str| {
         let mut args = vec!["get", kind];
         args.extend(cache_label);
@@ -348,7 +350,7 @@ fn the_chart_runs_on_a_real_node() {
             "get",
             "secret",
             "-n",
-            NAMESPACE,
+            caches,
             "regmirror-cache-ca",
             "-o",
             "jsonpath={.data.ca\\.crt}",
@@ -395,9 +397,14 @@ fn the_chart_runs_on_a_real_node() {
             now.contains(&cluster_ip).then_some(now)
         },
     );
+    let cache_at = cached
+        .find(&format!("https://{cluster_ip}:5000"))
+        .expect(&cached);
+    let upstream_at = cached
+        .find(&format!("https://{upstream}/v2\"]"))
+        .expect(&cached);
     assert!(
-        cached.find(&format!("https://{cluster_ip}:5000"))
-            < cached.find(&format!("https://{upstream}/v2\"]")),
+        cache_at < upstream_at,
         "the cache before its upstream:\n{cached}"
     );
     kubectl(&["delete", "registrymirror", "cached"]);
@@ -409,7 +416,7 @@ fn the_chart_runs_on_a_real_node() {
                 "get",
                 "deployments,services,secrets,pods",
                 "-n",
-                NAMESPACE,
+                caches,
                 "-l",
                 "regmirror.io/cache",
                 "-o",

@@ -121,16 +121,47 @@ def test_agent_clusterrole_is_least_privilege(rendering):
 def test_operator_role_is_least_privilege(rendering):
     got = rules(find(rendering, "Role", "regmirror-operator", NAMESPACE))
     assert got == sorted([
-        r([""], ["secrets"], ["get", "list", "watch", "create", "patch", "delete"]),
+        r([""], ["secrets"], ["get", "list", "watch", "create", "delete"]),
         r([""], ["configmaps"], ["get", "list", "watch"]),
-        # The pull-through caches: in the release's namespace only.
-        r([""], ["services"], ["get", "list", "watch", "create", "patch", "delete"]),
-        r(["apps"], ["deployments"], ["get", "list", "watch", "create", "patch", "delete"]),
         r(["coordination.k8s.io"], ["leases"], ["create"]),
         r(["coordination.k8s.io"], ["leases"], ["get", "patch"], ["regmirror-controller"]),
         r(["rbac.authorization.k8s.io"], ["roles"], ["create"]),
         r(["rbac.authorization.k8s.io"], ["roles"], ["get", "list", "watch", "update", "patch"], [AGENT_ROLE]),
     ]), f"Role {NAMESPACE}/regmirror-operator rules differ from the least-privilege set: {got}"
+
+
+def cache_namespace(rendering):
+    return "mirror-caches" if rendering == "everything-values" else "regmirror-cache"
+
+
+@pytest.mark.parametrize("rendering", RENDERINGS)
+def test_caches_run_in_a_restricted_namespace_of_their_own(rendering):
+    ns = cache_namespace(rendering)
+    namespace = find(rendering, "Namespace", ns, None)
+    labels = namespace["metadata"]["labels"]
+    for mode in ("enforce", "audit", "warn"):
+        assert labels.get(f"pod-security.kubernetes.io/{mode}") == "restricted", \
+            f"Namespace {ns}: Pod Security {mode} must be restricted (the operator makes Deployments there): {labels}"
+    got = rules(find(rendering, "Role", "regmirror-operator-caches", ns))
+    assert got == sorted([
+        r([""], ["secrets", "services"], ["get", "list", "watch", "create", "patch", "delete"]),
+        r(["apps"], ["deployments"], ["list", "watch", "create", "patch", "delete"]),
+    ]), f"Role {ns}/regmirror-operator-caches rules differ: {got}"
+    binding = find(rendering, "RoleBinding", "regmirror-operator-caches", ns)
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "regmirror-operator", "namespace": NAMESPACE}], binding
+    # Nowhere else may the operator make workloads or Services.
+    for d in docs(rendering):
+        if d["kind"] in ("Role", "ClusterRole") and d["metadata"]["name"] != "regmirror-operator-caches":
+            for rule in d.get("rules", []):
+                assert not {"deployments", "services", "pods", "daemonsets", "statefulsets", "jobs"} & set(rule["resources"]) \
+                    or d["metadata"]["name"].startswith("regmirror-uninstall"), \
+                    f"{d['kind']} {d['metadata']['name']} grants {rule}"
+    _, _, c = operator(rendering)
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["REGMIRROR_CACHE_NAMESPACE"] == ns, env
+    want_image = ("registry.example.com/mirror/registry@sha256:" + "1" * 64
+                  if rendering == "everything-values" else "docker.io/library/registry:3")
+    assert env["REGMIRROR_CACHE_IMAGE"] == want_image, env
 
 
 @pytest.mark.parametrize("rendering", RENDERINGS)

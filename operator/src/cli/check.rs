@@ -146,7 +146,7 @@ pub fn offline_caches(
     }
     let ca_secret = || {
         sources
-            .get(SourceKind::Secret, &args.namespace, CA_SECRET)
+            .get(SourceKind::Secret, &args.cache_namespace, CA_SECRET)
             .and_then(|s| s.data.get("ca.crt"))
             .and_then(|pem| String::from_utf8(pem.clone()).ok())
     };
@@ -159,7 +159,7 @@ pub fn offline_caches(
         None => match ca_secret() {
             Some(pem) => (pem, true),
             None => (
-                format!("# The caches' CA: key ca.crt of Secret {}/{CA_SECRET}, made by the operator (pass --cache-ca to show it).\n", args.namespace),
+                format!("# The caches' CA: key ca.crt of Secret {}/{CA_SECRET}, made by the operator (pass --cache-ca to show it).\n", args.cache_namespace),
                 false,
             ),
         },
@@ -175,15 +175,15 @@ pub fn offline_caches(
         let service = object_name(name);
         let address = each.get(name).or(everyone.as_ref()).cloned();
         if address.is_none() {
-            notes.push(format!("RegistryMirror/{name}: its cache is shown at its Service's name; nodes reach it at the Service's cluster IP (pass --cache-address {name}=<kubectl get service -n {} {service} -o jsonpath='{{.spec.clusterIP}}'>)", args.namespace));
+            notes.push(format!("RegistryMirror/{name}: its cache is shown at its Service's name; nodes reach it at the Service's cluster IP (pass --cache-address {name}=<kubectl get service -n {} {service} -o jsonpath='{{.spec.clusterIP}}'>)", args.cache_namespace));
         }
         if !ca_known {
             notes.push(format!(
                 "RegistryMirror/{name}: the cache's CA file holds a placeholder (pass --cache-ca)"
             ));
         }
-        notes.push(format!("RegistryMirror/{name}: the nodes' password for the cache is the operator's (key password of Secret {}/{service}), shown as a placeholder", args.namespace));
-        let address = address.unwrap_or_else(|| format!("{service}.{}.svc", args.namespace));
+        notes.push(format!("RegistryMirror/{name}: the nodes' password for the cache is the operator's (key password of Secret {}/{service}), shown as a placeholder", args.cache_namespace));
+        let address = address.unwrap_or_else(|| format!("{service}.{}.svc", args.cache_namespace));
         sources.insert_cache(
             name,
             CacheSite {
@@ -193,10 +193,10 @@ pub fn offline_caches(
                     username: USERNAME.to_owned(),
                     password: format!(
                         "<the operator's: key password of Secret {}/{service}>",
-                        args.namespace
+                        args.cache_namespace
                     ),
                 },
-                secret: format!("{}/{service}", args.namespace),
+                secret: format!("{}/{service}", args.cache_namespace),
             },
         );
     }

@@ -72,6 +72,9 @@ pub struct InputArgs {
     /// among the manifests.
     #[arg(long = "cache-ca", value_name = "FILE")]
     pub cache_ca: Option<PathBuf>,
+    /// The caches' namespace (the chart's `cache.namespace`).
+    #[arg(long = "cache-namespace", default_value = regmirror_core::cache::DEFAULT_NAMESPACE)]
+    pub cache_namespace: String,
 }
 
 /// Runs one command; returns the process exit code.

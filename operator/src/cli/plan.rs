@@ -150,7 +150,8 @@ pub fn run(
     let given: Vec<String> = to_apply.mirrors.keys().cloned().collect();
     let mut cache_sites = Vec::new();
     let (before, after) = if args.cluster {
-        let (live, live_nodes, sites) = read_cluster(&policy, &args.flavor)?;
+        let (live, live_nodes, sites) =
+            read_cluster(&policy, &args.input.cache_namespace, &args.flavor)?;
         nodes.extend(live_nodes);
         cache_sites = sites;
         let after = live_copy(&live).applied(to_apply);
@@ -303,6 +304,7 @@ fn live_copy(state: &State) -> State {
 #[allow(clippy::type_complexity)]
 fn read_cluster(
     policy: &RefPolicy,
+    cache_namespace: &str,
     default_flavor: &Flavor,
 ) -> Result<(State, Vec<PreviewNode>, Vec<(String, CacheSite)>), PlanError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -329,13 +331,22 @@ fn read_cluster(
             }
         }
         let mut caches = cache::Live::default();
-        let cache_services = ListParams::default().labels(regmirror_core::cache::MIRROR_LABEL);
-        for service in Api::<Service>::namespaced(client.clone(), &policy.operator_namespace)
-            .list(&cache_services)
+        let ours = ListParams::default().labels("app.kubernetes.io/managed-by=regmirror");
+        for service in Api::<Service>::namespaced(client.clone(), cache_namespace)
+            .list(&ours)
             .await
             .map_err(list("the caches' Services"))?
         {
             caches.add_service(&service);
+        }
+        for secret in Api::<Secret>::namespaced(client.clone(), cache_namespace)
+            .list(&ours)
+            .await
+            .map_err(list("the caches' Secrets"))?
+            .iter()
+            .filter(|s| cache::is_cache_secret(s))
+        {
+            caches.add_secret(secret);
         }
         let mut namespaces = vec![policy.operator_namespace.clone()];
         namespaces.extend(policy.allowed_namespaces.iter().cloned());
@@ -346,9 +357,8 @@ fn read_cluster(
                 .map_err(list(&format!("Secrets in {namespace}")))?;
             for secret in secrets {
                 let name = secret.metadata.name.clone().unwrap_or_default();
-                if *namespace == policy.operator_namespace && cache::is_cache_secret(&secret) {
-                    // The caches' keys: where the caches are, never a source (as the operator).
-                    caches.add_secret(&secret);
+                if cache::is_cache_secret(&secret) {
+                    // The caches' keys: never a source (as for the operator).
                     continue;
                 }
                 state
@@ -377,7 +387,7 @@ fn read_cluster(
             .map(|n| preview_node(n, default_flavor))
             .collect();
         let mirrors: Vec<RegistryMirror> = state.mirrors.values().cloned().collect();
-        let sites = caches.sites(&mirrors, &policy.operator_namespace);
+        let sites = caches.sites(&mirrors, cache_namespace);
         Ok((state, nodes, sites))
     })
 }

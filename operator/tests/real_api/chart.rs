@@ -124,6 +124,11 @@ impl ValueSet {
         self.value(pointer).as_bool().expect(pointer)
     }
 
+    /// The caches' namespace (`cache.namespace`).
+    pub fn cache_namespace(&self) -> String {
+        self.value("/cache/namespace").as_str().unwrap().to_owned()
+    }
+
     /// The namespaces of `allowedNamespaces` besides the release's.
     fn allowed_namespaces(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
@@ -409,7 +414,26 @@ fn assert_values_took_effect(set: &ValueSet, items: &[Value], replicas: i64, log
     let pdb = set.enabled("/operator/podDisruptionBudget/enabled") && replicas > 1;
     assert_eq!(count(items, "PodDisruptionBudget"), pdb as usize, "{what}");
     let namespace = set.enabled("/namespace/create");
-    assert_eq!(count(items, "Namespace"), namespace as usize, "{what}");
+    // The release's when asked for, and always the caches' (Pod Security restricted).
+    assert_eq!(count(items, "Namespace"), namespace as usize + 1, "{what}");
+    let caches = set.cache_namespace();
+    let cache_namespace = items
+        .iter()
+        .find(|i| i["kind"] == "Namespace" && i["metadata"]["name"] == json!(caches))
+        .unwrap_or_else(|| panic!("{what}: no Namespace {caches}"));
+    assert_eq!(
+        cache_namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+        json!("restricted"),
+        "{what}"
+    );
+    assert!(items.iter().any(|i| i["kind"] == "Role"
+        && i["metadata"]["name"] == "regmirror-operator-caches"
+        && i["metadata"]["namespace"] == json!(caches)));
+    assert_eq!(
+        env_value(deployment, "REGMIRROR_CACHE_NAMESPACE"),
+        caches,
+        "{what}"
+    );
     let allowed = set.allowed_namespaces();
     let references: BTreeSet<String> = items
         .iter()
@@ -727,6 +751,11 @@ fn helm_template_is_accepted_by_a_server_side_dry_run() {
         // namespaced objects of one stream cannot land in a namespace the same stream makes.
         if get_json(&["namespace", NAMESPACE]).is_none() {
             create_namespace(NAMESPACE, true);
+        }
+        // The caches' namespace is the chart's own object: there it is made by the same apply.
+        let caches = set.cache_namespace();
+        if get_json(&["namespace", &caches]).is_none() {
+            create_namespace(&caches, false);
         }
         let mut command = helm();
         command.args([

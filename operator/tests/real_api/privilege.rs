@@ -22,6 +22,8 @@ use crate::support::{self, chart_lock, eventually, get_json, plane, run};
 const AGENT: &str = "system:serviceaccount:regmirror-system:regmirror-agent";
 const ALLOWED: &str = "team-a";
 const OTHER: &str = "team-c";
+/// The pull-through caches' namespace, as the chart makes it by default.
+const CACHES: &str = "regmirror-cache";
 
 /// The chart installed (allowedNamespaces: [team-a]), two Nodes with an agent Pod each, the
 /// Secrets of a running installation, and kubeconfigs of the operator and the agents.
@@ -192,8 +194,7 @@ fn service_accounts_of_the_chart_hold_least_privilege() {
         ("create", "secrets", ns, true),
         ("delete", "secrets", ns, true),
         ("update", "secrets", ns, false),
-        // The pull-through caches' Secrets, written with server-side apply.
-        ("patch", "secrets", ns, true),
+        ("patch", "secrets", ns, false),
         ("patch", "secrets", ALLOWED, false),
         ("get", "secrets", ALLOWED, true),
         ("list", "secrets", ALLOWED, true),
@@ -267,23 +268,39 @@ fn service_accounts_of_the_chart_hold_least_privilege() {
         ("create", "events.events.k8s.io", ns, false),
         ("list", "pods", ns, false),
         ("patch", "daemonsets.apps", ns, false),
-        // The pull-through caches, in the operator's namespace only.
-        ("create", "services", ns, true),
-        ("patch", "services", ns, true),
-        ("watch", "services", ns, true),
-        ("delete", "services", ns, true),
-        ("update", "services", ns, false),
-        ("create", "services", ALLOWED, false),
-        ("list", "services", "-A", false),
-        ("create", "deployments.apps", ns, true),
-        ("patch", "deployments.apps", ns, true),
-        ("watch", "deployments.apps", ns, true),
-        ("delete", "deployments.apps", ns, true),
-        ("update", "deployments.apps", ns, false),
+        // The pull-through caches: in their own (Pod Security restricted) namespace only —
+        // never in the operator's, whose Pod Security level is the agent's (privileged).
+        ("create", "deployments.apps", ns, false),
+        ("patch", "deployments.apps", ns, false),
+        ("create", "services", ns, false),
+        ("create", "pods", ns, false),
+        ("get", "secrets", CACHES, true),
+        ("list", "secrets", CACHES, true),
+        ("watch", "secrets", CACHES, true),
+        ("create", "secrets", CACHES, true),
+        ("patch", "secrets", CACHES, true),
+        ("delete", "secrets", CACHES, true),
+        ("update", "secrets", CACHES, false),
+        ("get", "services", CACHES, true),
+        ("list", "services", CACHES, true),
+        ("watch", "services", CACHES, true),
+        ("create", "services", CACHES, true),
+        ("patch", "services", CACHES, true),
+        ("delete", "services", CACHES, true),
+        ("update", "services", CACHES, false),
+        ("list", "deployments.apps", CACHES, true),
+        ("watch", "deployments.apps", CACHES, true),
+        ("create", "deployments.apps", CACHES, true),
+        ("patch", "deployments.apps", CACHES, true),
+        ("delete", "deployments.apps", CACHES, true),
+        ("update", "deployments.apps", CACHES, false),
+        ("create", "pods", CACHES, false),
+        ("create", "daemonsets.apps", CACHES, false),
+        ("create", "roles", CACHES, false),
         ("create", "deployments.apps", "default", false),
         ("patch", "deployments.apps", "kube-system", false),
         ("list", "deployments.apps", "-A", false),
-        ("create", "pods", ns, false),
+        ("list", "services", "-A", false),
         ("create", "validatingadmissionpolicybindings", "", false),
     ];
     let agent_matrix: Vec<(&str, &str, &str, bool)> = vec![
