@@ -69,11 +69,11 @@ pub struct RegistryMirrorSpec {
     pub embedded_registry: bool,
 
     /// Run a pull-through cache in the cluster in front of the first endpoint: the operator
-    /// runs a registry in proxy mode (a Deployment and a Service in its namespace, TLS from a
-    /// CA it creates and gives the nodes, credentials of its own), and the nodes try the cache
-    /// first and the endpoints after it, so that pulls go on when the cache is down and the
-    /// cache serves what it holds when the upstream is down. The first endpoint's Secret (basic
-    /// credentials only) and CA are the cache's for its upstream.
+    /// runs a registry in proxy mode (a Deployment and a Service in the caches' namespace, TLS
+    /// from a CA it creates and gives the nodes, credentials of its own), and the nodes try the
+    /// cache first and the endpoints after it, so that pulls go on when the cache is down and
+    /// the cache serves what it holds when the upstream is down. The first endpoint's Secret
+    /// (basic credentials only) and CA are the cache's for its upstream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheSpec>,
 
@@ -116,7 +116,7 @@ pub struct CacheStorage {
     /// A volume that lives as long as the cache's pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub empty_dir: Option<EmptyDirStorage>,
-    /// A PersistentVolumeClaim in the operator's namespace, created beforehand.
+    /// A PersistentVolumeClaim in the caches' namespace (`regmirror-cache`), created beforehand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistent_volume_claim: Option<ClaimStorage>,
 }
@@ -138,7 +138,7 @@ pub struct EmptyDirStorage {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClaimStorage {
-    /// The claim's name, in the operator's namespace.
+    /// The claim's name, in the caches' namespace.
     #[x_kube(
         validation = Rule::new(grammar::must_match("self", grammar::DNS_SUBDOMAIN)).message(grammar::CLAIM_NAME_FORMAT)
     )]

@@ -127,8 +127,44 @@ fn containerd_pulls_through_a_cache_made_of_the_operators_secret() {
         skopeo.inspect(&reference, Some(&authfile))
     };
     let wrong = auth("not-the-password");
-    assert!(!wrong.ok, "{}", wrong.output);
+    assert!(
+        !wrong.ok && wrong.output.contains("unauthorized"),
+        "{}",
+        wrong.output
+    );
     let right = auth(&password);
     assert!(right.ok, "{}", right.output);
+
+    // The upstream stopped: the same image, tag and all, still comes from the cache.
+    let World {
+        dir: _kept,
+        registry,
+        image,
+        ..
+    } = world;
+    let upstream_dir = _kept.path().join("registry");
+    let upstream_port = registry.port;
+    drop(registry);
+    let hosts_dir = root.path().join("etc/containerd/certs.d");
+    let offline = containerd.pull(&hosts_dir, &image);
+    assert!(
+        offline.ok,
+        "{}\ncache log:\n{}",
+        offline.output,
+        cache_log()
+    );
+
+    // The upstream back and the cache stopped: pulls fall through to the upstream.
+    let pki = regmirror_testbed::Pki {
+        dir: _kept.path().join("pki"),
+    };
+    let _upstream =
+        regmirror_testbed::Registry::start_on(&upstream_dir, &pki, secure(), upstream_port);
     drop(cache);
+    let through = containerd.pull(&hosts_dir, &image);
+    assert!(
+        through.ok,
+        "with the cache down the upstream serves: {}",
+        through.output
+    );
 }

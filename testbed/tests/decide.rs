@@ -1025,6 +1025,7 @@ fn a_mirror_with_a_cache_waits_for_it_then_puts_it_before_its_endpoints() {
     )];
     converge(&mut c);
     let before = c.nodes[0].desired.clone();
+    assert!(before.is_some(), "the node runs the mirror first");
 
     // The cache asked for, before it has an address: the node keeps what it has, and the
     // mirror says it is on its way, not broken.
@@ -1094,16 +1095,21 @@ fn a_cache_that_cannot_proxy_its_upstream_is_an_invalid_spec() {
     use regmirror_core::api::CacheSpec;
 
     let mut c = cluster(vec![node("a", containerd(), &[])]);
-    let mut m = mirror(
+    c.mirrors = vec![mirror(
         "hub",
         "docker.io",
         "https://mirror.example:5000/v2/hub",
         None,
-    );
-    m.spec.cache = Some(CacheSpec::default());
-    c.mirrors = vec![m];
+    )];
+    converge(&mut c);
+    let before = c.nodes[0].desired.clone();
+    assert!(before.is_some(), "the node runs the mirror first");
+    c.mirrors[0].spec.cache = Some(CacheSpec::default());
+    c.mirrors[0].metadata.generation = Some(2);
     let d = c.decide();
+    assert!(d.advance.is_empty() && d.create.is_empty(), "{d:#?}");
     c.apply(&d);
+    assert_eq!(c.nodes[0].desired, before, "nodes keep their configuration");
     let (status, reason, message) = c.condition("hub", "Degraded");
     assert_eq!((status.as_str(), reason.as_str()), ("True", "InvalidSpec"));
     assert!(
@@ -1112,4 +1118,25 @@ fn a_cache_that_cannot_proxy_its_upstream_is_an_invalid_spec() {
         ),
         "{message}"
     );
+}
+
+#[test]
+fn a_cache_the_operator_could_not_set_up_degrades_its_mirror_naming_why() {
+    use regmirror_core::api::CacheSpec;
+
+    let mut c = cluster(vec![node("a", containerd(), &[])]);
+    let mut m = mirror("hub", "docker.io", "https://mirror.example:5000", None);
+    m.spec.cache = Some(CacheSpec::default());
+    c.mirrors = vec![m];
+    c.sources
+        .insert_cache_failure("hub", "apply Service regmirror-cache/x: forbidden".into());
+    let d = c.decide();
+    c.apply(&d);
+    let (status, reason, message) = c.condition("hub", "Degraded");
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "InvalidSpec"));
+    assert!(
+        message.contains("could not be set up: apply Service regmirror-cache/x: forbidden"),
+        "{message}"
+    );
+    assert!(d.advance.is_empty(), "{d:#?}");
 }

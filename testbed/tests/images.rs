@@ -375,6 +375,17 @@ fn the_images_hold_what_their_binaries_need() {
         ["pause"],
         "the pause image holds one file"
     );
+    // The pull-through cache's registry, as the operator's Deployment runs it: non-root (its
+    // namespace is Pod Security restricted), `serve <config>` as arguments to the entrypoint.
+    let registry = images.config("registry");
+    assert_eq!(registry["User"], "65532:65532", "{registry}");
+    assert_eq!(
+        registry["Entrypoint"],
+        serde_json::json!(["/bin/registry"]),
+        "{registry}"
+    );
+    let files = images.files("registry");
+    assert!(files.contains_key("bin/registry"), "{:?}", files.keys());
 }
 
 /// A container of an image, run with `ctr run` in the foreground.
