@@ -449,7 +449,7 @@ fn render_shows_a_mirrors_cache_first_offline_with_what_it_cannot_know_said() {
         .find("[host.\"https://regmirror-cache-docker-hub-cache-")
         .expect(hosts);
     assert!(
-        hosts[cache..].contains(".regmirror-system.svc:5000/v2"),
+        hosts[cache..].contains(".regmirror-cache.svc:5000/v2"),
         "{hosts}"
     );
     assert!(
