@@ -515,6 +515,7 @@ impl System {
             &[
                 "serviceaccounts.yaml",
                 "rbac-operator.yaml",
+                "cache-namespace.yaml",
                 "rbac-agent.yaml",
                 "rbac-events.yaml",
                 "admission-policy.yaml",

@@ -304,6 +304,7 @@ fn install_regmirror(plane: &ControlPlane) {
         &[
             "serviceaccounts.yaml",
             "rbac-operator.yaml",
+            "cache-namespace.yaml",
             "rbac-agent.yaml",
             "rbac-events.yaml",
         ],
