@@ -57,6 +57,19 @@ def test_events_go_to_default_only():
     assert run.returncode != 0, f"helm lint accepted events.namespace=kube-system:\n{output_of(run)}"
 
 
+def test_the_caches_namespace_is_never_the_release_namespace():
+    # The caches' namespace is Pod Security restricted; the agent's cannot be.
+    run = helm("template", "r", inputs.CHART, "-n", "regmirror-system", "--set", "cache.namespace=regmirror-system")
+    assert run.returncode != 0 and "cache.namespace must not be the release namespace" in output_of(run), \
+        output_of(run)
+
+
+def test_an_upgrade_without_the_cache_values_says_how_to_get_them():
+    # `helm upgrade --reuse-values` from a release before the caches leaves `cache` out.
+    run = helm("template", "r", inputs.CHART, "-n", "regmirror-system", "--set", "cache=null")
+    assert run.returncode != 0 and "--reset-then-reuse-values" in output_of(run), output_of(run)
+
+
 @pytest.mark.parametrize("flavor,accepted", [("k3s+embedded-registry", True), ("rke2+embedded-registry", True),
                                              ("containerd:/opt/certs.d", True),
                                              ("containerd+embedded-registry", False), ("k3s+spegel", False)])

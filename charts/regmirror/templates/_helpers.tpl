@@ -58,3 +58,10 @@ system:serviceaccount:{{ .Release.Namespace }}:{{ include "regmirror.agentServic
 {{- define "regmirror.hostVolumeName" -}}
 {{- printf "host-%s" (. | trimPrefix "/" | replace "/" "-" | replace "." "-" | replace "_" "-" | lower) | trunc 63 | trimSuffix "-" -}}
 {{- end }}
+
+{{/* cache.<key>, or a failure saying how to get it (an upgrade with --reuse-values leaves out
+values a release adds, such as cache) */}}
+{{- define "regmirror.cacheValue" -}}
+{{- $cache := .root.Values.cache | default dict -}}
+{{- required (printf "cache.%s is not set: upgrade with --reset-then-reuse-values, since --reuse-values leaves out values a release adds" .key) (get $cache .key) -}}
+{{- end }}
