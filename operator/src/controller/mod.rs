@@ -371,9 +371,10 @@ pub async fn reconcile(
     .await
 }
 
-/// One pass on a placement made earlier for this snapshot's nodes: conclude, then write. Before
-/// anything can be sealed, the operator's sealing key must exist: a pass without one creates
-/// it and decides nothing.
+/// One pass on a placement made earlier for this snapshot's nodes: conclude, then write, then
+/// bring the mirrors' caches to what they ask (`cache_failures` gets what failed there, for the
+/// next pass's statuses). Before anything can be sealed, the operator's sealing key must
+/// exist: a pass without one creates it and decides nothing.
 #[tracing::instrument(name = "reconcile", skip_all, fields(mirrors = snapshot.mirrors.len(), nodes = snapshot.nodes.len()))]
 pub async fn reconcile_placed(
     snapshot: &Snapshot,
