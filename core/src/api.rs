@@ -36,7 +36,8 @@ pub const VERSION: &str = "v1alpha1";
 )]
 #[x_kube(
     validation = Rule::new(grammar::ENDPOINTS_RULE).message(grammar::ENDPOINTS_NONE),
-    validation = Rule::new(grammar::CACHE_RULE).message(grammar::CACHE_WITHOUT_ENDPOINT)
+    validation = Rule::new(grammar::CACHE_RULE).message(grammar::CACHE_WITHOUT_ENDPOINT),
+    validation = Rule::new(grammar::CACHE_ONE_REGISTRY_RULE).message(grammar::CACHE_FOR_EVERY_REGISTRY)
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RegistryMirrorSpec {
@@ -73,7 +74,8 @@ pub struct RegistryMirrorSpec {
     /// from a CA it creates and gives the nodes, credentials of its own), and the nodes try the
     /// cache first and the endpoints after it, so that pulls go on when the cache is down and
     /// the cache serves what it holds when the upstream is down. The first endpoint's Secret
-    /// (basic credentials only) and CA are the cache's for its upstream.
+    /// (basic credentials only) and CA are the cache's for its upstream. Not for `registry: "*"`:
+    /// a cache proxies one upstream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheSpec>,
 
@@ -105,7 +107,7 @@ pub struct CacheSpec {
 }
 
 /// A cache's storage: exactly one of an emptyDir (lost when the pod moves) or an existing
-/// PersistentVolumeClaim in the operator's namespace.
+/// PersistentVolumeClaim in the caches' namespace.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default)]
 #[x_kube(
     validation = Rule::new("has(self.emptyDir) != has(self.persistentVolumeClaim)")
@@ -495,6 +497,11 @@ pub mod grammar {
         "!has(self.cache) || (has(self.endpoints) && size(self.endpoints) >= 1)";
     pub const CACHE_WITHOUT_ENDPOINT: &str =
         "cache needs an endpoint to proxy: list the upstream first in endpoints";
+    /// A cache fronts one registry: containerd sends every registry's pulls to the hosts of
+    /// `*` and names the registry only in `?ns=`, which distribution's proxy ignores, so a
+    /// cache there would serve one registry's image under another's name.
+    pub const CACHE_ONE_REGISTRY_RULE: &str = "!has(self.cache) || self.registry != '*'";
+    pub const CACHE_FOR_EVERY_REGISTRY: &str = "cache is not for registry '*': a cache proxies one upstream and would serve every registry's pulls from it (quay.io/x/y as the upstream's x/y); give each registry its own mirror with a cache";
     pub const SCHEME_RULE: &str =
         "!self.contains('://') || self.startsWith('https://') || self.startsWith('http://')";
     pub const HTTP_WITHOUT_TLS_RULE: &str = "!self.url.startsWith('http://') || !has(self.tls) || (!has(self.tls.caRef) && !has(self.tls.clientCertSecretRef) && (!has(self.tls.insecureSkipVerify) || !self.tls.insecureSkipVerify))";

@@ -24,8 +24,8 @@ use crate::model::{Credentials, ResolvedEndpoint};
 
 /// The port a cache serves on, in its pod and on its Service.
 pub const PORT: u16 = 5000;
-/// The Secret (in the operator's namespace) holding the CA that signs every cache's serving
-/// certificate; its `ca.crt` goes to the nodes.
+/// The Secret (in the caches' namespace) holding the CA that signs every cache's serving
+/// certificate (`tls.crt`, `tls.key`); its `tls.crt` goes to the nodes.
 pub const CA_SECRET: &str = "regmirror-cache-ca";
 /// The label on a cache's objects naming the RegistryMirror they serve.
 pub const MIRROR_LABEL: &str = "regmirror.io/cache";
@@ -168,6 +168,8 @@ pub enum CacheError {
     InsecureUpstream { url: String },
     #[error("{}", crate::api::grammar::CACHE_WITHOUT_ENDPOINT)]
     NoEndpoint,
+    #[error("{}", crate::api::grammar::CACHE_FOR_EVERY_REGISTRY)]
+    EveryRegistry,
 }
 
 /// distribution's configuration, as much of it as a cache sets.

@@ -117,11 +117,16 @@ pub fn agent_role(name: &str, configs: &[String]) -> Role {
     }
 }
 
+/// The label on every object regmirror makes, and its value: the operator's watches of the
+/// caches' namespace select by it.
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const MANAGER: &str = "regmirror";
+
 /// `labels`, and the label saying regmirror manages the object.
 fn managed_by<const N: usize>(labels: [(&str, &str); N]) -> BTreeMap<String, String> {
     labels
         .into_iter()
-        .chain([("app.kubernetes.io/managed-by", "regmirror")])
+        .chain([(MANAGED_BY, MANAGER)])
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect()
 }

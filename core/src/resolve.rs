@@ -160,8 +160,12 @@ pub fn resolve_partially(
     }
 
     if spec.cache.is_some() {
-        let name = mirror.metadata.name.as_deref().unwrap_or_default();
-        put_cache_first(name, &mut endpoints, sources, &mut errors);
+        if spec.registry == "*" {
+            errors.push(FieldError::new("spec.cache", CacheError::EveryRegistry.into()));
+        } else {
+            let name = mirror.metadata.name.as_deref().unwrap_or_default();
+            put_cache_first(name, &mut endpoints, sources, &mut errors);
+        }
     }
 
     let mut rewrites = Vec::with_capacity(spec.rewrites.len());
@@ -333,6 +337,12 @@ pub fn cache_upstream(
     sources: &Sources,
     policy: &RefPolicy,
 ) -> Result<Upstream, Vec<FieldError>> {
+    if mirror.spec.registry == "*" {
+        return Err(vec![FieldError::new(
+            "spec.cache",
+            CacheError::EveryRegistry.into(),
+        )]);
+    }
     let Some(first) = mirror.spec.endpoints.first() else {
         return Err(vec![FieldError::new(
             "spec.cache",

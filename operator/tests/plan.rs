@@ -249,3 +249,35 @@ fn a_mirror_asking_for_a_cache_is_planned_with_the_cache_where_render_shows_it()
         ]
     );
 }
+
+#[test]
+fn a_cache_address_may_name_a_mirror_that_has_no_cache_yet_but_not_one_nowhere() {
+    // Adding a cache: the mirror is not among `--before` (nor has a cache there); the address
+    // is for the state to apply.
+    let preview = plan_json(&[
+        "examples/pull-through-cache",
+        "--node",
+        "ctrd-1:containerd",
+        "--cache-address",
+        "docker-hub-cache=10.43.0.50",
+    ]);
+    assert_eq!(
+        moves(&preview),
+        [("containerd".to_owned(), Some("hot".to_owned()), 1)]
+    );
+    let out = plan(&[
+        "examples/pull-through-cache",
+        "--node",
+        "ctrd-1:containerd",
+        "--cache-address",
+        "docker-hub-cahce=10.43.0.50",
+    ]);
+    assert!(!out.status.success(), "a typo is refused");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "--cache-address docker-hub-cahce=…: no RegistryMirror \"docker-hub-cahce\" with spec.cache"
+        ),
+        "{stderr}"
+    );
+}

@@ -353,7 +353,7 @@ fn the_chart_runs_on_a_real_node() {
             caches,
             "regmirror-cache-ca",
             "-o",
-            "jsonpath={.data.ca\\.crt}",
+            "jsonpath={.data.tls\\.crt}",
         ])),
     )
     .unwrap();

@@ -1120,6 +1120,35 @@ fn a_cache_that_cannot_proxy_its_upstream_is_an_invalid_spec() {
     );
 }
 
+/// containerd sends every registry's pulls to the hosts of `*`, naming the registry only in
+/// `?ns=`, which distribution's proxy ignores: a cache there would serve quay.io/x/y as its
+/// upstream's x/y. The mirror is refused, and no cache is asked of the operator.
+#[test]
+fn a_cache_for_every_registry_is_an_invalid_spec() {
+    use regmirror_core::api::CacheSpec;
+    use regmirror_core::resolve::cache_upstream;
+
+    let mut c = cluster(vec![node("a", containerd(), &[])]);
+    c.mirrors = vec![mirror("all", "*", "https://mirror.example:5000", None)];
+    converge(&mut c);
+    let before = c.nodes[0].desired.clone();
+    assert!(before.is_some(), "the node runs the mirror first");
+    c.mirrors[0].spec.cache = Some(CacheSpec::default());
+    c.mirrors[0].metadata.generation = Some(2);
+    let d = c.decide();
+    assert!(d.advance.is_empty() && d.create.is_empty(), "{d:#?}");
+    c.apply(&d);
+    assert_eq!(c.nodes[0].desired, before, "nodes keep their configuration");
+    let (status, reason, message) = c.condition("all", "Degraded");
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "InvalidSpec"));
+    assert!(
+        message.starts_with("spec.cache: cache is not for registry '*'"),
+        "{message}"
+    );
+    let upstream = cache_upstream(&c.mirrors[0], &c.sources, &RefPolicy::new(NS));
+    assert!(upstream.is_err(), "the operator runs no cache for it");
+}
+
 #[test]
 fn a_cache_the_operator_could_not_set_up_degrades_its_mirror_naming_why() {
     use regmirror_core::api::CacheSpec;

@@ -144,7 +144,8 @@ def test_caches_run_in_a_restricted_namespace_of_their_own(rendering):
             f"Namespace {ns}: Pod Security {mode} must be restricted (the operator makes Deployments there): {labels}"
     got = rules(find(rendering, "Role", "regmirror-operator-caches", ns))
     assert got == sorted([
-        r([""], ["secrets", "services"], ["get", "list", "watch", "create", "patch", "delete"]),
+        r([""], ["secrets"], ["get", "list", "watch", "create", "patch", "delete"]),
+        r([""], ["services"], ["list", "watch", "create", "patch", "delete"]),
         r(["apps"], ["deployments"], ["list", "watch", "create", "patch", "delete"]),
     ]), f"Role {ns}/regmirror-operator-caches rules differ: {got}"
     binding = find(rendering, "RoleBinding", "regmirror-operator-caches", ns)

@@ -26,6 +26,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use regmirror_core::api::RegistryMirror;
+use regmirror_core::contract::{MANAGED_BY, MANAGER};
 use regmirror_core::cache::{
     hex_digest, htpasswd_entry, object_name, site_url, CacheSite, CA_SECRET, MIRROR_LABEL, USERNAME,
 };
@@ -105,12 +106,15 @@ pub fn is_cache_secret(secret: &Secret) -> bool {
 /// own name in [`MIRROR_LABEL`]. Nothing else is taken for a cache, nor ever deleted as one.
 fn own(meta: &kube::api::ObjectMeta) -> Option<String> {
     let name = meta.name.as_deref()?;
-    let managed = meta
-        .labels
+    (managed(meta) && cache_label(meta) == Some(name)).then(|| name.to_owned())
+}
+
+/// Whether an object carries the label the operator's watches of the caches' namespace select.
+fn managed(meta: &kube::api::ObjectMeta) -> bool {
+    meta.labels
         .as_ref()
-        .and_then(|l| l.get("app.kubernetes.io/managed-by"))
-        .is_some_and(|v| v == "regmirror");
-    (managed && cache_label(meta) == Some(name)).then(|| name.to_owned())
+        .and_then(|l| l.get(MANAGED_BY))
+        .is_some_and(|v| v == MANAGER)
 }
 
 impl Live {
@@ -322,10 +326,21 @@ impl Context<'_> {
     }
 }
 
-/// A failure of [`ensure`], and the mirror it concerns (every mirror with a cache, for the CA).
+/// A failure of [`ensure`], and what it concerns.
 pub struct Failure {
-    pub mirror: Option<String>,
+    pub concerns: Concerns,
     pub error: CacheWriteError,
+}
+
+/// What a failure of [`ensure`] stands in the way of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Concerns {
+    /// The cache of this RegistryMirror.
+    Mirror(String),
+    /// Every cache (the CA).
+    EveryCache,
+    /// Deleting the objects of this cache, which no mirror asks for any more: nobody's status.
+    Leftover(String),
 }
 
 /// Brings every cache to what the mirrors ask: creates the CA first if there is none, applies
@@ -349,20 +364,20 @@ pub async fn ensure(
         .collect();
     let mut failures = Vec::new();
     let ca = match &live.ca {
-        Some(ca) => Some(ca),
-        None if !wanted.is_empty() => {
-            // The watch brings it; the caches follow in the next pass.
-            if let Err(error) = create_ca(cx).await {
+        Some(ca) => Some(ca.clone()),
+        None if !wanted.is_empty() => match find_or_create_ca(cx).await {
+            Ok(ca) => Some(ca),
+            Err(error) => {
                 failures.push(Failure {
-                    mirror: None,
+                    concerns: Concerns::EveryCache,
                     error,
                 });
+                None
             }
-            None
-        }
+        },
         None => None,
     };
-    if let Some(ca) = ca {
+    if let Some(ca) = &ca {
         for (mirror, mirror_name, name) in &wanted {
             if is_paused(mirror) {
                 continue;
@@ -370,7 +385,7 @@ pub async fn ensure(
             let cache = live.caches.get(name).cloned().unwrap_or_default();
             if let Err(error) = ensure_one(cx, mirror, name, &cache, ca).await {
                 failures.push(Failure {
-                    mirror: Some(mirror_name.clone()),
+                    concerns: Concerns::Mirror(mirror_name.clone()),
                     error,
                 });
             }
@@ -395,7 +410,7 @@ pub async fn ensure(
         };
         if let Err(error) = result.await {
             failures.push(Failure {
-                mirror: None,
+                concerns: Concerns::Leftover(name.clone()),
                 error,
             });
         }
@@ -403,60 +418,75 @@ pub async fn ensure(
     failures
 }
 
-async fn create_ca(cx: &Context<'_>) -> Result<(), CacheWriteError> {
+/// The caches' CA when the watch has not brought one: a new one, or the one already in
+/// [`CA_SECRET`] — the watch's yet to come, or one a person put there, which the watch (of
+/// objects labelled managed by regmirror) never brings until it carries that label too.
+async fn find_or_create_ca(cx: &Context<'_>) -> Result<CaKeys, CacheWriteError> {
     let ca = keys::new_ca()?;
     let secret = Secret {
         metadata: kube::api::ObjectMeta {
             name: Some(CA_SECRET.to_owned()),
             namespace: Some(cx.namespace.to_owned()),
-            labels: Some(
-                [(
-                    "app.kubernetes.io/managed-by".to_owned(),
-                    "regmirror".to_owned(),
-                )]
-                .into(),
-            ),
+            labels: Some([(MANAGED_BY.to_owned(), MANAGER.to_owned())].into()),
             ..Default::default()
         },
         type_: Some("kubernetes.io/tls".to_owned()),
         string_data: Some(
             [
                 ("tls.crt".to_owned(), ca.cert.clone()),
-                ("tls.key".to_owned(), ca.key),
-                ("ca.crt".to_owned(), ca.cert),
+                ("tls.key".to_owned(), ca.key.clone()),
+                ("ca.crt".to_owned(), ca.cert.clone()),
             ]
             .into(),
         ),
         ..Default::default()
     };
-    tracing::info!(secret = CA_SECRET, "creating the caches' CA");
     let api: Api<Secret> = Api::namespaced(cx.client.clone(), cx.namespace);
     let action = || format!("create Secret {}/{CA_SECRET}", cx.namespace);
     match cx
         .call(action, api.create(&PostParams::default(), &secret))
         .await
     {
+        Ok(_) => {
+            tracing::info!(secret = CA_SECRET, namespace = cx.namespace, "created the caches' CA");
+            Ok(ca)
+        }
         Err(CacheWriteError::Api {
             source: kube::Error::Api(e),
             ..
         }) if e.code == 409 => {
-            // One exists that the watch has not brought yet, or one that is not a CA.
             let existing = cx
                 .call(
                     || format!("get Secret {}/{CA_SECRET}", cx.namespace),
                     api.get(CA_SECRET),
                 )
                 .await?;
-            let mut live = Live::default();
-            live.add_secret(&existing);
-            match live.ca {
-                Some(ca) if keys::usable_ca(&ca) => Ok(()),
-                _ => Err(CacheWriteError::UnusableCa {
-                    secret: format!("{}/{CA_SECRET}", cx.namespace),
-                }),
+            let mut read = Live::default();
+            read.add_secret(&existing);
+            let ca = match read.ca {
+                Some(ca) if keys::usable_ca(&ca) => ca,
+                _ => {
+                    return Err(CacheWriteError::UnusableCa {
+                        secret: format!("{}/{CA_SECRET}", cx.namespace),
+                    })
+                }
+            };
+            if !managed(&existing.metadata) {
+                tracing::info!(
+                    secret = CA_SECRET,
+                    namespace = cx.namespace,
+                    "using the caches' CA found in place; labelling it {MANAGED_BY}={MANAGER} so that the operator's watch sees it"
+                );
+                let label = json!({"metadata": {"labels": {MANAGED_BY: MANAGER}}});
+                cx.call(
+                    || format!("label Secret {}/{CA_SECRET}", cx.namespace),
+                    api.patch(CA_SECRET, &PatchParams::default(), &Patch::Merge(&label)),
+                )
+                .await?;
             }
+            Ok(ca)
         }
-        other => other.map(drop),
+        Err(error) => Err(error),
     }
 }
 
@@ -711,6 +741,13 @@ mod tests {
         let mut live = Live::default();
         live.add_service(&service);
         assert!(live.caches.is_empty());
+        // Nor one without the label saying regmirror made it: never deleted as a cache.
+        let mut service = objects::service(&owner);
+        service.metadata.labels.as_mut().unwrap().remove(MANAGED_BY);
+        live.add_service(&service);
+        assert!(live.caches.is_empty());
+        live.add_service(&objects::service(&owner));
+        assert_eq!(live.caches.keys().collect::<Vec<_>>(), [&name]);
         assert!(is_cache_secret(&objects::secret(
             &owner,
             BTreeMap::new(),
@@ -733,5 +770,51 @@ mod tests {
             !shown.contains("node-pass") && !shown.contains("PRIVATE"),
             "{shown}"
         );
+    }
+
+    /// A node config with one hosts.toml listing `hosts`.
+    fn config_listing(hosts: &[&str]) -> RenderedConfig {
+        let content: String = hosts
+            .iter()
+            .map(|h| format!("[host.\"https://{h}/v2\"]\n"))
+            .collect();
+        serde_json::from_value(json!({
+            "flavor": "containerd",
+            "files": {"/etc/containerd/certs.d/docker.io/hosts.toml": {"mode": 0o644, "content": content}},
+            "restartKey": "k",
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_cache_is_in_use_while_a_config_lists_its_address() {
+        let mut live = live("hub", "10.43.0.9", "10.43.0.9", &ca());
+        live.caches
+            .extend(self::tests::live("v6", "fd00::12", "fd00::12", &ca()).caches);
+        let hub = object_name("hub");
+        let v6 = object_name("v6");
+        let used = |live: &Live, configs: &[RenderedConfig]| in_use(live, configs.iter());
+        assert!(used(&live, &[]).is_empty());
+        assert_eq!(
+            used(&live, &[config_listing(&["10.43.0.9:5000", "upstream.example"])]),
+            [hub.clone()].into()
+        );
+        assert_eq!(
+            used(
+                &live,
+                &[
+                    config_listing(&["upstream.example"]),
+                    config_listing(&["[fd00::12]:5000"]),
+                ]
+            ),
+            [v6.clone()].into()
+        );
+        // Another port, or an address that merely starts the same, is another endpoint.
+        let others = config_listing(&["10.43.0.9:5001", "10.43.0.91:5000"]);
+        assert!(used(&live, &[others]).is_empty());
+        // A cache whose Service has no address yet is listed by no config.
+        live.caches.get_mut(&hub).unwrap().service = Some((None, None));
+        let both = config_listing(&["10.43.0.9:5000", "[fd00::12]:5000"]);
+        assert_eq!(used(&live, &[both]), [v6].into());
     }
 }

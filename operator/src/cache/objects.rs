@@ -16,6 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::ByteString;
 use regmirror_core::api::{CacheSpec, RegistryMirror};
+use regmirror_core::contract::{MANAGED_BY, MANAGER};
 use regmirror_core::cache::{
     hex_digest, registry_config, CacheError, Serving, Upstream, MIRROR_LABEL, PORT,
 };
@@ -74,10 +75,7 @@ impl Owner<'_> {
                 "app.kubernetes.io/name".to_owned(),
                 "regmirror-cache".to_owned(),
             ),
-            (
-                "app.kubernetes.io/managed-by".to_owned(),
-                "regmirror".to_owned(),
-            ),
+            (MANAGED_BY.to_owned(), MANAGER.to_owned()),
         ]
         .into()
     }

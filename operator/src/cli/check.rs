@@ -74,7 +74,9 @@ pub fn check(args: &InputArgs) -> Checked {
 
     let mut sources = loaded.sources.clone();
     let mirrors: Vec<&RegistryMirror> = loaded.mirrors.iter().map(|l| &l.mirror).collect();
-    match offline_caches(args, &mirrors, &mut sources) {
+    match check_cache_addresses(args, &mirrors)
+        .and_then(|()| offline_caches(args, &mirrors, &mut sources))
+    {
         Ok(notes) => checked.notes = notes,
         Err(message) => checked.problems.push(Problem {
             origin: None,
@@ -147,7 +149,7 @@ pub fn offline_caches(
     let ca_secret = || {
         sources
             .get(SourceKind::Secret, &args.cache_namespace, CA_SECRET)
-            .and_then(|s| s.data.get("ca.crt"))
+            .and_then(|s| s.data.get("tls.crt"))
             .and_then(|pem| String::from_utf8(pem.clone()).ok())
     };
     let (ca, ca_known) = match &args.cache_ca {
@@ -159,7 +161,7 @@ pub fn offline_caches(
         None => match ca_secret() {
             Some(pem) => (pem, true),
             None => (
-                format!("# The caches' CA: key ca.crt of Secret {}/{CA_SECRET}, made by the operator (pass --cache-ca to show it).\n", args.cache_namespace),
+                format!("# The caches' CA: key tls.crt of Secret {}/{CA_SECRET}, made by the operator (pass --cache-ca to show it).\n", args.cache_namespace),
                 false,
             ),
         },
@@ -200,13 +202,23 @@ pub fn offline_caches(
             },
         );
     }
-    for mirror in each.keys() {
+    Ok(notes)
+}
+
+/// Refuses a `--cache-address MIRROR=…` naming no mirror with a cache among `mirrors` (the
+/// ones to apply): a typo would otherwise show the cache at its Service's name, unnoticed.
+pub fn check_cache_addresses(args: &InputArgs, mirrors: &[&RegistryMirror]) -> Result<(), String> {
+    for entry in &args.cache_addresses {
+        let Some((mirror, _)) = entry.split_once('=') else {
+            continue;
+        };
+        let mirror = mirror.trim();
         let cached = mirrors
             .iter()
-            .any(|m| m.metadata.name.as_deref() == Some(mirror.as_str()) && m.spec.cache.is_some());
+            .any(|m| m.metadata.name.as_deref() == Some(mirror) && m.spec.cache.is_some());
         if !cached {
             return Err(format!("--cache-address {mirror}=…: no RegistryMirror {mirror:?} with spec.cache among the manifests"));
         }
     }
-    Ok(notes)
+    Ok(())
 }

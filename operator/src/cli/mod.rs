@@ -68,7 +68,7 @@ pub struct InputArgs {
     #[arg(long = "cache-address", value_name = "[MIRROR=]ADDRESS")]
     pub cache_addresses: Vec<String>,
     /// The caches' CA (PEM), as `kubectl get secret -n <namespace> regmirror-cache-ca -o
-    /// jsonpath='{.data.ca\.crt}' | base64 -d` prints it; also read from that Secret when it is
+    /// jsonpath='{.data.tls\.crt}' | base64 -d` prints it; also read from that Secret when it is
     /// among the manifests.
     #[arg(long = "cache-ca", value_name = "FILE")]
     pub cache_ca: Option<PathBuf>,

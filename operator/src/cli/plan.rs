@@ -167,7 +167,10 @@ pub fn run(
         return Err(PlanError::NoNodes);
     }
     // Caches: where the cluster runs them (read above), else as `render` shows them offline.
+    // `--cache-address MIRROR=…` names a mirror to apply, which need not have a cache now.
     let (mut before, mut after) = (before, after);
+    super::check::check_cache_addresses(&args.input, &after.mirrors.values().collect::<Vec<_>>())
+        .map_err(PlanError::Cache)?;
     for state in [&mut before, &mut after] {
         for (mirror, site) in &cache_sites {
             state.sources.insert_cache(mirror, site.clone());
@@ -331,7 +334,7 @@ fn read_cluster(
             }
         }
         let mut caches = cache::Live::default();
-        let ours = ListParams::default().labels("app.kubernetes.io/managed-by=regmirror");
+        let ours = ListParams::default().labels(&format!("{}={}", contract::MANAGED_BY, contract::MANAGER));
         for service in Api::<Service>::namespaced(client.clone(), cache_namespace)
             .list(&ours)
             .await

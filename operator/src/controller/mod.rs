@@ -23,6 +23,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::Resource;
 use prometheus_client::registry::Registry;
 use regmirror_core::api::RegistryMirror;
+use regmirror_core::contract::{is_config_name, MANAGED_BY, MANAGER};
 use regmirror_core::decide::{conclude, place_reusing, ClusterView, Decision, NodeView, Placement};
 use regmirror_core::plan::MaxUnavailable;
 use regmirror_core::render::RenderedConfig;
@@ -407,19 +408,32 @@ pub async fn reconcile_placed(
         })
         .await;
     // The caches the mirrors ask for: after the nodes' writes, which they do not hold back. A
-    // cache is deleted only once no node runs or is told a config that lists it.
-    let listed = snapshot
+    // cache is deleted only once no node runs or is told a config that lists it. A config a
+    // node is told that cannot be read yet (written in the last pass, not yet brought by the
+    // watch) may list any cache: then every cache counts as listed. What an agent reports it
+    // runs counts when it is a config the operator knows (as for the configs it keeps).
+    let config = |name: &String| {
+        decision
+            .create
+            .get(name)
+            .or_else(|| snapshot.stored.get(name))
+    };
+    let told: Option<Vec<&RenderedConfig>> = snapshot
         .nodes
         .iter()
-        .flat_map(|n| [&n.desired, &n.current])
-        .flatten()
-        .filter_map(|name| {
-            decision
-                .create
-                .get(name)
-                .or_else(|| snapshot.stored.get(name))
-        });
-    let in_use = cache::in_use(&snapshot.caches, listed);
+        .filter_map(|n| n.desired.as_ref())
+        .filter(|name| is_config_name(name))
+        .map(config)
+        .collect();
+    let running = snapshot
+        .nodes
+        .iter()
+        .filter_map(|n| n.current.as_ref())
+        .filter_map(config);
+    let in_use = match told {
+        Some(told) => cache::in_use(&snapshot.caches, told.into_iter().chain(running)),
+        None => snapshot.caches.caches.keys().cloned().collect(),
+    };
     let cached = cache::ensure(
         &cache::Context {
             client: &writer.client,
@@ -438,14 +452,15 @@ pub async fn reconcile_placed(
     *cache_failures = cached
         .iter()
         .flat_map(|f| {
-            let mirrors: Vec<String> = match &f.mirror {
-                Some(mirror) => vec![mirror.clone()],
-                None => snapshot
+            let mirrors: Vec<String> = match &f.concerns {
+                cache::Concerns::Mirror(mirror) => vec![mirror.clone()],
+                cache::Concerns::EveryCache => snapshot
                     .mirrors
                     .iter()
                     .filter(|m| m.spec.cache.is_some())
                     .filter_map(|m| m.metadata.name.clone())
                     .collect(),
+                cache::Concerns::Leftover(_) => vec![],
             };
             mirrors.into_iter().map(|m| (m, f.error.to_string()))
         })
@@ -484,16 +499,26 @@ fn merge_cache_errors(
         return written;
     }
     let mut errors = written.err().unwrap_or_default();
-    for failure in cached {
-        let failure = WriteFailure::Cache(failure.error);
+    for cache::Failure { concerns, error } in cached {
+        let failure = WriteFailure::Cache(error);
         metrics.written(WriteKind::Cache, Some(&failure));
+        if let cache::Concerns::Leftover(name) = concerns {
+            // No mirror waits for it: not a failed pass (whose backoff would hold every node's
+            // step); a later pass tries again.
+            tracing::warn!(cache = %name, error = %failure, "could not delete a cache no RegistryMirror asks for any more");
+            continue;
+        }
         errors.0.push(WriteError {
             action: "bring a cache to what its RegistryMirror asks".to_owned(),
             kind: WriteKind::Cache,
             failure,
         });
     }
-    Err(errors)
+    if errors.0.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
 }
 
 /// Everything a pass reads, copied out of the caches.
@@ -872,7 +897,7 @@ impl Caches {
         ));
 
         // The mirrors' caches, in their namespace: only the objects the operator made.
-        let ours = "app.kubernetes.io/managed-by=regmirror";
+        let ours = &format!("{MANAGED_BY}={MANAGER}");
         let caches_only = || {
             watcher::Config::default()
                 .labels(&format!("{ours},{}", regmirror_core::cache::MIRROR_LABEL))

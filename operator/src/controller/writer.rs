@@ -18,7 +18,7 @@ use k8s_openapi::api::rbac::v1::Role;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use regmirror_core::api::RegistryMirror;
 use regmirror_core::contract::{
-    agent_role, config_secret, sealed_config, CONFIG_KEY, DESIRED_ACTIVATION, DESIRED_CONFIG,
+    agent_role, config_secret, sealed_config, CONFIG_KEY, DESIRED_ACTIVATION, DESIRED_CONFIG, MANAGED_BY, MANAGER,
     SEALING_KEY_DATA, SEALING_KEY_SECRET,
 };
 use regmirror_core::decide::{Advance, Decision, Notice};
@@ -269,13 +269,7 @@ impl Writer {
         let secret = Secret {
             metadata: kube::api::ObjectMeta {
                 name: Some(SEALING_KEY_SECRET.to_owned()),
-                labels: Some(
-                    [(
-                        "app.kubernetes.io/managed-by".to_owned(),
-                        "regmirror".to_owned(),
-                    )]
-                    .into(),
-                ),
+                labels: Some([(MANAGED_BY.to_owned(), MANAGER.to_owned())].into()),
                 ..Default::default()
             },
             type_: Some("Opaque".to_owned()),

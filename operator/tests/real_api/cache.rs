@@ -1,10 +1,12 @@
 //! The pull-through cache of a RegistryMirror (`spec.cache`), run by the operator against the
 //! real API server: the objects it applies in the caches' namespace (Service, Secret,
-//! Deployment, named after the mirror; the Secret holding a certificate from the operator's CA
-//! for the Service's cluster IP and the cache's config), the node pointed at a config that
-//! lists the cache first with that CA and the nodes' password, nothing written again on a pass
-//! with nothing new, the storage asked for, and the objects deleted — once the node no longer
-//! lists the cache — when the mirror stops asking for one and when it is deleted.
+//! Deployment, named after the mirror; the Secret holding a certificate for the Service's
+//! cluster IP from the caches' CA — here one of the site's own, put in place by hand — and the
+//! cache's config), the node pointed at a config that lists the cache first with that CA and
+//! the nodes' password, nothing written again on a pass with nothing new, the storage asked
+//! for, and the objects deleted once the node no longer lists the cache (kept while the node
+//! still reports running a config that lists it), when the mirror stops asking for one and
+//! when it is deleted.
 //!
 //! The operator runs in this process with the admin's credentials; what the chart grants it is
 //! `privilege`'s matrix. There is no kubelet here: the Deployment's pod is not run (the cache
@@ -18,6 +20,7 @@ use base64::Engine;
 use regmirror::cache::keys;
 use regmirror::controller::{snapshot, Settings};
 use regmirror_core::cache::object_name;
+use regmirror_core::contract::CURRENT_CONFIG;
 use regmirror_core::plan::MaxUnavailable;
 use serde_json::{json, Value};
 
@@ -206,6 +209,34 @@ data:
         "-p",
         &status.to_string(),
     ]);
+    // A CA of the site's own PKI (OpenSSL's, not the operator's rcgen), put in place by hand
+    // before the first cache, unlabelled: the operator issues with it and labels it for its
+    // watch.
+    let pki = tempfile::tempdir().unwrap();
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", "ca.key", "-out", "ca.crt", "-days", "30", "-subj", "/CN=site cache CA",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        ])
+        .current_dir(pki.path())
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let site_ca = std::fs::read_to_string(pki.path().join("ca.crt")).unwrap();
+    kubectl_ok(&[
+        "create",
+        "secret",
+        "tls",
+        "regmirror-cache-ca",
+        "-n",
+        CACHES,
+        "--cert",
+        pki.path().join("ca.crt").to_str().unwrap(),
+        "--key",
+        pki.path().join("ca.key").to_str().unwrap(),
+    ]);
     apply(&mirror_yaml(Some("{emptyDir: {sizeLimit: 1Gi}}")));
 
     let rt = runtime();
@@ -283,7 +314,13 @@ data:
     assert!(data(&secret, "htpasswd").starts_with("regmirror-node:$2y$04$"));
     let password = data(&secret, "password");
     let ca_secret = get_json(&["secret", "-n", CACHES, "regmirror-cache-ca"]).expect("the CA");
-    let ca = data(&ca_secret, "ca.crt");
+    let ca = data(&ca_secret, "tls.crt");
+    assert_eq!(ca, site_ca, "the CA put in place is kept");
+    assert_eq!(
+        ca_secret["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        json!("regmirror"),
+        "the operator labels the CA it found for its watch"
+    );
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ca.crt"), &ca).unwrap();
     std::fs::write(dir.path().join("tls.crt"), data(&secret, "tls.crt")).unwrap();
@@ -431,9 +468,23 @@ data:
         },
     );
 
-    // The cache no longer asked for: the node moves to a config without it, then its objects go.
+    // The cache no longer asked for while the node runs the config that lists it (its agent
+    // reported it): the node is told to go without the cache, and the cache stays as long as
+    // the node still runs that config — a node never loses an endpoint it is using.
+    let report_running = |config: &str| {
+        kubectl_ok(&[
+            "annotate",
+            "node",
+            NODE,
+            &format!("{CURRENT_CONFIG}={config}"),
+            "--overwrite",
+        ])
+    };
+    let (running, _) = node_config().unwrap();
+    assert_eq!(running, config_name, "the storage change kept the node's config");
+    report_running(&running);
     apply(&mirror_yaml(None));
-    eventually(
+    let without = eventually(
         "the node told to go without the cache",
         Duration::from_secs(60),
         || {
@@ -442,9 +493,35 @@ data:
             if name == config_name || hosts.contains(&ip) {
                 return Err(hosts.clone());
             }
-            Ok(())
+            Ok(name)
         },
     );
+    let passes_then = passes(metrics_port);
+    kubectl_ok(&[
+        "annotate",
+        "registrymirror",
+        MIRROR,
+        "cache-test/poke=2",
+        "--overwrite",
+    ]);
+    eventually(
+        "two passes while the node runs the cache's config",
+        Duration::from_secs(30),
+        || {
+            let now = passes(metrics_port);
+            (now >= passes_then + 2)
+                .then_some(())
+                .ok_or(format!("{now} passes"))
+        },
+    );
+    for kind in ["service", "secret", "deployment"] {
+        assert!(
+            object(kind).is_some(),
+            "the cache's {kind} deleted while the node still runs {running}, which lists it"
+        );
+    }
+    // The node reports the new config: nothing lists the cache any more, and its objects go.
+    report_running(&without);
     let gone = || {
         let left: Vec<&str> = ["service", "secret", "deployment"]
             .into_iter()

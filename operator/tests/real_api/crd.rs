@@ -714,6 +714,16 @@ fn table() -> Vec<Row> {
             Cel("cache needs an endpoint to proxy"),
         ),
         refuses(
+            "cache-for-every-registry",
+            with(
+                with(minimal(), "registry", json!("*")),
+                "cache",
+                json!({}),
+            ),
+            "spec",
+            Cel("cache is not for registry '*'"),
+        ),
+        refuses(
             "cache-on-two-storages",
             cache(json!({"storage": {"emptyDir": {}, "persistentVolumeClaim": {"claimName": "c"}}})),
             "spec.cache.storage",

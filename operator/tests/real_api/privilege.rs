@@ -281,7 +281,7 @@ fn service_accounts_of_the_chart_hold_least_privilege() {
         ("patch", "secrets", CACHES, true),
         ("delete", "secrets", CACHES, true),
         ("update", "secrets", CACHES, false),
-        ("get", "services", CACHES, true),
+        ("get", "services", CACHES, false),
         ("list", "services", CACHES, true),
         ("watch", "services", CACHES, true),
         ("create", "services", CACHES, true),
