@@ -161,7 +161,10 @@ pub fn resolve_partially(
 
     if spec.cache.is_some() {
         if spec.registry == "*" {
-            errors.push(FieldError::new("spec.cache", CacheError::EveryRegistry.into()));
+            errors.push(FieldError::new(
+                "spec.cache",
+                CacheError::EveryRegistry.into(),
+            ));
         } else {
             let name = mirror.metadata.name.as_deref().unwrap_or_default();
             put_cache_first(name, &mut endpoints, sources, &mut errors);

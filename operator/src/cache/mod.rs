@@ -26,10 +26,10 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use regmirror_core::api::RegistryMirror;
-use regmirror_core::contract::{MANAGED_BY, MANAGER};
 use regmirror_core::cache::{
     hex_digest, htpasswd_entry, object_name, site_url, CacheSite, CA_SECRET, MIRROR_LABEL, USERNAME,
 };
+use regmirror_core::contract::{MANAGED_BY, MANAGER};
 use regmirror_core::decide::is_paused;
 use regmirror_core::model::Credentials;
 use regmirror_core::render::RenderedConfig;
@@ -448,7 +448,11 @@ async fn find_or_create_ca(cx: &Context<'_>) -> Result<CaKeys, CacheWriteError> 
         .await
     {
         Ok(_) => {
-            tracing::info!(secret = CA_SECRET, namespace = cx.namespace, "created the caches' CA");
+            tracing::info!(
+                secret = CA_SECRET,
+                namespace = cx.namespace,
+                "created the caches' CA"
+            );
             Ok(ca)
         }
         Err(CacheWriteError::Api {
@@ -796,7 +800,10 @@ mod tests {
         let used = |live: &Live, configs: &[RenderedConfig]| in_use(live, configs.iter());
         assert!(used(&live, &[]).is_empty());
         assert_eq!(
-            used(&live, &[config_listing(&["10.43.0.9:5000", "upstream.example"])]),
+            used(
+                &live,
+                &[config_listing(&["10.43.0.9:5000", "upstream.example"])]
+            ),
             [hub.clone()].into()
         );
         assert_eq!(

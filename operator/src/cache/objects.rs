@@ -16,10 +16,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::ByteString;
 use regmirror_core::api::{CacheSpec, RegistryMirror};
-use regmirror_core::contract::{MANAGED_BY, MANAGER};
 use regmirror_core::cache::{
     hex_digest, registry_config, CacheError, Serving, Upstream, MIRROR_LABEL, PORT,
 };
+use regmirror_core::contract::{MANAGED_BY, MANAGER};
 
 /// Where the cache's Secret is mounted in its container.
 pub const CONFIG_DIR: &str = "/etc/regmirror-cache";

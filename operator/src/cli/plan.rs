@@ -334,7 +334,11 @@ fn read_cluster(
             }
         }
         let mut caches = cache::Live::default();
-        let ours = ListParams::default().labels(&format!("{}={}", contract::MANAGED_BY, contract::MANAGER));
+        let ours = ListParams::default().labels(&format!(
+            "{}={}",
+            contract::MANAGED_BY,
+            contract::MANAGER
+        ));
         for service in Api::<Service>::namespaced(client.clone(), cache_namespace)
             .list(&ours)
             .await

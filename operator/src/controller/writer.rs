@@ -18,8 +18,8 @@ use k8s_openapi::api::rbac::v1::Role;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use regmirror_core::api::RegistryMirror;
 use regmirror_core::contract::{
-    agent_role, config_secret, sealed_config, CONFIG_KEY, DESIRED_ACTIVATION, DESIRED_CONFIG, MANAGED_BY, MANAGER,
-    SEALING_KEY_DATA, SEALING_KEY_SECRET,
+    agent_role, config_secret, sealed_config, CONFIG_KEY, DESIRED_ACTIVATION, DESIRED_CONFIG,
+    MANAGED_BY, MANAGER, SEALING_KEY_DATA, SEALING_KEY_SECRET,
 };
 use regmirror_core::decide::{Advance, Decision, Notice};
 use regmirror_core::render::RenderedConfig;
