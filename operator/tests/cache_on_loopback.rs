@@ -30,7 +30,7 @@ fn containerd_pulls_through_a_cache_made_of_the_operators_secret() {
     let ca = keys::new_ca().unwrap();
     let serving = keys::issue_serving(
         &ca,
-        "regmirror-system/regmirror-cache-ca",
+        "regmirror-cache/regmirror-cache-ca",
         "127.0.0.1".parse().unwrap(),
         &["regmirror-cache-hub-0a1b2c3d".to_owned()],
     )

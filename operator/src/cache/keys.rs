@@ -135,12 +135,38 @@ pub fn issue_serving(
     })
 }
 
-/// Whether `ca` is a CA certificate and key rcgen can issue with.
-pub fn usable_ca(ca: &CaKeys) -> bool {
-    KeyPair::from_pem(&ca.key)
+/// Why `ca` cannot issue the caches' certificates: a certificate that is not a CA's (basic
+/// constraints CA:TRUE, key usage keyCertSign when given), or a key that is not its own (the
+/// certificates would not verify, and the nodes would quietly go past the caches), or either
+/// one that does not load. A CA may come from a person (docs/operating.md), so each is said.
+pub fn check_ca(ca: &CaKeys) -> Result<(), &'static str> {
+    let key = KeyPair::from_pem(&ca.key).map_err(|_| {
+        "tls.key is not a private key rcgen loads (PEM, PKCS#8: ECDSA P-256/P-384, Ed25519 or RSA)"
+    })?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(ca.cert.as_bytes())
+        .map_err(|_| "tls.crt is not a PEM certificate")?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|_| "tls.crt is not an X.509 certificate")?;
+    let is_ca = cert
+        .basic_constraints()
         .ok()
-        .and_then(|key| Issuer::from_ca_cert_pem(&ca.cert, key).ok())
-        .is_some()
+        .flatten()
+        .is_some_and(|b| b.value.ca);
+    if !is_ca {
+        return Err("tls.crt is not a CA certificate (basicConstraints CA:TRUE)");
+    }
+    if let Ok(Some(usage)) = cert.key_usage() {
+        if !usage.value.key_cert_sign() {
+            return Err("tls.crt's key usage does not allow signing certificates (keyCertSign)");
+        }
+    }
+    if *cert.public_key().subject_public_key.data != *key.public_key_raw() {
+        return Err("tls.key is not the key of tls.crt");
+    }
+    Issuer::from_ca_cert_pem(&ca.cert, key)
+        .map(drop)
+        .map_err(|_| "tls.crt does not load as an issuer")
 }
 
 /// A new password for the nodes: 32 random bytes, base64url.
@@ -163,4 +189,35 @@ pub fn now_secs() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_issues_only_with_its_own_key_and_only_as_a_ca() {
+        let ca = new_ca().unwrap();
+        assert_eq!(check_ca(&ca), Ok(()));
+        let other = new_ca().unwrap();
+        let swapped = CaKeys {
+            cert: ca.cert.clone(),
+            key: other.key,
+        };
+        assert_eq!(check_ca(&swapped), Err("tls.key is not the key of tls.crt"));
+        let serving = issue_serving(&ca, "ns/ca", "10.0.0.1".parse().unwrap(), &[]).unwrap();
+        let leaf = CaKeys {
+            cert: serving.cert,
+            key: serving.key,
+        };
+        assert_eq!(
+            check_ca(&leaf),
+            Err("tls.crt is not a CA certificate (basicConstraints CA:TRUE)")
+        );
+        let garbage = CaKeys {
+            cert: "not pem".into(),
+            key: ca.key,
+        };
+        assert_eq!(check_ca(&garbage), Err("tls.crt is not a PEM certificate"));
+    }
 }

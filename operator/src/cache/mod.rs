@@ -6,8 +6,8 @@
 //! A cache is a Deployment of the distribution registry in proxy mode, a ClusterIP Service and
 //! a Secret, in the caches' namespace (its own, which the chart labels for Pod Security
 //! `restricted`: the operator's right to make Deployments reaches no further). Its TLS
-//! certificate is issued for the Service's cluster IP by a CA the operator creates once
-//! (Secret [`CA_SECRET`]); the nodes get that CA and a password of their own for the cache
+//! certificate is issued for the Service's cluster IP by a CA the operator creates once, or
+//! finds there (Secret [`CA_SECRET`]); the nodes get that CA and a password of their own for the cache
 //! with their config, like any endpoint's.
 //!
 //! The order of a first start: the Service (which gives the cluster IP), then the Secret (the
@@ -29,8 +29,9 @@ use regmirror_core::api::RegistryMirror;
 use regmirror_core::cache::{
     hex_digest, htpasswd_entry, object_name, site_url, CacheSite, CA_SECRET, MIRROR_LABEL, USERNAME,
 };
-use regmirror_core::contract::{MANAGED_BY, MANAGER};
+use regmirror_core::contract::{is_config_name, MANAGED_BY, MANAGER};
 use regmirror_core::decide::is_paused;
+use regmirror_core::decide::NodeView;
 use regmirror_core::model::Credentials;
 use regmirror_core::render::RenderedConfig;
 use regmirror_core::resolve::cache_upstream;
@@ -212,9 +213,36 @@ fn certificate_fits(secret: &LiveSecret, ip: &str, ca_digest: &str, renew_after:
         && secret.text(KEY_KEY).is_some()
 }
 
-/// The caches some node still lists: those whose address one of `configs` (every config a
-/// node runs or is told to run) names.
+/// The caches some node still lists, so not to be deleted: those a config that a node is told
+/// (`desired`) or reports running (`current`) names, read through `config`. A config a node is
+/// told that cannot be read (written in the last pass, not yet brought by the watch) may list
+/// any cache: then every cache counts as listed. What an agent reports it runs counts when it
+/// is a config the operator knows (as for the configs it keeps).
 pub fn in_use<'c>(
+    live: &Live,
+    nodes: &[NodeView],
+    config: impl Fn(&str) -> Option<&'c RenderedConfig>,
+) -> BTreeSet<String> {
+    let mut configs = Vec::new();
+    for node in nodes {
+        if let Some(told) = node.desired.as_deref().filter(|c| is_config_name(c)) {
+            match config(told) {
+                Some(c) => configs.push(c),
+                None => {
+                    if !live.caches.is_empty() {
+                        tracing::info!(node = %node.name, config = told, "a config this node is told is not read yet: no cache is deleted in this pass");
+                    }
+                    return live.caches.keys().cloned().collect();
+                }
+            }
+        }
+        configs.extend(node.current.as_deref().and_then(&config));
+    }
+    listed_by(live, configs)
+}
+
+/// The caches whose address one of `configs` names.
+fn listed_by<'c>(
     live: &Live,
     configs: impl IntoIterator<Item = &'c RenderedConfig>,
 ) -> BTreeSet<String> {
@@ -236,8 +264,8 @@ pub fn in_use<'c>(
 /// Why a cache's objects could not be brought to what its mirror asks.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheWriteError {
-    #[error("Secret {secret} exists but holds no CA the operator can use (tls.crt and tls.key): delete it, and the operator makes one")]
-    UnusableCa { secret: String },
+    #[error("Secret {secret} holds no CA the operator can issue with: {why}; put a CA certificate and its own key there (tls.crt, tls.key), or delete it and the operator makes one")]
+    UnusableCa { secret: String, why: &'static str },
     #[error("{action}: {source}")]
     Api {
         action: String,
@@ -343,7 +371,7 @@ pub enum Concerns {
     Leftover(String),
 }
 
-/// Brings every cache to what the mirrors ask: creates the CA first if there is none, applies
+/// Brings every cache to what the mirrors ask: finds or creates the CA first, applies
 /// what differs of each cache's objects (a paused mirror's cache is left as it is), and deletes
 /// the objects of caches no mirror asks for any more once none of `in_use` (see [`in_use`]).
 /// Every cache is tried; the failures come back.
@@ -364,7 +392,20 @@ pub async fn ensure(
         .collect();
     let mut failures = Vec::new();
     let ca = match &live.ca {
-        Some(ca) => Some(ca.clone()),
+        Some(ca) if wanted.is_empty() => Some(ca.clone()),
+        Some(ca) => match keys::check_ca(ca) {
+            Ok(()) => Some(ca.clone()),
+            Err(why) => {
+                failures.push(Failure {
+                    concerns: Concerns::EveryCache,
+                    error: CacheWriteError::UnusableCa {
+                        secret: format!("{}/{CA_SECRET}", cx.namespace),
+                        why,
+                    },
+                });
+                None
+            }
+        },
         None if !wanted.is_empty() => match find_or_create_ca(cx).await {
             Ok(ca) => Some(ca),
             Err(error) => {
@@ -419,8 +460,7 @@ pub async fn ensure(
 }
 
 /// The caches' CA when the watch has not brought one: a new one, or the one already in
-/// [`CA_SECRET`] — the watch's yet to come, or one a person put there, which the watch (of
-/// objects labelled managed by regmirror) never brings until it carries that label too.
+/// [`CA_SECRET`] (the watch's yet to come, or one a person put there) if it can issue.
 async fn find_or_create_ca(cx: &Context<'_>) -> Result<CaKeys, CacheWriteError> {
     let ca = keys::new_ca()?;
     let secret = Secret {
@@ -435,7 +475,6 @@ async fn find_or_create_ca(cx: &Context<'_>) -> Result<CaKeys, CacheWriteError> 
             [
                 ("tls.crt".to_owned(), ca.cert.clone()),
                 ("tls.key".to_owned(), ca.key.clone()),
-                ("ca.crt".to_owned(), ca.cert.clone()),
             ]
             .into(),
         ),
@@ -467,27 +506,14 @@ async fn find_or_create_ca(cx: &Context<'_>) -> Result<CaKeys, CacheWriteError> 
                 .await?;
             let mut read = Live::default();
             read.add_secret(&existing);
-            let ca = match read.ca {
-                Some(ca) if keys::usable_ca(&ca) => ca,
-                _ => {
-                    return Err(CacheWriteError::UnusableCa {
-                        secret: format!("{}/{CA_SECRET}", cx.namespace),
-                    })
-                }
+            let unusable = |why| CacheWriteError::UnusableCa {
+                secret: format!("{}/{CA_SECRET}", cx.namespace),
+                why,
             };
-            if !managed(&existing.metadata) {
-                tracing::info!(
-                    secret = CA_SECRET,
-                    namespace = cx.namespace,
-                    "using the caches' CA found in place; labelling it {MANAGED_BY}={MANAGER} so that the operator's watch sees it"
-                );
-                let label = json!({"metadata": {"labels": {MANAGED_BY: MANAGER}}});
-                cx.call(
-                    || format!("label Secret {}/{CA_SECRET}", cx.namespace),
-                    api.patch(CA_SECRET, &PatchParams::default(), &Patch::Merge(&label)),
-                )
-                .await?;
-            }
+            let ca = read
+                .ca
+                .ok_or_else(|| unusable("it has no tls.crt and tls.key"))?;
+            keys::check_ca(&ca).map_err(unusable)?;
             Ok(ca)
         }
         Err(error) => Err(error),
@@ -797,7 +823,7 @@ mod tests {
             .extend(self::tests::live("v6", "fd00::12", "fd00::12", &ca()).caches);
         let hub = object_name("hub");
         let v6 = object_name("v6");
-        let used = |live: &Live, configs: &[RenderedConfig]| in_use(live, configs.iter());
+        let used = |live: &Live, configs: &[RenderedConfig]| listed_by(live, configs.iter());
         assert!(used(&live, &[]).is_empty());
         assert_eq!(
             used(
@@ -823,5 +849,37 @@ mod tests {
         live.caches.get_mut(&hub).unwrap().service = Some((None, None));
         let both = config_listing(&["10.43.0.9:5000", "[fd00::12]:5000"]);
         assert_eq!(used(&live, &[both]), [v6].into());
+    }
+
+    #[test]
+    fn a_cache_stays_while_a_node_runs_or_is_told_a_config_listing_it_or_one_not_read_yet() {
+        let live = live("hub", "10.43.0.9", "10.43.0.9", &ca());
+        let hub = object_name("hub");
+        let with = config_listing(&["10.43.0.9:5000", "upstream.example"]);
+        let without = config_listing(&["upstream.example"]);
+        let name = |n: u8| format!("regmirror-config-{}", format!("{n:x}").repeat(20));
+        let stored: BTreeMap<String, &RenderedConfig> =
+            [(name(1), &with), (name(2), &without)].into();
+        let config = |c: &str| stored.get(c).copied();
+        let node = |desired: Option<String>, current: Option<String>| NodeView {
+            name: "n1".into(),
+            desired,
+            current,
+            ..NodeView::default()
+        };
+        let used = |nodes: &[NodeView]| in_use(&live, nodes, config);
+        assert_eq!(
+            used(&[node(Some(name(2)), Some(name(1)))]),
+            [hub.clone()].into()
+        );
+        assert_eq!(used(&[node(Some(name(1)), None)]), [hub.clone()].into());
+        assert!(used(&[node(Some(name(2)), Some(name(2)))]).is_empty());
+        // An agent's report of a config the operator does not know is no config.
+        assert!(used(&[node(Some(name(2)), Some("whatever".into()))]).is_empty());
+        // A config a node is told that is not read yet may list any cache.
+        assert_eq!(
+            used(&[node(Some(name(2)), None), node(Some(name(3)), None)]),
+            [hub].into()
+        );
     }
 }

@@ -107,15 +107,21 @@ pub fn check(args: &InputArgs) -> Checked {
 
         // The CRD's CEL rules, as the API server would apply them at `kubectl apply`.
         let mut schema_fields = Vec::new();
+        let mut schema_messages = Vec::new();
         if let Err(errors) = mirror.validate_cel() {
             for e in errors.iter() {
                 schema_fields.push(e.field_path.clone());
+                schema_messages.push(e.message.clone());
                 problem(format!("{}: {}", e.field_path, e.message));
             }
         }
         let (resolved, errors) = resolve_partially(mirror, &sources, &policy);
-        // The same field may fail both the CEL rule and resolution: say it once.
-        for e in errors.iter().filter(|e| !schema_fields.contains(&e.field)) {
+        // The same field may fail both the CEL rule and resolution, and a spec-level rule may
+        // say what resolution says of one field: say it once.
+        let said = |e: &regmirror_core::problem::FieldError| {
+            schema_fields.contains(&e.field) || schema_messages.contains(&e.reason.to_string())
+        };
+        for e in errors.iter().filter(|e| !said(e)) {
             problem(e.to_string());
         }
         checked.origins.insert(name, origin.clone());
@@ -161,7 +167,7 @@ pub fn offline_caches(
         None => match ca_secret() {
             Some(pem) => (pem, true),
             None => (
-                format!("# The caches' CA: key tls.crt of Secret {}/{CA_SECRET}, made by the operator (pass --cache-ca to show it).\n", args.cache_namespace),
+                format!("# The caches' CA: key tls.crt of Secret {}/{CA_SECRET} (pass --cache-ca to show it).\n", args.cache_namespace),
                 false,
             ),
         },
@@ -205,8 +211,8 @@ pub fn offline_caches(
     Ok(notes)
 }
 
-/// Refuses a `--cache-address MIRROR=…` naming no mirror with a cache among `mirrors` (the
-/// ones to apply): a typo would otherwise show the cache at its Service's name, unnoticed.
+/// Refuses a `--cache-address MIRROR=…` naming no mirror with a cache among `mirrors`: a typo
+/// would otherwise show the cache at its Service's name, unnoticed.
 pub fn check_cache_addresses(args: &InputArgs, mirrors: &[&RegistryMirror]) -> Result<(), String> {
     for entry in &args.cache_addresses {
         let Some((mirror, _)) = entry.split_once('=') else {
@@ -217,7 +223,9 @@ pub fn check_cache_addresses(args: &InputArgs, mirrors: &[&RegistryMirror]) -> R
             .iter()
             .any(|m| m.metadata.name.as_deref() == Some(mirror) && m.spec.cache.is_some());
         if !cached {
-            return Err(format!("--cache-address {mirror}=…: no RegistryMirror {mirror:?} with spec.cache among the manifests"));
+            return Err(format!(
+                "--cache-address {mirror}=…: no RegistryMirror {mirror:?} with spec.cache"
+            ));
         }
     }
     Ok(())

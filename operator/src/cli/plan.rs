@@ -167,10 +167,14 @@ pub fn run(
         return Err(PlanError::NoNodes);
     }
     // Caches: where the cluster runs them (read above), else as `render` shows them offline.
-    // `--cache-address MIRROR=…` names a mirror to apply, which need not have a cache now.
+    // `--cache-address MIRROR=…` names a mirror with a cache now or after, not always both.
     let (mut before, mut after) = (before, after);
-    super::check::check_cache_addresses(&args.input, &after.mirrors.values().collect::<Vec<_>>())
-        .map_err(PlanError::Cache)?;
+    let either: Vec<&RegistryMirror> = before
+        .mirrors
+        .values()
+        .chain(after.mirrors.values())
+        .collect();
+    super::check::check_cache_addresses(&args.input, &either).map_err(PlanError::Cache)?;
     for state in [&mut before, &mut after] {
         for (mirror, site) in &cache_sites {
             state.sources.insert_cache(mirror, site.clone());
@@ -346,8 +350,9 @@ fn read_cluster(
         {
             caches.add_service(&service);
         }
+        // Every Secret there, as the operator watches them: the CA may be unlabelled.
         for secret in Api::<Secret>::namespaced(client.clone(), cache_namespace)
-            .list(&ours)
+            .list(&all)
             .await
             .map_err(list("the caches' Secrets"))?
             .iter()

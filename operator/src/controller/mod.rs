@@ -23,7 +23,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::Resource;
 use prometheus_client::registry::Registry;
 use regmirror_core::api::RegistryMirror;
-use regmirror_core::contract::{is_config_name, MANAGED_BY, MANAGER};
+use regmirror_core::contract::{MANAGED_BY, MANAGER};
 use regmirror_core::decide::{conclude, place_reusing, ClusterView, Decision, NodeView, Placement};
 use regmirror_core::plan::MaxUnavailable;
 use regmirror_core::render::RenderedConfig;
@@ -408,32 +408,13 @@ pub async fn reconcile_placed(
         })
         .await;
     // The caches the mirrors ask for: after the nodes' writes, which they do not hold back. A
-    // cache is deleted only once no node runs or is told a config that lists it. A config a
-    // node is told that cannot be read yet (written in the last pass, not yet brought by the
-    // watch) may list any cache: then every cache counts as listed. What an agent reports it
-    // runs counts when it is a config the operator knows (as for the configs it keeps).
-    let config = |name: &String| {
+    // cache is deleted only once no node runs or is told a config that lists it.
+    let in_use = cache::in_use(&snapshot.caches, &snapshot.nodes, |name| {
         decision
             .create
             .get(name)
             .or_else(|| snapshot.stored.get(name))
-    };
-    let told: Option<Vec<&RenderedConfig>> = snapshot
-        .nodes
-        .iter()
-        .filter_map(|n| n.desired.as_ref())
-        .filter(|name| is_config_name(name))
-        .map(config)
-        .collect();
-    let running = snapshot
-        .nodes
-        .iter()
-        .filter_map(|n| n.current.as_ref())
-        .filter_map(config);
-    let in_use = match told {
-        Some(told) => cache::in_use(&snapshot.caches, told.into_iter().chain(running)),
-        None => snapshot.caches.caches.keys().cloned().collect(),
-    };
+    });
     let cached = cache::ensure(
         &cache::Context {
             client: &writer.client,
@@ -921,10 +902,12 @@ impl Caches {
             },
             cache_fingerprints,
         ));
+        // Every Secret of the caches' (own) namespace: the CA may be one a person put there,
+        // without regmirror's label; `is_cache_secret` picks the CA and the caches' own.
         let (cache_secrets, w) = reflector::store();
         changes.push(reflect(
             Api::namespaced(client.clone(), &settings.cache_namespace),
-            watcher::Config::default().labels(ours),
+            watcher::Config::default(),
             w,
             |s: &mut Secret| s.metadata.managed_fields = None,
             everything_on_change,
@@ -1101,6 +1084,33 @@ pub(crate) fn hash(value: &impl std::hash::Hash) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_delete_of_a_leftover_cache_is_counted_but_fails_no_pass() {
+        let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
+        let failure = |concerns| cache::Failure {
+            concerns,
+            error: cache::CacheWriteError::Timeout {
+                action: "delete Service regmirror-cache/regmirror-cache-old-0".into(),
+            },
+        };
+        let leftover = || failure(cache::Concerns::Leftover("regmirror-cache-old-0".into()));
+        assert!(merge_cache_errors(Ok(()), vec![leftover()], &metrics).is_ok());
+        let failed = merge_cache_errors(
+            Ok(()),
+            vec![leftover(), failure(cache::Concerns::Mirror("hub".into()))],
+            &metrics,
+        );
+        assert_eq!(failed.map_err(|e| e.0.len()), Err(1));
+        let counted: u64 = metrics
+            .write_failures
+            .get_or_create(&metrics::FailureLabel {
+                kind: WriteKind::Cache.as_str().into(),
+                reason: "cache".into(),
+            })
+            .get();
+        assert_eq!(counted, 3, "every failure is counted");
+    }
 
     fn at(start: Instant, ms: u64) -> Instant {
         start + Duration::from_millis(ms)
