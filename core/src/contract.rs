@@ -122,6 +122,11 @@ pub fn agent_role(name: &str, configs: &[String]) -> Role {
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const MANAGER: &str = "regmirror";
 
+/// The label selector for objects regmirror makes.
+pub fn managed_selector() -> String {
+    format!("{MANAGED_BY}={MANAGER}")
+}
+
 /// `labels`, and the label saying regmirror manages the object.
 fn managed_by<const N: usize>(labels: [(&str, &str); N]) -> BTreeMap<String, String> {
     labels

@@ -160,14 +160,12 @@ pub fn resolve_partially(
     }
 
     if spec.cache.is_some() {
-        if spec.registry == "*" {
-            errors.push(FieldError::new(
-                "spec.cache",
-                CacheError::EveryRegistry.into(),
-            ));
-        } else {
-            let name = mirror.metadata.name.as_deref().unwrap_or_default();
-            put_cache_first(name, &mut endpoints, sources, &mut errors);
+        match for_every_registry(mirror) {
+            Some(refused) => errors.push(refused),
+            None => {
+                let name = mirror.metadata.name.as_deref().unwrap_or_default();
+                put_cache_first(name, &mut endpoints, sources, &mut errors);
+            }
         }
     }
 
@@ -277,6 +275,13 @@ fn check_cache_storage(cache: &CacheSpec, errors: &mut Vec<FieldError>) {
     }
 }
 
+/// A cache refused whatever the endpoints: one for every registry (`*`), which would get every
+/// registry's pulls while proxying one upstream.
+fn for_every_registry(mirror: &RegistryMirror) -> Option<FieldError> {
+    (mirror.spec.registry == "*")
+        .then(|| FieldError::new("spec.cache", CacheError::EveryRegistry.into()))
+}
+
 /// A mirror with a cache: the cache, where `sources` says it is, before its endpoints — once
 /// the endpoints are valid and the first of them is one a cache can proxy.
 fn put_cache_first(
@@ -340,11 +345,8 @@ pub fn cache_upstream(
     sources: &Sources,
     policy: &RefPolicy,
 ) -> Result<Upstream, Vec<FieldError>> {
-    if mirror.spec.registry == "*" {
-        return Err(vec![FieldError::new(
-            "spec.cache",
-            CacheError::EveryRegistry.into(),
-        )]);
+    if let Some(refused) = for_every_registry(mirror) {
+        return Err(vec![refused]);
     }
     let Some(first) = mirror.spec.endpoints.first() else {
         return Err(vec![FieldError::new(

@@ -1090,17 +1090,14 @@ fn a_mirror_with_a_cache_waits_for_it_then_puts_it_before_its_endpoints() {
     );
 }
 
-#[test]
-fn a_cache_that_cannot_proxy_its_upstream_is_an_invalid_spec() {
+/// A cluster whose one node runs `mirror`, which then asks for a cache it may not have: the
+/// node keeps its config and the mirror is Degraded (InvalidSpec); its message comes back.
+fn asking_for_a_cache_refused(mirror: RegistryMirror) -> (Cluster, String) {
     use regmirror_core::api::CacheSpec;
 
     let mut c = cluster(vec![node("a", containerd(), &[])]);
-    c.mirrors = vec![mirror(
-        "hub",
-        "docker.io",
-        "https://mirror.example:5000/v2/hub",
-        None,
-    )];
+    let name = mirror.metadata.name.clone().unwrap();
+    c.mirrors = vec![mirror];
     converge(&mut c);
     let before = c.nodes[0].desired.clone();
     assert!(before.is_some(), "the node runs the mirror first");
@@ -1110,8 +1107,15 @@ fn a_cache_that_cannot_proxy_its_upstream_is_an_invalid_spec() {
     assert!(d.advance.is_empty() && d.create.is_empty(), "{d:#?}");
     c.apply(&d);
     assert_eq!(c.nodes[0].desired, before, "nodes keep their configuration");
-    let (status, reason, message) = c.condition("hub", "Degraded");
+    let (status, reason, message) = c.condition(&name, "Degraded");
     assert_eq!((status.as_str(), reason.as_str()), ("True", "InvalidSpec"));
+    (c, message)
+}
+
+#[test]
+fn a_cache_that_cannot_proxy_its_upstream_is_an_invalid_spec() {
+    let url = "https://mirror.example:5000/v2/hub";
+    let (_, message) = asking_for_a_cache_refused(mirror("hub", "docker.io", url, None));
     assert!(
         message.starts_with(
             "spec.cache: the cache's upstream https://mirror.example:5000/v2/hub has a path"
@@ -1125,22 +1129,10 @@ fn a_cache_that_cannot_proxy_its_upstream_is_an_invalid_spec() {
 /// upstream's x/y. The mirror is refused, and no cache is asked of the operator.
 #[test]
 fn a_cache_for_every_registry_is_an_invalid_spec() {
-    use regmirror_core::api::CacheSpec;
     use regmirror_core::resolve::cache_upstream;
 
-    let mut c = cluster(vec![node("a", containerd(), &[])]);
-    c.mirrors = vec![mirror("all", "*", "https://mirror.example:5000", None)];
-    converge(&mut c);
-    let before = c.nodes[0].desired.clone();
-    assert!(before.is_some(), "the node runs the mirror first");
-    c.mirrors[0].spec.cache = Some(CacheSpec::default());
-    c.mirrors[0].metadata.generation = Some(2);
-    let d = c.decide();
-    assert!(d.advance.is_empty() && d.create.is_empty(), "{d:#?}");
-    c.apply(&d);
-    assert_eq!(c.nodes[0].desired, before, "nodes keep their configuration");
-    let (status, reason, message) = c.condition("all", "Degraded");
-    assert_eq!((status.as_str(), reason.as_str()), ("True", "InvalidSpec"));
+    let url = "https://mirror.example:5000";
+    let (c, message) = asking_for_a_cache_refused(mirror("all", "*", url, None));
     assert!(
         message.starts_with("spec.cache: cache is not for registry '*'"),
         "{message}"

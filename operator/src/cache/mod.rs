@@ -7,8 +7,8 @@
 //! a Secret, in the caches' namespace (its own, which the chart labels for Pod Security
 //! `restricted`: the operator's right to make Deployments reaches no further). Its TLS
 //! certificate is issued for the Service's cluster IP by a CA the operator creates once, or
-//! finds there (Secret [`CA_SECRET`]); the nodes get that CA and a password of their own for the cache
-//! with their config, like any endpoint's.
+//! finds there (Secret [`CA_SECRET`]); the nodes get that CA and a password of their own for
+//! the cache with their config, like any endpoint's.
 //!
 //! The order of a first start: the Service (which gives the cluster IP), then the Secret (the
 //! certificate for that IP), then the Deployment. Until the Secret holds a certificate for the
@@ -392,7 +392,7 @@ pub async fn ensure(
         .collect();
     let mut failures = Vec::new();
     let ca = match &live.ca {
-        Some(ca) if wanted.is_empty() => Some(ca.clone()),
+        _ if wanted.is_empty() => None,
         Some(ca) => match keys::check_ca(ca) {
             Ok(()) => Some(ca.clone()),
             Err(why) => {
@@ -406,7 +406,7 @@ pub async fn ensure(
                 None
             }
         },
-        None if !wanted.is_empty() => match find_or_create_ca(cx).await {
+        None => match find_or_create_ca(cx).await {
             Ok(ca) => Some(ca),
             Err(error) => {
                 failures.push(Failure {
@@ -416,7 +416,6 @@ pub async fn ensure(
                 None
             }
         },
-        None => None,
     };
     if let Some(ca) = &ca {
         for (mirror, mirror_name, name) in &wanted {

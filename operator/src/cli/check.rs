@@ -142,16 +142,7 @@ pub fn offline_caches(
     mirrors: &[&RegistryMirror],
     sources: &mut Sources,
 ) -> Result<Vec<String>, String> {
-    let mut everyone = None;
-    let mut each = BTreeMap::new();
-    for entry in &args.cache_addresses {
-        match entry.split_once('=') {
-            Some((mirror, address)) => {
-                each.insert(mirror.trim().to_owned(), address.trim().to_owned());
-            }
-            None => everyone = Some(entry.trim().to_owned()),
-        }
-    }
+    let CacheAddresses { everyone, each } = CacheAddresses::of(args);
     let ca_secret = || {
         sources
             .get(SourceKind::Secret, &args.cache_namespace, CA_SECRET)
@@ -211,17 +202,38 @@ pub fn offline_caches(
     Ok(notes)
 }
 
+/// The `--cache-address` flags: an address for every cache, and addresses per mirror.
+struct CacheAddresses {
+    everyone: Option<String>,
+    each: BTreeMap<String, String>,
+}
+
+impl CacheAddresses {
+    fn of(args: &InputArgs) -> Self {
+        let mut addresses = CacheAddresses {
+            everyone: None,
+            each: BTreeMap::new(),
+        };
+        for entry in &args.cache_addresses {
+            match entry.split_once('=') {
+                Some((mirror, address)) => {
+                    let (mirror, address) = (mirror.trim(), address.trim());
+                    addresses.each.insert(mirror.to_owned(), address.to_owned());
+                }
+                None => addresses.everyone = Some(entry.trim().to_owned()),
+            }
+        }
+        addresses
+    }
+}
+
 /// Refuses a `--cache-address MIRROR=…` naming no mirror with a cache among `mirrors`: a typo
 /// would otherwise show the cache at its Service's name, unnoticed.
 pub fn check_cache_addresses(args: &InputArgs, mirrors: &[&RegistryMirror]) -> Result<(), String> {
-    for entry in &args.cache_addresses {
-        let Some((mirror, _)) = entry.split_once('=') else {
-            continue;
-        };
-        let mirror = mirror.trim();
+    for mirror in CacheAddresses::of(args).each.keys() {
         let cached = mirrors
             .iter()
-            .any(|m| m.metadata.name.as_deref() == Some(mirror) && m.spec.cache.is_some());
+            .any(|m| m.metadata.name.as_deref() == Some(mirror.as_str()) && m.spec.cache.is_some());
         if !cached {
             return Err(format!(
                 "--cache-address {mirror}=…: no RegistryMirror {mirror:?} with spec.cache"

@@ -338,11 +338,7 @@ fn read_cluster(
             }
         }
         let mut caches = cache::Live::default();
-        let ours = ListParams::default().labels(&format!(
-            "{}={}",
-            contract::MANAGED_BY,
-            contract::MANAGER
-        ));
+        let ours = ListParams::default().labels(&contract::managed_selector());
         for service in Api::<Service>::namespaced(client.clone(), cache_namespace)
             .list(&ours)
             .await

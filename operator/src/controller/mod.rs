@@ -23,7 +23,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::Resource;
 use prometheus_client::registry::Registry;
 use regmirror_core::api::RegistryMirror;
-use regmirror_core::contract::{MANAGED_BY, MANAGER};
+use regmirror_core::contract;
 use regmirror_core::decide::{conclude, place_reusing, ClusterView, Decision, NodeView, Placement};
 use regmirror_core::plan::MaxUnavailable;
 use regmirror_core::render::RenderedConfig;
@@ -878,7 +878,7 @@ impl Caches {
         ));
 
         // The mirrors' caches, in their namespace: only the objects the operator made.
-        let ours = &format!("{MANAGED_BY}={MANAGER}");
+        let ours = contract::managed_selector();
         let caches_only = || {
             watcher::Config::default()
                 .labels(&format!("{ours},{}", regmirror_core::cache::MIRROR_LABEL))

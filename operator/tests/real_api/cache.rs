@@ -123,6 +123,19 @@ fn as_written() -> Vec<String> {
     ]
 }
 
+/// `openssl ARGS` in `dir`, which must succeed; what it printed.
+fn openssl(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "openssl {args:?}: {text}");
+    text
+}
+
 /// The operator's count of passes, from its /metrics.
 fn passes(port: u16) -> u64 {
     let out = Command::new("curl")
@@ -212,8 +225,9 @@ data:
     // A CA of the site's own PKI (OpenSSL's, not the operator's rcgen), put in place by hand
     // before the first cache, without regmirror's label: the operator issues with it.
     let pki = tempfile::tempdir().unwrap();
-    let made = Command::new("openssl")
-        .args([
+    openssl(
+        pki.path(),
+        &[
             "req",
             "-x509",
             "-newkey",
@@ -233,14 +247,7 @@ data:
             "basicConstraints=critical,CA:TRUE",
             "-addext",
             "keyUsage=critical,keyCertSign,cRLSign",
-        ])
-        .current_dir(pki.path())
-        .output()
-        .unwrap();
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
+        ],
     );
     let site_ca = std::fs::read_to_string(pki.path().join("ca.crt")).unwrap();
     kubectl_ok(&[
@@ -337,17 +344,7 @@ data:
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ca.crt"), &ca).unwrap();
     std::fs::write(dir.path().join("tls.crt"), data(&secret, "tls.crt")).unwrap();
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "openssl {args:?}: {text}");
-        text
-    };
+    let openssl = |args: &[&str]| openssl(dir.path(), args);
     openssl(&[
         "verify",
         "-CAfile",
